@@ -1,0 +1,254 @@
+"""`warden submit`, `warden requeue`, `warden cancel`: a client service's and an operator's view."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import anyio
+import click
+import msgspec
+import yaml
+from nats.aio.client import Client
+from nats.js import api as js_api
+
+from services.cli.main import cli, data_dir_option, fail, json_option, nats_option, resolve_url
+from shared import bus, topology
+from shared.aggregates import TERMINAL, Job, evolve_job
+from shared.contract import Contract
+from shared.events import AnyEvent, decode, tag_of
+from shared.messages import Accepted, JobRequest, OperatorCommand, Rejected
+from shared.validation import InvalidInput
+from shared.validation import decode as decode_checked
+
+
+def load_contract(path: Path | None, overrides: dict[str, Any]) -> Contract:
+    """A contract from a YAML/JSON file, with flags layered on top; every bad field is named."""
+    base: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise click.BadParameter(f"cannot read contract {path}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise click.BadParameter(f"contract {path} must be a mapping")
+        base = loaded
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = base
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return decode_checked(json.dumps(base, default=str).encode(), Contract)
+    except InvalidInput as exc:
+        raise click.BadParameter("; ".join(f"{e.path}: {e.message}" for e in exc.errors)) from exc
+
+
+def describe(event: AnyEvent) -> str:
+    fields = msgspec.to_builtins(event)
+    for key in ("originator_id", "originator_version", "timestamp", "trace", "type", "contract", "payload"):
+        fields.pop(key, None)
+    detail = " ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, "", [], {}))
+    return f"{event.timestamp:%H:%M:%S.%f}"[:-3] + f" v{event.originator_version} {tag_of(event)} {detail}"
+
+
+async def follow_job(nc: Client, job_id: UUID, *, quiet: bool, timeout: float | None) -> Job | None:
+    """Print a job's events as they are appended until it is terminal (or the wait runs out)."""
+    js = nc.jetstream()
+    done = anyio.Event()
+    state: list[Job | None] = [None]
+
+    async def cb(msg: Any) -> None:
+        event = decode(msg.data)
+        state[0] = evolve_job(state[0], event)
+        if not quiet:
+            click.echo(describe(event))
+        if state[0] is not None and state[0].status in TERMINAL:
+            done.set()
+
+    sub = await js.subscribe(
+        topology.event_subject(job_id),
+        ordered_consumer=True,
+        cb=cb,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+    )
+    try:
+        with anyio.move_on_after(timeout):
+            await done.wait()
+    finally:
+        await sub.unsubscribe()
+    return state[0]
+
+
+@cli.command()
+@click.option("--kind", required=True, help="What kind of job (agents claim by kind).")
+@click.option("--key", "idempotency_key", default=None, help="Idempotency key (default: random).")
+@click.option(
+    "--contract",
+    "contract_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Execution contract as YAML or JSON.",
+)
+@click.option("--path", "paths", multiple=True, help="Scope: a path glob the change may touch.")
+@click.option("--effect", "effects", multiple=True, help="Scope: an allowed effect kind.")
+@click.option("--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A job input.")
+@click.option("--level", type=int, default=None, help="Autonomy level the job requires.")
+@click.option("--max-attempts", type=int, default=None)
+@click.option("--ttl", "lease_ttl_s", type=float, default=None, help="Lease TTL in seconds.")
+@click.option("--heartbeat", "heartbeat_interval_s", type=float, default=None, help="Heartbeat interval (s).")
+@click.option("--deadline", type=click.DateTime(), default=None, help="Deadline (UTC unless offset given).")
+@click.option("--repo", default=None, help="Target git repository for git.patch effects.")
+@click.option("--branch", default=None, help="Target branch.")
+@click.option("--submitter", default="cli", show_default=True)
+@click.option("--wait", is_flag=True, help="Follow the job to its end; exit 1 unless it completes.")
+@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@nats_option
+@data_dir_option
+@json_option
+def submit(
+    kind: str,
+    idempotency_key: str | None,
+    contract_path: Path | None,
+    paths: tuple[str, ...],
+    effects: tuple[str, ...],
+    inputs: tuple[str, ...],
+    level: int | None,
+    max_attempts: int | None,
+    lease_ttl_s: float | None,
+    heartbeat_interval_s: float | None,
+    deadline: datetime | None,
+    repo: str | None,
+    branch: str | None,
+    submitter: str,
+    wait: bool,
+    timeout: float | None,
+    nats_url: str | None,
+    data_dir: Path,
+    as_json: bool,
+) -> None:
+    """Submit a job request, as any client service would on the request subject."""
+    parsed_inputs: dict[str, str] = {}
+    for item in inputs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--input {item!r} must be KEY=VALUE")
+        parsed_inputs[key] = value
+    if deadline is not None and deadline.tzinfo is None:
+        deadline = deadline.astimezone()
+    contract = load_contract(
+        contract_path,
+        {
+            "scope.paths": list(paths) or None,
+            "scope.effects": list(effects) or None,
+            "inputs": parsed_inputs or None,
+            "required_level": level,
+            "stopping.max_attempts": max_attempts,
+            "stopping.lease_ttl_s": lease_ttl_s,
+            "stopping.heartbeat_interval_s": heartbeat_interval_s,
+            "stopping.deadline": deadline.isoformat() if deadline else None,
+            "target.repo": repo,
+            "target.branch": branch,
+        },
+    )
+    request = JobRequest(
+        idempotency_key=idempotency_key or str(uuid.uuid4()),
+        kind=kind,
+        contract=contract,
+        submitter=submitter,
+    )
+    url = resolve_url(nats_url, data_dir)
+
+    async def go() -> int:
+        nc = await bus.connect(url, "warden-submit")
+        try:
+            reply = await bus.request(nc, topology.REQUEST_SUBJECT, request)
+            if isinstance(reply, Rejected):
+                if as_json:
+                    click.echo(msgspec.json.encode(reply).decode())
+                else:
+                    click.echo("rejected:", err=True)
+                    for err in reply.errors:
+                        click.echo(f"  {err.path}: {err.message}", err=True)
+                return 1
+            assert isinstance(reply, Accepted) and reply.job_id is not None
+            if as_json and not wait:
+                click.echo(msgspec.json.encode(reply).decode())
+            elif not as_json:
+                click.echo(f"job {reply.job_id}" + (" (already submitted)" if reply.duplicate else ""))
+            if not wait:
+                return 0
+            job = await follow_job(nc, reply.job_id, quiet=as_json, timeout=timeout)
+            if as_json:
+                click.echo(msgspec.json.encode(job).decode())
+            elif job is None or job.status not in TERMINAL:
+                click.echo(f"still {job.status if job else 'unknown'} after {timeout}s", err=True)
+            else:
+                click.echo(f"job {job.id} {job.status}" + (f": {job.reason}" if job.reason else ""))
+            return 0 if job is not None and job.status == "completed" else 1
+        finally:
+            await nc.close()
+
+    sys.exit(anyio.run(go))
+
+
+def operator_command(verb: str, *, needs: str) -> None:
+    @cli.command(verb, help=f"Operator: {verb} a {needs} (recorded as an event naming who and why).")
+    @click.argument("target")
+    @click.option("--reason", required=True, help="Why (recorded).")
+    @click.option("--operator", default=lambda: __import__("getpass").getuser(), show_default="$USER")
+    @click.option("--level", type=int, default=None, help="For promote/demote: the new level.")
+    @nats_option
+    @data_dir_option
+    @json_option
+    def command(
+        target: str,
+        reason: str,
+        operator: str,
+        level: int | None,
+        nats_url: str | None,
+        data_dir: Path,
+        as_json: bool,
+    ) -> None:
+        fields: dict[str, Any] = {"operator": operator, "reason": reason, "level": level}
+        if needs == "job":
+            try:
+                fields["job_id"] = UUID(target)
+            except ValueError:
+                fail(f"{target!r} is not a job id")
+        elif needs == "proposal":
+            try:
+                fields["proposal_id"] = UUID(target)
+            except ValueError:
+                fail(f"{target!r} is not a proposal id")
+        else:
+            fields["agent"] = target
+        url = resolve_url(nats_url, data_dir)
+
+        async def go() -> int:
+            nc = await bus.connect(url, "warden-operator")
+            try:
+                reply = await bus.request(nc, topology.operator_subject(verb), OperatorCommand(**fields))
+            finally:
+                await nc.close()
+            if as_json:
+                click.echo(msgspec.json.encode(reply).decode())
+            elif isinstance(reply, Rejected):
+                for err in reply.errors:
+                    click.echo(f"refused: {err.path}: {err.message}", err=True)
+            else:
+                click.echo(f"{verb}: {getattr(reply, 'detail', '') or 'recorded'}")
+            return 1 if isinstance(reply, Rejected) else 0
+
+        sys.exit(anyio.run(go))
+
+
+operator_command("requeue", needs="job")
+operator_command("cancel", needs="job")

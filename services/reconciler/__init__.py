@@ -1,0 +1,390 @@
+"""Reconciler: the live lease table. Answers heartbeats, fences stale messages, expires leases.
+
+It enforces every stopping condition itself, on a timer per job (not JetStream's AckWait): a
+lease whose TTL passes without a heartbeat gets `lease.expired` with the last heartbeat seen and
+the detection latency, appended atomically with the job's requeue or tombstone. A hung agent
+(connected, silent) and a dead one look the same here: silence past the deadline.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import anyio
+from anyio.abc import TaskStatus
+from eventsourcing.persistence import IntegrityError
+from nats.aio.msg import Msg
+from nats.js.errors import NotFoundError
+
+from shared import bus, telemetry, topology
+from shared.aggregates import Job, Lease
+from shared.events import (
+    Event,
+    HeartbeatSeen,
+    JobRequeued,
+    JobTombstoned,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    LeaseRevoked,
+    MessageRejected,
+    Usage,
+    now,
+)
+from shared.handling import input_seq, reject_input
+from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
+from shared.runtime import Context
+from shared.validation import FieldError, InvalidInput
+
+log = logging.getLogger("warden.reconciler")
+_FAR = timedelta(days=3650)
+
+
+def budget_breach(job: Job, usage: Usage, lease: Lease, at: datetime) -> str:
+    """What budget this usage exceeds, or "" when within the contract."""
+    budgets = job.contract.stopping.budgets
+    if budgets.steps is not None and usage.steps > budgets.steps:
+        return f"steps {usage.steps} > budget {budgets.steps}"
+    if budgets.tokens is not None and usage.tokens > budgets.tokens:
+        return f"tokens {usage.tokens} > budget {budgets.tokens}"
+    if budgets.cost is not None and usage.cost > budgets.cost:
+        return f"cost {usage.cost} > budget {budgets.cost}"
+    if budgets.wall_clock_s is not None:
+        used = (at - lease.granted_at).total_seconds()
+        if used > budgets.wall_clock_s:
+            return f"wall clock {used:.1f}s > budget {budgets.wall_clock_s}s"
+    return ""
+
+
+def after_attempt(job: Job, version: int, reason: str, at: datetime) -> Event:
+    """What follows a lost attempt: the next epoch, or a tombstone when none is left."""
+    deadline = job.contract.stopping.deadline
+    if deadline is not None and deadline <= at:
+        return JobTombstoned(
+            originator_id=job.id,
+            originator_version=version,
+            reason=f"deadline {deadline.isoformat()} passed; last attempt: {reason}",
+            attempts=job.attempts,
+        )
+    if job.attempts_left <= 0:
+        return JobTombstoned(
+            originator_id=job.id,
+            originator_version=version,
+            reason=f"max attempts ({job.contract.stopping.max_attempts}) reached; last attempt: {reason}",
+            attempts=job.attempts,
+        )
+    return JobRequeued(originator_id=job.id, originator_version=version, reason=reason)
+
+
+class Reconciler:
+    name = "reconciler"
+
+    def __init__(self) -> None:
+        self.heartbeats: dict[tuple[UUID, int], HeartbeatSeen] = {}
+        self._timers: list[tuple[datetime, UUID]] = []
+        # The one live check time per job; heap entries that disagree with it are stale.
+        self._due: dict[UUID, datetime] = {}
+        self._wake = anyio.Event()
+        self._locks: dict[UUID, anyio.Lock] = {}
+        self.ctx: Context
+
+    async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
+        self.ctx = ctx
+        await self._recover_heartbeats()
+        for job in ctx.views.jobs.values():
+            self._schedule(job)
+        ctx.views.listeners.append(self._on_event)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._timer_loop)
+            await tg.start(bus.consume, ctx.js, topology.RECONCILER_CONSUMER, self.handle)
+            task_status.started()
+
+    # --- the lease table -----------------------------------------------------------------
+
+    def _on_event(self, event: Event, job: Job | None, _agent: object) -> None:
+        if (job is not None and isinstance(event, LeaseGranted)) or (job is not None and job.version == 1):
+            assert job is not None
+            self._schedule(job)
+
+    def deadline_of(self, job: Job, lease: Lease) -> datetime:
+        seen = self.heartbeats.get((job.id, lease.epoch))
+        if seen is None:
+            return lease.expires_at
+        return max(lease.expires_at, seen.at + timedelta(seconds=lease.ttl_s))
+
+    def _next_check(self, job: Job) -> datetime | None:
+        if job.terminal:
+            return None
+        times: list[datetime] = []
+        if job.contract.stopping.deadline is not None:
+            times.append(job.contract.stopping.deadline)
+        lease = job.live_lease
+        if lease is not None:
+            times.append(self.deadline_of(job, lease))
+            wall = job.contract.stopping.budgets.wall_clock_s
+            if wall is not None:
+                times.append(lease.granted_at + timedelta(seconds=wall))
+        return min(times) if times else None
+
+    def _schedule(self, job: Job) -> None:
+        at = self._next_check(job)
+        if at is None:
+            return
+        due = self._due.get(job.id)
+        if due is not None and due <= at:
+            return  # an earlier check is pending; it re-evaluates and reschedules
+        self._due[job.id] = at
+        earliest = self._timers[0][0] if self._timers else None
+        heapq.heappush(self._timers, (at, job.id))
+        if earliest is None or at < earliest:
+            self._wake.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wake = anyio.Event()
+            if not self._timers:
+                await self._wake.wait()
+                continue
+            delay = (self._timers[0][0] - now()).total_seconds()
+            if delay > 0:
+                with anyio.move_on_after(delay):
+                    await self._wake.wait()
+                continue
+            at, job_id = heapq.heappop(self._timers)
+            if self._due.get(job_id) != at:
+                continue
+            del self._due[job_id]
+            await self._check(job_id)
+
+    def _lock(self, job_id: UUID) -> anyio.Lock:
+        lock = self._locks.get(job_id)
+        if lock is None:
+            lock = self._locks[job_id] = anyio.Lock()
+        return lock
+
+    async def _check(self, job_id: UUID) -> None:
+        """Enforce whatever stopping condition is due on this job; reschedule the rest."""
+        async with self._lock(job_id):
+            for _ in range(5):
+                job = self.ctx.views.jobs.get(job_id)
+                if job is None or job.terminal:
+                    return
+                try:
+                    await self._enforce(job, now())
+                except IntegrityError:
+                    await self.ctx.reload_job(job_id)
+                    continue
+                break
+            job = self.ctx.views.jobs.get(job_id)
+            if job is not None:
+                self._schedule(job)
+
+    async def _enforce(self, job: Job, at: datetime) -> Standing | None:
+        """Append what the clock says is due; returns how the live lease now stands."""
+        lease = job.live_lease
+        deadline = job.contract.stopping.deadline
+        if deadline is not None and deadline <= at:
+            events: list[Event] = []
+            if lease is not None:
+                events.append(
+                    self._revoke(
+                        job, lease, f"job deadline {deadline.isoformat()} passed", "deadline", job.version + 1
+                    )
+                )
+            events.append(
+                JobTombstoned(
+                    originator_id=job.id,
+                    originator_version=job.version + 1 + len(events),
+                    reason=f"deadline {deadline.isoformat()} passed",
+                    attempts=job.attempts,
+                )
+            )
+            await self.ctx.save(*events)
+            return "expired"
+        if lease is None:
+            return None
+        lease_deadline = self.deadline_of(job, lease)
+        if lease_deadline <= at:
+            await self._expire(job, lease, lease_deadline, at)
+            return "expired"
+        seen = self.heartbeats.get((job.id, lease.epoch))
+        breach = budget_breach(job, seen.usage if seen else Usage(), lease, at)
+        if breach:
+            revoke = self._revoke(job, lease, f"budget exceeded: {breach}", "budget", job.version + 1)
+            await self.ctx.save(revoke, after_attempt(job, job.version + 2, revoke.reason, at))
+            telemetry.instruments().revocations.add(1, {"signal": "budget"})
+            return "budget_exceeded"
+        return "extended"
+
+    def _revoke(self, job: Job, lease: Lease, reason: str, signal: str, version: int) -> LeaseRevoked:
+        return LeaseRevoked(
+            originator_id=job.id,
+            originator_version=version,
+            agent=lease.agent,
+            epoch=lease.epoch,
+            reason=reason,
+            signal=signal,
+            by=self.name,
+            signal_at=now(),
+        )
+
+    async def _expire(self, job: Job, lease: Lease, deadline: datetime, at: datetime) -> None:
+        latency_ms = (at - deadline).total_seconds() * 1000
+        seen = self.heartbeats.get((job.id, lease.epoch))
+        expired = LeaseExpired(
+            originator_id=job.id,
+            originator_version=job.version + 1,
+            agent=lease.agent,
+            epoch=lease.epoch,
+            deadline=deadline,
+            detected_at=at,
+            detection_latency_ms=latency_ms,
+            last_heartbeat=seen,
+            timestamp=at,
+        )
+        reason = f"lease {lease.epoch} of {lease.agent} expired: no heartbeat for {lease.ttl_s}s " + (
+            f"(last at {seen.at.isoformat()})" if seen else "(none ever received)"
+        )
+        await self.ctx.save(expired, after_attempt(job, job.version + 2, reason, at))
+        metrics = telemetry.instruments()
+        metrics.lease_expiries.add(1)
+        metrics.detection_latency.record(latency_ms)
+        log.info("%s (detected %.1f ms after the deadline)", reason, latency_ms)
+
+    async def _recover_heartbeats(self) -> None:
+        """After a restart, the last heartbeat of each live lease is read back from the stream."""
+        for job in self.ctx.views.jobs.values():
+            lease = job.live_lease
+            if lease is None:
+                continue
+            subject = topology.agent_subject(lease.agent, "heartbeat")
+            try:
+                raw = await self.ctx.js.get_last_msg(topology.INPUT_STREAM, subject, direct=True)
+            except NotFoundError:
+                continue
+            try:
+                hb = decode_input(raw.data or b"", Heartbeat)
+            except InvalidInput:
+                continue
+            if hb.job_id == job.id and hb.epoch == lease.epoch and raw.time is not None:
+                self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(
+                    at=raw.time, input_seq=raw.seq or 0, progress=hb.progress, usage=hb.usage, note=hb.note
+                )
+
+    # --- agent messages --------------------------------------------------------------------
+
+    async def handle(self, msg: Msg) -> None:
+        parsed = topology.parse_agent_subject(msg.subject)
+        assert parsed is not None, msg.subject
+        agent, verb = parsed
+        with telemetry.tracer().start_as_current_span(
+            f"reconciler {verb}",
+            context=telemetry.extract(msg.headers),  # type: ignore[arg-type]
+        ):
+            kind: type[Heartbeat] | type[Release] = Heartbeat if verb == "heartbeat" else Release
+            try:
+                body = decode_input(msg.data, kind, topology.MAX_INPUT_BYTES)
+            except InvalidInput as exc:
+                await reject_input(self.ctx, msg, exc.errors, sender=agent)
+                return
+            if body.job_id not in self.ctx.views.jobs:
+                await reject_input(
+                    self.ctx, msg, [FieldError(path="$.job_id", message=f"no job {body.job_id}")], agent
+                )
+                return
+            async with self._lock(body.job_id):
+                for _ in range(5):
+                    try:
+                        if isinstance(body, Heartbeat):
+                            await self._heartbeat(msg, agent, body)
+                        else:
+                            await self._release(msg, agent, body)
+                        return
+                    except IntegrityError:
+                        await self.ctx.reload_job(body.job_id)
+                raise RuntimeError(f"job {body.job_id} kept changing under the reconciler")
+
+    async def fence(self, msg: Msg, agent: str, verb: str, job: Job, epoch: int) -> Standing | None:
+        """None when (agent, job, epoch) names the live lease; else record the rejection."""
+        lease = job.lease
+        if lease is not None and lease.agent == agent and lease.epoch == epoch and not lease.ended:
+            return None
+        if lease is None or lease.epoch != epoch or lease.agent != agent:
+            current = f"current epoch {lease.epoch} held by {lease.agent}" if lease else "no lease"
+            reason = f"stale lease: {agent} sent epoch {epoch}; {current}"
+            standing: Standing = "expired"
+        else:
+            reason = f"lease {epoch} already {lease.ended}"
+            standing = (
+                "revoked"
+                if lease.ended == "revoked"
+                else ("expired" if lease.ended == "expired" else "ended")
+            )
+        await self.ctx.save(
+            MessageRejected(
+                originator_id=job.id,
+                originator_version=job.version + 1,
+                agent=agent,
+                epoch=epoch,
+                verb=verb,
+                reason=reason,
+                input_seq=input_seq(msg),
+                current_epoch=lease.epoch if lease else 0,
+            )
+        )
+        telemetry.instruments().rejected_inputs.add(1, {"subject": verb, "fenced": "yes"})
+        if (
+            job.status in ("completed", "cancelled", "tombstoned")
+            and standing == "expired"
+            and lease
+            and lease.epoch == epoch
+        ):
+            standing = "ended"
+        return standing if job.status != "cancelled" else "revoked"
+
+    async def _heartbeat(self, msg: Msg, agent: str, hb: Heartbeat) -> None:
+        job = self.ctx.views.jobs[hb.job_id]
+        at = now()
+        standing = await self.fence(msg, agent, "heartbeat", job, hb.epoch)
+        if standing is not None:
+            await bus.reply(self.ctx.nc, msg, HeartbeatAck(standing=standing, reason=job.reason))
+            return
+        lease = job.live_lease
+        assert lease is not None
+        sent_at = msg.metadata.timestamp or at
+        self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(
+            at=sent_at, input_seq=input_seq(msg), progress=hb.progress, usage=hb.usage, note=hb.note
+        )
+        standing_now = await self._enforce(job, at)
+        job = self.ctx.views.jobs[hb.job_id]
+        if standing_now == "extended":
+            expires = self.deadline_of(job, lease)
+            await bus.reply(self.ctx.nc, msg, HeartbeatAck(standing="extended", expires_at=expires))
+        else:
+            await bus.reply(
+                self.ctx.nc, msg, HeartbeatAck(standing=standing_now or "ended", reason=job.reason)
+            )
+
+    async def _release(self, msg: Msg, agent: str, rel: Release) -> None:
+        job = self.ctx.views.jobs[rel.job_id]
+        standing = await self.fence(msg, agent, "release", job, rel.epoch)
+        if standing is not None:
+            await bus.reply(self.ctx.nc, msg, HeartbeatAck(standing=standing, reason=job.reason))
+            return
+        lease = job.live_lease
+        assert lease is not None
+        reason = f"released by {agent}: {rel.reason or 'no reason given'}"
+        await self.ctx.save(
+            LeaseReleased(
+                originator_id=job.id,
+                originator_version=job.version + 1,
+                agent=agent,
+                epoch=lease.epoch,
+                reason=rel.reason,
+            ),
+            after_attempt(job, job.version + 2, reason, now()),
+        )
+        await bus.reply(self.ctx.nc, msg, Accepted(job_id=job.id, detail="lease released"))

@@ -1,0 +1,293 @@
+"""Scheduler: admits job requests, registers agents, and grants leases on claims.
+
+Grants are appended with optimistic concurrency on the job's subject, so two scheduler replicas
+racing for one job never both grant it: the loser re-reads and offers the agent the next job.
+Runnable jobs are offered oldest first (by request time, requeues keep their place): none starves.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from datetime import datetime, timedelta
+from uuid import UUID
+
+import anyio
+from anyio.abc import TaskStatus
+from eventsourcing.persistence import IntegrityError
+from nats.aio.msg import Msg
+
+from shared import bus, telemetry, topology
+from shared.aggregates import Agent, Job
+from shared.contract import semantic_errors
+from shared.events import (
+    AgentRegistered,
+    Event,
+    JobCancelled,
+    JobRequested,
+    JobRequeued,
+    LeaseGranted,
+    agent_id_for,
+    job_id_for,
+    now,
+)
+from shared.handling import input_seq, reject_input
+from shared.messages import (
+    Accepted,
+    Claim,
+    JobRequest,
+    LeaseGrant,
+    NoWork,
+    OperatorCommand,
+    Register,
+    decode_input,
+)
+from shared.runtime import Context
+from shared.validation import FieldError, InvalidInput
+
+log = logging.getLogger("warden.scheduler")
+
+
+class Scheduler:
+    name = "scheduler"
+
+    def __init__(self) -> None:
+        self._queue: list[tuple[datetime, UUID]] = []
+        self._queued: set[UUID] = set()
+        self.ctx: Context
+
+    async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
+        self.ctx = ctx
+        for job in ctx.views.jobs.values():
+            self._track(job)
+        ctx.views.listeners.append(lambda _e, job, _a: self._track(job) if job else None)
+        async with anyio.create_task_group() as tg:
+            await tg.start(bus.consume, ctx.js, topology.SCHEDULER_CONSUMER, self.handle)
+            task_status.started()
+
+    def _track(self, job: Job) -> None:
+        if job.status == "queued" and job.id not in self._queued:
+            self._queued.add(job.id)
+            bisect.insort(self._queue, (job.created_on, job.id))
+        elif job.status != "queued" and job.id in self._queued:
+            self._queued.discard(job.id)
+            self._queue.remove((job.created_on, job.id))
+
+    async def handle(self, msg: Msg) -> None:
+        with telemetry.tracer().start_as_current_span(
+            f"scheduler {msg.subject}",
+            context=telemetry.extract(msg.headers),  # type: ignore[arg-type]
+        ):
+            if msg.subject == topology.REQUEST_SUBJECT:
+                await self.on_request(msg)
+            elif msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
+                await self.on_operator(msg, msg.subject.rsplit(".", 1)[-1])
+            else:
+                parsed = topology.parse_agent_subject(msg.subject)
+                assert parsed is not None, msg.subject  # the consumer's filter guarantees it
+                agent, verb = parsed
+                if verb == "register":
+                    await self.on_register(msg, agent)
+                else:
+                    await self.on_claim(msg, agent)
+
+    async def on_request(self, msg: Msg) -> None:
+        try:
+            request = decode_input(msg.data, JobRequest, topology.MAX_INPUT_BYTES)
+        except InvalidInput as exc:
+            await reject_input(self.ctx, msg, exc.errors)
+            return
+        errors = [FieldError(path=p, message=m) for p, m in semantic_errors(request.contract, now())]
+        if errors:
+            await reject_input(self.ctx, msg, errors, sender=request.submitter)
+            return
+        job_id = job_id_for(request.idempotency_key)
+        if job_id in self.ctx.views.jobs:
+            await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id, duplicate=True))
+            return
+        event = JobRequested(
+            originator_id=job_id,
+            originator_version=1,
+            idempotency_key=request.idempotency_key,
+            kind=request.kind,
+            contract=request.contract,
+            submitter=request.submitter,
+            input_seq=input_seq(msg),
+            trace=telemetry.current_traceparent(),
+        )
+        try:
+            await self.ctx.save(event)
+        except IntegrityError:  # the same key raced in through another replica or a redelivery
+            await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id, duplicate=True))
+            return
+        telemetry.instruments().jobs.add(1, {"state": "requested"})
+        await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id))
+
+    async def on_register(self, msg: Msg, name: str) -> None:
+        try:
+            reg = decode_input(msg.data, Register, topology.MAX_INPUT_BYTES)
+        except InvalidInput as exc:
+            await reject_input(self.ctx, msg, exc.errors, sender=name)
+            return
+        for _ in range(5):
+            agent = self.ctx.views.agents.get(name)
+            event = AgentRegistered(
+                originator_id=agent_id_for(name),
+                originator_version=agent.version + 1 if agent else 1,
+                name=name,
+                max_concurrent=reg.max_concurrent,
+                kinds=reg.kinds,
+                level=agent.level if agent else 0,
+            )
+            try:
+                await self.ctx.save(event)
+                break
+            except IntegrityError:
+                await self._reload_agent(name)
+        await bus.reply(self.ctx.nc, msg, Accepted(detail=f"agent {name} registered"))
+
+    async def _reload_agent(self, name: str) -> Agent | None:
+        try:
+            agent = await anyio.to_thread.run_sync(self.ctx.app.agent, agent_id_for(name))
+        except Exception:  # AggregateNotFoundError: not registered after all
+            return None
+        self.ctx.views.replace_agent(agent)
+        return agent
+
+    async def on_claim(self, msg: Msg, name: str) -> None:
+        try:
+            claim = decode_input(msg.data, Claim, topology.MAX_INPUT_BYTES)
+        except InvalidInput as exc:
+            await reject_input(self.ctx, msg, exc.errors, sender=name)
+            return
+        at = now()
+        if claim.sent_at is not None and claim.sent_at + timedelta(seconds=claim.wait_s) < at:
+            # Its sender stopped waiting: a grant now would be a lease nobody holds.
+            await bus.reply(self.ctx.nc, msg, NoWork(detail="claim arrived after its wait"))
+            return
+        agent = self.ctx.views.agents.get(name)
+        if agent is None:
+            await reject_input(
+                self.ctx, msg, [FieldError(path="$", message=f"agent {name} is not registered")], name
+            )
+            return
+        if agent.revoked:
+            await reject_input(
+                self.ctx,
+                msg,
+                [FieldError(path="$", message=f"agent {name} is revoked: {agent.revoked_reason}")],
+                name,
+            )
+            return
+        held = self.ctx.views.live_leases_of(name)
+        if held >= agent.max_concurrent:
+            await bus.reply(
+                self.ctx.nc,
+                msg,
+                NoWork(detail=f"agent {name} holds {held} of {agent.max_concurrent} leases"),
+            )
+            return
+        kinds = set(claim.kinds or agent.kinds)
+        for _created, job_id in list(self._queue):
+            job = self.ctx.views.jobs[job_id]
+            if job.status != "queued":  # reloaded after a lost race: no longer runnable
+                self._track(job)
+                continue
+            if kinds and job.kind not in kinds:
+                continue
+            if job.contract.required_level > agent.level:
+                continue
+            deadline = job.contract.stopping.deadline
+            if deadline is not None and deadline <= at:
+                continue  # the reconciler tombstones it
+            grant = await self._grant(job, name, at, input_seq(msg))
+            if grant is not None:
+                await bus.reply(self.ctx.nc, msg, grant)
+                return
+        await bus.reply(self.ctx.nc, msg, NoWork(detail="no runnable job for this agent"))
+
+    async def _grant(self, job: Job, agent: str, at: datetime, claim_seq: int) -> LeaseGrant | None:
+        stopping = job.contract.stopping
+        expires = at + timedelta(seconds=stopping.lease_ttl_s)
+        event = LeaseGranted(
+            originator_id=job.id,
+            originator_version=job.version + 1,
+            agent=agent,
+            epoch=job.attempts + 1,
+            ttl_s=stopping.lease_ttl_s,
+            expires_at=expires,
+            claim_seq=claim_seq,
+            timestamp=at,
+            trace=telemetry.current_traceparent(),
+        )
+        try:
+            await self.ctx.save(event)
+        except IntegrityError:
+            await self.ctx.reload_job(job.id)  # another replica moved it first
+            self._track(self.ctx.views.jobs[job.id])
+            return None
+        return LeaseGrant(
+            job_id=job.id,
+            kind=job.kind,
+            epoch=event.epoch,
+            expires_at=expires,
+            ttl_s=stopping.lease_ttl_s,
+            heartbeat_interval_s=stopping.heartbeat_interval_s,
+            contract=job.contract,
+        )
+
+    async def on_operator(self, msg: Msg, verb: str) -> None:
+        try:
+            cmd = decode_input(msg.data, OperatorCommand, topology.MAX_INPUT_BYTES)
+        except InvalidInput as exc:
+            await reject_input(self.ctx, msg, exc.errors)
+            return
+        if cmd.job_id is None:
+            await reject_input(self.ctx, msg, [FieldError(path="$.job_id", message=f"{verb} needs a job_id")])
+            return
+        for _ in range(5):
+            job = self.ctx.views.jobs.get(cmd.job_id)
+            if job is None:
+                await reject_input(
+                    self.ctx, msg, [FieldError(path="$.job_id", message=f"no job {cmd.job_id}")]
+                )
+                return
+            event: Event
+            if verb == "requeue":
+                if job.status not in ("tombstoned", "cancelled"):
+                    await reject_input(
+                        self.ctx,
+                        msg,
+                        [
+                            FieldError(
+                                path="$.job_id", message=f"job is {job.status}; only a dead job is requeued"
+                            )
+                        ],
+                    )
+                    return
+                event = JobRequeued(
+                    originator_id=job.id,
+                    originator_version=job.version + 1,
+                    reason=cmd.reason,
+                    by=cmd.operator,
+                    fresh_attempts=True,
+                )
+            else:
+                if job.terminal:
+                    await reject_input(
+                        self.ctx, msg, [FieldError(path="$.job_id", message=f"job is already {job.status}")]
+                    )
+                    return
+                event = JobCancelled(
+                    originator_id=job.id,
+                    originator_version=job.version + 1,
+                    reason=cmd.reason,
+                    by=cmd.operator,
+                )
+            try:
+                await self.ctx.save(event)
+            except IntegrityError:
+                await self.ctx.reload_job(job.id)
+                continue
+            await bus.reply(self.ctx.nc, msg, Accepted(job_id=job.id, detail=f"{verb} recorded"))
+            return

@@ -1,0 +1,238 @@
+"""The Job and Agent aggregates: immutable state folded from events by explicit evolve functions.
+
+These are eventsourcing aggregates in the library's immutable style: `Repository.get(id,
+projector_func=project_job)` rebuilds one from the store, and services fold the same functions
+over the live event stream. `evolve_*` is the only place that says what an event means.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime
+from typing import Literal
+from uuid import UUID
+
+from msgspec import Struct
+from msgspec.structs import replace
+
+from shared.contract import Contract
+from shared.events import (
+    AgentLevelChanged,
+    AgentRegistered,
+    AgentReinstated,
+    AgentRevoked,
+    AnyEvent,
+    EffectApplied,
+    Event,
+    InputRejected,
+    InvariantChecked,
+    JobCancelled,
+    JobCompleted,
+    JobRequested,
+    JobRequeued,
+    JobTombstoned,
+    LeaseExpired,
+    LeaseGranted,
+    LeaseReleased,
+    LeaseRevoked,
+    MessageRejected,
+    ProposalAccepted,
+    ProposalRejected,
+    ProposalSubmitted,
+    digest,
+)
+
+JobStatus = Literal["queued", "leased", "proposed", "accepted", "completed", "tombstoned", "cancelled"]
+TERMINAL: frozenset[str] = frozenset({"completed", "tombstoned", "cancelled"})
+
+
+class Lease(Struct, frozen=True, kw_only=True):
+    agent: str
+    epoch: int
+    granted_at: datetime
+    expires_at: datetime
+    ttl_s: float
+    ended: str = ""  # "", "expired", "released", "revoked", "completed"
+
+
+class Job(Struct, frozen=True, kw_only=True):
+    id: UUID
+    version: int
+    created_on: datetime
+    modified_on: datetime
+    idempotency_key: str
+    kind: str
+    contract: Contract
+    submitter: str
+    status: JobStatus = "queued"
+    attempts: int = 0
+    # Attempts before the last operator requeue: a requeued tombstone gets max_attempts afresh.
+    attempt_base: int = 0
+    lease: Lease | None = None
+    leases: tuple[Lease, ...] = ()
+    proposals: tuple[UUID, ...] = ()
+    pending_proposal: UUID | None = None
+    reason: str = ""
+    last_hash: str = ""
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def attempts_left(self) -> int:
+        return self.contract.stopping.max_attempts - (self.attempts - self.attempt_base)
+
+    @property
+    def live_lease(self) -> Lease | None:
+        return self.lease if self.lease is not None and not self.lease.ended else None
+
+
+def _end_lease(job: Job, how: str) -> tuple[Lease | None, tuple[Lease, ...]]:
+    if job.lease is None:
+        return None, job.leases
+    ended = replace(job.lease, ended=how)
+    return ended, (*job.leases[:-1], ended)
+
+
+def evolve_job(job: Job | None, event: Event) -> Job | None:
+    """Fold one event into a job's state (None before `job.requested`)."""
+    if isinstance(event, JobRequested):
+        return Job(
+            id=event.originator_id,
+            version=event.originator_version,
+            created_on=event.timestamp,
+            modified_on=event.timestamp,
+            idempotency_key=event.idempotency_key,
+            kind=event.kind,
+            contract=event.contract,
+            submitter=event.submitter,
+            last_hash=digest(event),
+        )
+    if job is None:
+        return None
+    job = replace(job, version=event.originator_version, modified_on=event.timestamp, last_hash=digest(event))
+    match event:
+        case LeaseGranted():
+            granted = Lease(
+                agent=event.agent,
+                epoch=event.epoch,
+                granted_at=event.timestamp,
+                expires_at=event.expires_at,
+                ttl_s=event.ttl_s,
+            )
+            return replace(
+                job,
+                status="leased",
+                attempts=event.epoch,
+                lease=granted,
+                leases=(*job.leases, granted),
+            )
+        case LeaseExpired():
+            lease, leases = _end_lease(job, "expired")
+            return replace(job, lease=lease, leases=leases)
+        case LeaseReleased():
+            lease, leases = _end_lease(job, "released")
+            return replace(job, lease=lease, leases=leases)
+        case LeaseRevoked():
+            lease, leases = _end_lease(job, "revoked")
+            return replace(job, lease=lease, leases=leases, reason=event.reason)
+        case JobRequeued():
+            base = job.attempts if event.fresh_attempts else job.attempt_base
+            return replace(
+                job, status="queued", pending_proposal=None, reason=event.reason, attempt_base=base
+            )
+        case JobTombstoned():
+            lease, leases = _end_lease(job, job.lease.ended if job.lease and job.lease.ended else "expired")
+            return replace(job, status="tombstoned", reason=event.reason, lease=lease, leases=leases)
+        case JobCancelled():
+            lease, leases = _end_lease(job, "revoked") if job.live_lease else (job.lease, job.leases)
+            return replace(job, status="cancelled", reason=event.reason, lease=lease, leases=leases)
+        case ProposalSubmitted():
+            return replace(
+                job,
+                status="proposed",
+                proposals=(*job.proposals, event.proposal_id),
+                pending_proposal=event.proposal_id,
+            )
+        case ProposalAccepted():
+            return replace(job, status="accepted")
+        case ProposalRejected():
+            return replace(job, status="leased" if job.live_lease else job.status, pending_proposal=None)
+        case JobCompleted():
+            lease, leases = _end_lease(job, "completed")
+            return replace(job, status="completed", lease=lease, leases=leases, pending_proposal=None)
+        case MessageRejected() | InvariantChecked() | EffectApplied():
+            return job
+    return job
+
+
+def project_job(job: Job | None, events: Iterable[Event]) -> Job | None:
+    for event in events:
+        job = evolve_job(job, event)
+    return job
+
+
+class Agent(Struct, frozen=True, kw_only=True):
+    id: UUID
+    version: int
+    created_on: datetime
+    modified_on: datetime
+    name: str
+    level: int = 0
+    max_concurrent: int = 1
+    kinds: tuple[str, ...] = ()
+    revoked: bool = False
+    revoked_reason: str = ""
+    last_hash: str = ""
+
+
+def evolve_agent(agent: Agent | None, event: Event) -> Agent | None:
+    if isinstance(event, AgentRegistered):
+        if agent is not None:  # re-registration updates limits, never level or standing
+            return replace(
+                agent,
+                version=event.originator_version,
+                modified_on=event.timestamp,
+                max_concurrent=event.max_concurrent,
+                kinds=tuple(event.kinds),
+                last_hash=digest(event),
+            )
+        return Agent(
+            id=event.originator_id,
+            version=event.originator_version,
+            created_on=event.timestamp,
+            modified_on=event.timestamp,
+            name=event.name,
+            level=event.level,
+            max_concurrent=event.max_concurrent,
+            kinds=tuple(event.kinds),
+            last_hash=digest(event),
+        )
+    if agent is None:
+        return None
+    agent = replace(
+        agent, version=event.originator_version, modified_on=event.timestamp, last_hash=digest(event)
+    )
+    match event:
+        case AgentLevelChanged():
+            return replace(agent, level=event.level)
+        case AgentRevoked():
+            return replace(agent, revoked=True, revoked_reason=event.reason)
+        case AgentReinstated():
+            return replace(agent, revoked=False, revoked_reason="")
+    return agent
+
+
+def project_agent(agent: Agent | None, events: Iterable[Event]) -> Agent | None:
+    for event in events:
+        agent = evolve_agent(agent, event)
+    return agent
+
+
+def is_agent_event(event: AnyEvent) -> bool:
+    return isinstance(event, AgentRegistered | AgentLevelChanged | AgentRevoked | AgentReinstated)
+
+
+def is_job_event(event: AnyEvent) -> bool:
+    return not is_agent_event(event) and not isinstance(event, InputRejected)

@@ -1,0 +1,212 @@
+"""NATS plumbing every service and client shares: connecting, input requests, consuming, following.
+
+Input is stored before it is interpreted: a client publishes to an input subject through
+JetStream (the stream's ack says "stored") and names, in the `Warden-Reply-To` header, the inbox
+where it waits for Warden's verdict. Services consume inputs from durable pull consumers, and
+follow the event stream with ordered push consumers (callbacks are 4-5x faster than fetch).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import anyio
+import msgspec
+import nats
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+
+from shared import telemetry, topology
+from shared.events import AnyEvent
+from shared.events import decode as decode_event
+from shared.messages import AnyReply, reply_decoder
+
+log = logging.getLogger("warden.bus")
+
+
+class NoServerNamed(RuntimeError):
+    """Raised when a command needs a running deployment but no NATS URL was given."""
+
+
+class ReplyTimeout(TimeoutError):
+    """Raised when Warden stored an input but no service answered within the wait."""
+
+
+class PermissionDenied(RuntimeError):
+    """Raised when the server refused a publish or subscribe for this connection's credentials."""
+
+
+async def connect(url: str, name: str, **kwargs: Any) -> Client:
+    """Connect with unlimited reconnects; permission errors are logged (nats-py only reports them
+    through the error callback, a publish just times out)."""
+    errors: list[Exception] = []
+
+    async def error_cb(exc: Exception) -> None:
+        errors.append(exc)
+        if "permissions violation" in str(exc).lower():
+            log.error("NATS refused an operation for %s: %s", name, exc)
+        else:
+            log.warning("NATS error on %s: %s", name, exc)
+
+    async def disconnected_cb() -> None:
+        log.warning("%s disconnected from NATS", name)
+
+    async def reconnected_cb() -> None:
+        log.warning("%s reconnected to NATS", name)
+
+    options: dict[str, Any] = {
+        "name": name,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 0.25,
+        "connect_timeout": 3,
+        "allow_reconnect": True,
+        "error_cb": error_cb,
+        "disconnected_cb": disconnected_cb,
+        "reconnected_cb": reconnected_cb,
+    }
+    options.update(kwargs)
+    nc = await nats.connect(url, **options)
+    nc._warden_errors = errors  # type: ignore[attr-defined]
+    return nc
+
+
+def recent_errors(nc: Client) -> list[Exception]:
+    return list(getattr(nc, "_warden_errors", []))
+
+
+async def request(
+    nc: Client,
+    subject: str,
+    payload: msgspec.Struct | bytes,
+    *,
+    timeout: float = 10.0,
+    inbox_prefix: str | None = None,
+) -> AnyReply:
+    """Store an input on its subject and wait for the service's verdict on it."""
+    js = nc.jetstream()
+    inbox = f"{inbox_prefix}.{uuid.uuid4().hex}" if inbox_prefix else nc.new_inbox()
+    sub = await nc.subscribe(inbox, max_msgs=1)
+    try:
+        data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+        headers = telemetry.inject({topology.REPLY_HEADER: inbox})
+        try:
+            await js.publish(subject, data, headers=headers, timeout=timeout)
+        except NatsTimeout as exc:
+            denied = [e for e in recent_errors(nc) if "permissions violation" in str(e).lower()]
+            if denied:
+                raise PermissionDenied(str(denied[-1])) from exc
+            raise
+        try:
+            msg = await sub.next_msg(timeout=timeout)
+        except NatsTimeout as exc:
+            raise ReplyTimeout(
+                f"input on {subject} was stored but no Warden service answered within {timeout}s "
+                "(is `warden up` running?)"
+            ) from exc
+        answer: AnyReply = reply_decoder.decode(msg.data)
+        return answer
+    finally:
+        await sub.unsubscribe()
+
+
+async def reply(nc: Client, msg: Msg, answer: msgspec.Struct) -> None:
+    """Answer an input whose sender named an inbox; inputs without one get no reply."""
+    target = (msg.headers or {}).get(topology.REPLY_HEADER)
+    if target:
+        await nc.publish(target, msgspec.json.encode(answer))
+
+
+Handler = Callable[[Msg], Awaitable[None]]
+
+
+async def consume(
+    js: JetStreamContext,
+    spec: topology.ConsumerSpec,
+    handler: Handler,
+    *,
+    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    batch: int = 64,
+) -> None:
+    """Run `handler` over a durable input consumer, one message at a time, acking each after it.
+
+    A handler raises only for infrastructure faults (the message is retried after a delay); bad
+    input is the handler's to record and answer. Cancellation stops between messages, so SIGTERM
+    drains the message in hand and acks it.
+    """
+    sub = await js.pull_subscribe_bind(spec.durable, stream=topology.INPUT_STREAM)
+    task_status.started()
+    try:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except NatsTimeout:
+                continue
+            for msg in msgs:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await handler(msg)
+                    except Exception:
+                        log.exception("handler %s failed on %s; retrying later", spec.durable, msg.subject)
+                        await msg.nak(delay=1.0)
+                    else:
+                        await msg.ack()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
+
+
+EventCallback = Callable[[int, AnyEvent], None]
+
+
+async def follow(
+    js: JetStreamContext,
+    on_event: EventCallback,
+    *,
+    from_seq: int = 1,
+    task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Fold every authoritative event into `on_event`, in stream order, forever.
+
+    Start-up completes once the events that existed at start have been delivered, so a service
+    never decides on a half-built view. Reports the stream sequence it caught up to.
+    """
+    info = await js.stream_info(topology.EVENT_STREAM)
+    target = info.state.last_seq
+    caught_up = anyio.Event()
+    if target < from_seq:
+        caught_up.set()
+
+    async def cb(msg: Msg) -> None:
+        seq = msg.metadata.sequence.stream
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError:
+            # Tracking records and foreign messages share the stream; only events are folded.
+            event = None
+        if event is not None:
+            on_event(seq, event)
+        if seq >= target:
+            caught_up.set()
+
+    sub = await js.subscribe(
+        f"{topology.EVENT_ROOT}.>",
+        ordered_consumer=True,
+        cb=cb,
+        deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+        config=js_api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
+        pending_msgs_limit=-1,
+        pending_bytes_limit=-1,
+    )
+    try:
+        await caught_up.wait()
+        task_status.started(target)
+        await anyio.sleep_forever()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()

@@ -1,0 +1,105 @@
+"""The execution contract: what a job may touch, what it must produce, and when it must stop.
+
+Every job request carries one. It is validated when the request arrives; a breach later (a path
+outside scope, a budget exceeded, a deadline passed) is a failure signal, never a surprise.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+EFFECT_KINDS = ("git.patch", "file.write", "webhook", "none")
+
+PositiveSeconds = Annotated[float, Meta(gt=0, le=86_400 * 7)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+NonNegFloat = Annotated[float, Meta(ge=0)]
+Glob = Annotated[str, Meta(min_length=1, max_length=512)]
+EffectKind = Annotated[str, Meta(pattern="^(git\\.patch|file\\.write|webhook|none)$")]
+
+
+class Scope(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where a change may land: path globs (`**` crosses directories) and effect kinds."""
+
+    paths: list[Glob] = field(default_factory=lambda: ["**"])
+    effects: list[EffectKind] = field(default_factory=lambda: ["git.patch"])
+
+
+class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Upper bounds on what one attempt may consume; None means unbounded."""
+
+    steps: NonNegInt | None = None
+    tokens: NonNegInt | None = None
+    cost: NonNegFloat | None = None
+    wall_clock_s: PositiveSeconds | None = None
+
+
+class Stopping(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """When Warden stops a job: deadline, attempts, lease liveness and budgets."""
+
+    deadline: datetime | None = None
+    max_attempts: Annotated[int, Meta(ge=1, le=100)] = 3
+    lease_ttl_s: PositiveSeconds = 30.0
+    heartbeat_interval_s: PositiveSeconds = 10.0
+    budgets: Budgets = field(default_factory=Budgets)
+
+
+class CiGate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A command run in an isolated worktree with the proposal applied."""
+
+    command: Annotated[list[str], Meta(min_length=1)]
+    timeout_s: PositiveSeconds = 300.0
+
+
+class Target(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Where effects land: a git repository and branch, or a directory, or a URL."""
+
+    repo: str | None = None
+    branch: str = "main"
+    directory: str | None = None
+    url: str | None = None
+
+
+class Contract(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    scope: Scope = field(default_factory=Scope)
+    authorities: list[str] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    # JSON Schema the proposal's `output` must satisfy (checked by the output-shape invariant).
+    output_schema: dict[str, Any] | None = None
+    required_level: Annotated[int, Meta(ge=0, le=10)] = 0
+    stopping: Stopping = field(default_factory=Stopping)
+    target: Target = field(default_factory=Target)
+    ci: CiGate | None = None
+    invariants: list[str] = field(default_factory=list)
+    approval_required: bool = False
+
+
+def semantic_errors(contract: Contract, now: datetime) -> list[tuple[str, str]]:
+    """Rules across fields that a type cannot express: (field path, message) pairs."""
+    errors: list[tuple[str, str]] = []
+    stop = contract.stopping
+    if stop.heartbeat_interval_s >= stop.lease_ttl_s:
+        errors.append(
+            (
+                "$.contract.stopping.heartbeat_interval_s",
+                f"must be shorter than lease_ttl_s ({stop.lease_ttl_s}s), "
+                "or a healthy agent's lease expires between heartbeats",
+            )
+        )
+    if stop.deadline is not None:
+        if stop.deadline.tzinfo is None:
+            errors.append(("$.contract.stopping.deadline", "must carry a timezone"))
+        elif stop.deadline <= now:
+            errors.append(("$.contract.stopping.deadline", "is already in the past"))
+    if "git.patch" in contract.scope.effects and contract.target.repo is None:
+        pass  # a git effect without a repo is allowed until an effect is proposed
+    return errors
+
+
+def to_builtins(contract: Contract) -> dict[str, Any]:
+    result = msgspec.to_builtins(contract)
+    assert isinstance(result, dict)
+    return result

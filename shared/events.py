@@ -1,0 +1,285 @@
+"""Every authoritative event Warden appends: one tagged union, one decoder.
+
+Events are frozen, keyword-only msgspec Structs with an explicit, stable tag (`"lease.granted"`,
+never a class name). They are the eventsourcing domain events of the Job, Agent and Rejection
+aggregates (see shared/aggregates.py); the tag is the stored topic.
+
+Evolution rule: a new field gets a default; a field's type never changes; a tag never changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+import msgspec
+from msgspec import Struct, field
+
+from shared.contract import Contract
+from shared.validation import FieldError
+
+JOB_NAMESPACE = uuid5(NAMESPACE_URL, "warden:job")
+AGENT_NAMESPACE = uuid5(NAMESPACE_URL, "warden:agent")
+REJECTION_NAMESPACE = uuid5(NAMESPACE_URL, "warden:rejection")
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def job_id_for(idempotency_key: str) -> UUID:
+    """The same idempotency key always names the same job, so it can never make a second one."""
+    return uuid5(JOB_NAMESPACE, idempotency_key)
+
+
+def agent_id_for(name: str) -> UUID:
+    return uuid5(AGENT_NAMESPACE, name)
+
+
+def rejection_id_for(stream: str, seq: int) -> UUID:
+    """One rejection per stored input message: a redelivered bad message records nothing new."""
+    return uuid5(REJECTION_NAMESPACE, f"{stream}:{seq}")
+
+
+class Usage(Struct, frozen=True, kw_only=True):
+    """What an attempt has consumed so far, as the agent reports it."""
+
+    steps: int = 0
+    tokens: int = 0
+    cost: float = 0.0
+
+
+class HeartbeatSeen(Struct, frozen=True, kw_only=True):
+    """The last heartbeat the reconciler saw on a lease: evidence for an expiry."""
+
+    at: datetime
+    input_seq: int
+    progress: float | None = None
+    usage: Usage = field(default_factory=Usage)
+    note: str = ""
+
+
+class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every event: the eventsourcing domain event protocol, plus a trace link."""
+
+    originator_id: UUID
+    originator_version: int
+    timestamp: datetime = field(default_factory=now)
+    # W3C traceparent of the span that appended this event: one job is one trace.
+    trace: str = ""
+    # Phase ledger: sha256 of the aggregate's previous event as stored; a hash chain per job.
+    prev_hash: str = ""
+
+
+# --- Job aggregate -------------------------------------------------------------------------
+
+
+class JobRequested(Event, frozen=True, tag="job.requested"):
+    idempotency_key: str
+    kind: str
+    contract: Contract
+    submitter: str = ""
+    input_seq: int = 0
+
+
+class LeaseGranted(Event, frozen=True, tag="lease.granted"):
+    agent: str
+    epoch: int
+    ttl_s: float
+    expires_at: datetime
+    claim_seq: int = 0
+
+
+class LeaseExpired(Event, frozen=True, tag="lease.expired"):
+    agent: str
+    epoch: int
+    deadline: datetime
+    detected_at: datetime
+    detection_latency_ms: float
+    last_heartbeat: HeartbeatSeen | None = None
+    detector: str = "reconciler"
+
+
+class LeaseReleased(Event, frozen=True, tag="lease.released"):
+    agent: str
+    epoch: int
+    reason: str = ""
+
+
+class LeaseRevoked(Event, frozen=True, tag="lease.revoked"):
+    agent: str
+    epoch: int
+    reason: str
+    signal: str  # "budget", "deadline", "operator", "violation", "agent-revoked"
+    by: str = "warden"
+    signal_at: datetime | None = None
+
+
+class MessageRejected(Event, frozen=True, tag="message.rejected"):
+    """Fencing: an agent message under a stale, expired or revoked lease, recorded not dropped."""
+
+    agent: str
+    epoch: int
+    verb: str
+    reason: str
+    input_seq: int
+    current_epoch: int = 0
+
+
+class JobRequeued(Event, frozen=True, tag="job.requeued"):
+    reason: str
+    by: str = "reconciler"
+    # An operator's requeue of a dead job grants it max_attempts afresh.
+    fresh_attempts: bool = False
+
+
+class JobTombstoned(Event, frozen=True, tag="job.tombstoned"):
+    reason: str
+    attempts: int
+    by: str = "reconciler"
+
+
+class JobCancelled(Event, frozen=True, tag="job.cancelled"):
+    reason: str
+    by: str
+
+
+class ProposalSubmitted(Event, frozen=True, tag="proposal.submitted"):
+    """The proposal exactly as received, stored before anything interprets it."""
+
+    proposal_id: UUID
+    agent: str
+    epoch: int
+    content_hash: str
+    size: int
+    input_seq: int
+    effect: str = "none"
+    # Large payloads live in the object store under this name; small ones only in the input
+    # stream at `input_seq`, stored exactly as received.
+    payload_object: str = ""
+
+
+class InvariantChecked(Event, frozen=True, tag="invariant.checked"):
+    proposal_id: UUID
+    invariant: str
+    version: str
+    verdict: Literal["pass", "fail", "error"]
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+class ProposalAccepted(Event, frozen=True, tag="proposal.accepted"):
+    proposal_id: UUID
+    checks: list[str] = field(default_factory=list)
+
+
+class ProposalRejected(Event, frozen=True, tag="proposal.rejected"):
+    proposal_id: UUID
+    violations: list[str]
+
+
+class EffectApplied(Event, frozen=True, tag="effect.applied"):
+    proposal_id: UUID
+    kind: str
+    receipt: dict[str, Any]
+    reused_receipt: bool = False
+
+
+class JobCompleted(Event, frozen=True, tag="job.completed"):
+    proposal_id: UUID
+    agent: str
+    epoch: int
+
+
+# --- Agent aggregate -----------------------------------------------------------------------
+
+
+class AgentRegistered(Event, frozen=True, tag="agent.registered"):
+    name: str
+    max_concurrent: int = 1
+    kinds: list[str] = field(default_factory=list)
+    level: int = 0
+
+
+class AgentLevelChanged(Event, frozen=True, tag="agent.level_changed"):
+    name: str
+    level: int
+    previous: int
+    reason: str
+    evidence: list[str] = field(default_factory=list)
+    by: str = "policy"
+
+
+class AgentRevoked(Event, frozen=True, tag="agent.revoked"):
+    name: str
+    reason: str
+    by: str
+    evidence: list[str] = field(default_factory=list)
+
+
+class AgentReinstated(Event, frozen=True, tag="agent.reinstated"):
+    name: str
+    reason: str
+    by: str
+
+
+# --- Rejection aggregate: one per bad input message ----------------------------------------
+
+
+class InputRejected(Event, frozen=True, tag="input.rejected"):
+    subject: str
+    input_seq: int
+    errors: list[FieldError]
+    sender: str = ""
+    excerpt: str = ""
+
+
+AnyEvent = (
+    JobRequested
+    | LeaseGranted
+    | LeaseExpired
+    | LeaseReleased
+    | LeaseRevoked
+    | MessageRejected
+    | JobRequeued
+    | JobTombstoned
+    | JobCancelled
+    | ProposalSubmitted
+    | InvariantChecked
+    | ProposalAccepted
+    | ProposalRejected
+    | EffectApplied
+    | JobCompleted
+    | AgentRegistered
+    | AgentLevelChanged
+    | AgentRevoked
+    | AgentReinstated
+    | InputRejected
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__
+TAGS: dict[type[Event], str] = {t: t.__struct_config__.tag for t in EVENT_TYPES}  # type: ignore[misc]
+JOB_EVENT_TAGS = frozenset(tag for t, tag in TAGS.items() if not tag.startswith(("agent.", "input.")))
+
+_decoder = msgspec.json.Decoder(AnyEvent)
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def digest(event: Event) -> str:
+    """The ledger hash of an event: sha256 of its stored bytes (msgspec encodes deterministically)."""
+    return hashlib.sha256(_encoder.encode(event)).hexdigest()
+
+
+def decode(data: bytes) -> AnyEvent:
+    """The one typed decoder for the event stream."""
+    event: AnyEvent = _decoder.decode(data)
+    return event
+
+
+def tag_of(event: Event) -> str:
+    return TAGS[type(event)]

@@ -1,0 +1,42 @@
+"""Helpers every input handler uses: where a message sits in the stream, and recording bad input.
+
+Bad input is never dropped: it becomes an `input.rejected` event (one Rejection aggregate per
+stored message, so a redelivery records nothing new) and, where the sender waits, a reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from eventsourcing.persistence import IntegrityError
+from nats.aio.msg import Msg
+
+from shared import bus, telemetry, topology
+from shared.events import InputRejected, rejection_id_for
+from shared.messages import Rejected
+from shared.runtime import Context
+from shared.validation import FieldError
+
+
+def input_seq(msg: Msg) -> int:
+    return int(msg.metadata.sequence.stream)
+
+
+async def reject_input(ctx: Context, msg: Msg, errors: list[FieldError], sender: str = "") -> None:
+    """Record why an input was refused, and tell the sender if it waits for an answer."""
+    seq = input_seq(msg)
+    rejection_id = rejection_id_for(topology.INPUT_STREAM, seq)
+    event = InputRejected(
+        originator_id=rejection_id,
+        originator_version=1,
+        subject=msg.subject,
+        input_seq=seq,
+        errors=errors,
+        sender=sender,
+        excerpt=msg.data[:256].decode("utf-8", "replace"),
+        trace=telemetry.current_traceparent(),
+    )
+    with contextlib.suppress(IntegrityError):  # a redelivery: its rejection is already recorded
+        await ctx.save(event)
+    telemetry.instruments().rejected_inputs.add(1, {"subject": msg.subject.rsplit(".", 1)[-1]})
+    await bus.reply(ctx.nc, msg, Rejected(errors=errors, rejection_id=rejection_id))

@@ -1,0 +1,154 @@
+"""Untrusted input on the wire (job requests, agent messages, operator commands) and Warden's replies.
+
+Inputs are tagged Structs like events, but they are claims, not facts: services validate them
+and append events. Each input subject has one typed decoder (`decode_input`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal, TypeVar
+from uuid import UUID
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+from shared.contract import Contract
+from shared.events import Usage
+from shared.validation import FieldError, decode
+
+Key = Annotated[str, Meta(min_length=1, max_length=256)]
+Text = Annotated[str, Meta(max_length=4096)]
+Name = Annotated[str, Meta(pattern="^[A-Za-z0-9_-]{1,64}$")]
+
+
+class Input(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, tag_field="type"):
+    pass
+
+
+class JobRequest(Input, frozen=True, tag="job.request"):
+    """Published by any client service on `warden.in.request`."""
+
+    idempotency_key: Key
+    kind: Annotated[str, Meta(min_length=1, max_length=128)]
+    contract: Contract = field(default_factory=Contract)
+    submitter: Annotated[str, Meta(max_length=256)] = ""
+
+
+class Register(Input, frozen=True, tag="agent.register"):
+    max_concurrent: Annotated[int, Meta(ge=1, le=1000)] = 1
+    kinds: list[str] = field(default_factory=list)
+
+
+class Claim(Input, frozen=True, tag="agent.claim"):
+    kinds: list[str] = field(default_factory=list)
+    # A claim nobody answered within this many seconds is stale: never grant on it.
+    wait_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
+    sent_at: datetime | None = None
+
+
+class Heartbeat(Input, frozen=True, tag="agent.heartbeat"):
+    job_id: UUID
+    epoch: Annotated[int, Meta(ge=1)]
+    progress: Annotated[float, Meta(ge=0, le=1)] | None = None
+    usage: Usage = field(default_factory=Usage)
+    note: Text = ""
+
+
+class Propose(Input, frozen=True, tag="agent.propose"):
+    job_id: UUID
+    epoch: Annotated[int, Meta(ge=1)]
+    effect: Literal["git.patch", "file.write", "webhook", "none"] = "git.patch"
+    # A unified diff for git.patch; {path: content} for file.write; a body for webhook.
+    patch: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    base: str = ""
+    output: Any = None
+    usage: Usage = field(default_factory=Usage)
+    evidence: dict[str, Any] = field(default_factory=dict)
+    # Large payloads are put in the object store first and named here.
+    payload_object: str = ""
+
+
+class Release(Input, frozen=True, tag="agent.release"):
+    job_id: UUID
+    epoch: Annotated[int, Meta(ge=1)]
+    reason: Text = ""
+
+
+class OperatorCommand(Input, frozen=True, tag="operator.command"):
+    """Every operator command names who gives it and why; the verb is the subject's last token."""
+
+    operator: Annotated[str, Meta(min_length=1, max_length=128)]
+    reason: Annotated[str, Meta(min_length=1, max_length=4096)]
+    job_id: UUID | None = None
+    agent: Name | None = None
+    proposal_id: UUID | None = None
+    level: int | None = None
+
+
+InputT = TypeVar("InputT", bound=Input)
+
+AgentInput = Register | Claim | Heartbeat | Propose | Release
+
+_AGENT_TYPES: dict[str, type[Input]] = {
+    "register": Register,
+    "claim": Claim,
+    "heartbeat": Heartbeat,
+    "propose": Propose,
+    "release": Release,
+}
+
+
+def agent_input_type(verb: str) -> type[Input]:
+    return _AGENT_TYPES[verb]
+
+
+def decode_input(data: bytes, tp: type[InputT], max_bytes: int | None = None) -> InputT:
+    """Decode one input of the subject's declared type; the `type` tag may be omitted."""
+    return decode(data, tp, max_bytes=max_bytes)
+
+
+# --- Replies -------------------------------------------------------------------------------
+
+
+class Reply(Struct, frozen=True, kw_only=True, tag_field="type"):
+    pass
+
+
+class Accepted(Reply, frozen=True, tag="accepted"):
+    job_id: UUID | None = None
+    duplicate: bool = False
+    detail: str = ""
+
+
+class Rejected(Reply, frozen=True, tag="rejected"):
+    errors: list[FieldError]
+    rejection_id: UUID | None = None
+
+
+class LeaseGrant(Reply, frozen=True, tag="lease.grant"):
+    job_id: UUID
+    kind: str
+    epoch: int
+    expires_at: datetime
+    ttl_s: float
+    heartbeat_interval_s: float
+    contract: Contract
+
+
+class NoWork(Reply, frozen=True, tag="no.work"):
+    detail: str = ""
+
+
+Standing = Literal["extended", "revoked", "expired", "budget_exceeded", "ended", "unknown"]
+
+
+class HeartbeatAck(Reply, frozen=True, tag="heartbeat.ack"):
+    standing: Standing
+    expires_at: datetime | None = None
+    reason: str = ""
+
+
+AnyReply = Accepted | Rejected | LeaseGrant | NoWork | HeartbeatAck
+reply_decoder = msgspec.json.Decoder(AnyReply)

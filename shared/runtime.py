@@ -1,0 +1,161 @@
+"""The service runtime: each service is a task group started with `tg.start`, over one connection.
+
+`serve` connects (or starts the embedded server), ensures the topology, builds the shared
+context, starts the named services (a start-up failure reaches the caller), and on SIGINT or
+SIGTERM cancels them: consumers finish the message in hand, ack it, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import anyio
+from anyio.abc import TaskStatus
+from eventsourcing.persistence import IntegrityError
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+
+from shared import bus, telemetry, topology
+from shared.app import WardenApp, open_app
+from shared.events import Event
+from shared.persistence.bridge import NatsBridge
+from shared.server import EmbeddedServer
+from shared.views import Views
+
+log = logging.getLogger("warden.runtime")
+
+DEFAULT_DATA_DIR = Path(".warden")
+
+
+@dataclass
+class Context:
+    """What every service in a process shares: one connection, one application, one view."""
+
+    nc: Client
+    js: JetStreamContext
+    app: WardenApp
+    views: Views = field(default_factory=Views)
+    followed: bool = False
+
+    async def save(self, *events: Event) -> None:
+        """Append events (atomically when several); raises IntegrityError on a lost race.
+
+        The application is synchronous and its recorder calls back onto this loop, so it runs
+        in a worker thread; the events are folded into the view as soon as they are stored.
+        """
+        chained = self.views.chain(events)
+        await anyio.to_thread.run_sync(lambda: self.app.save(*chained))
+        for event in chained:
+            self.views.apply(event)
+
+    async def reload_job(self, job_id: Any) -> None:
+        job = await anyio.to_thread.run_sync(self.app.job, job_id)
+        self.views.replace_job(job)
+
+    async def follow_events(self, tg: anyio.abc.TaskGroup) -> None:
+        """Start folding the event stream into the view once per process."""
+        if not self.followed:
+            self.followed = True
+            await tg.start(bus.follow, self.js, self.views.on_stream_event)
+
+
+async def close_connection(nc: Client, grace_s: float = 5.0) -> None:
+    """Drain (deliver what is in hand, flush what is pending), but never hang on a dead server."""
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(grace_s):
+            await nc.drain()
+            return
+        await nc.close()
+
+
+class Service(Protocol):
+    name: str
+
+    async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None: ...
+
+
+ServiceFactory = Callable[[], Service]
+
+
+def nats_url_from_env(url: str | None) -> str | None:
+    return url or os.environ.get("WARDEN_NATS_URL") or None
+
+
+@asynccontextmanager
+async def deployment(
+    url: str | None, data_dir: Path = DEFAULT_DATA_DIR, *, replicas: int = 1, name: str = "warden"
+) -> AsyncIterator[tuple[Context, str]]:
+    """Connect to the named server, or start the embedded one under `data_dir`; ensure topology.
+
+    Never connects to a server it was not pointed at: with no URL, it starts its own.
+    """
+    server: EmbeddedServer | None = None
+    if url is None:
+        server = await anyio.to_thread.run_sync(
+            lambda: EmbeddedServer(store_dir=data_dir / "nats", name=name).start()
+        )
+        url = server.url
+    try:
+        nc = await bus.connect(url, name)
+        try:
+            js = nc.jetstream()
+            await topology.ensure(js, nc.connected_server_version.__str__(), replicas)
+            bridge = NatsBridge.attach(nc)
+            app = open_app(bridge)
+            yield Context(nc=nc, js=js, app=app), url
+        finally:
+            await close_connection(nc)
+    finally:
+        if server is not None:
+            await anyio.to_thread.run_sync(server.stop)
+
+
+async def run_services(
+    ctx: Context,
+    services: Sequence[Service],
+    *,
+    task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start every service (each reports ready through task_status) and run until cancelled."""
+    async with anyio.create_task_group() as tg:
+        await ctx.follow_events(tg)
+        for service in services:
+            telemetry.configure(service.name)
+            await tg.start(service.run, ctx)
+            log.info("service %s started", service.name)
+        task_status.started()
+
+
+async def until_signal(
+    main: Callable[..., Coroutine[Any, Any, None]],
+    on_ready: Callable[[], None] | None = None,
+) -> None:
+    """Run `main` until SIGINT or SIGTERM, then cancel it (draining in-flight work)."""
+    async with anyio.create_task_group() as tg:
+        await tg.start(main)
+        if on_ready:
+            on_ready()
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                log.info("received %s: draining", signal.Signals(signum).name)
+                break
+        tg.cancel_scope.cancel()
+
+
+async def retry_on_conflict(
+    attempt: Callable[[], Awaitable[bool]], reload: Callable[[], Awaitable[None]], tries: int = 5
+) -> bool:
+    """Optimistic concurrency: decide, append; on a lost race re-read and decide again."""
+    for _ in range(tries):
+        try:
+            return await attempt()
+        except IntegrityError:
+            await reload()
+    return False

@@ -1,0 +1,120 @@
+"""OpenTelemetry, configured once per process; trace context rides in NATS headers.
+
+The exporter is chosen by `WARDEN_OTEL_EXPORTER`: `none` (default), `console`, or `otlp` (when
+opentelemetry-exporter-otlp is installed). Metric instruments are created here so every service
+reports the same names.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from opentelemetry import metrics, propagate, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricReader,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+_configured = False
+
+
+class TelemetryError(RuntimeError):
+    """Raised when the exporter named in WARDEN_OTEL_EXPORTER is unknown or not installed."""
+
+
+def configure(service: str, exporter: str | None = None) -> None:
+    """Install tracer and meter providers; later calls are no-ops (one configuration per process)."""
+    global _configured
+    if _configured:
+        return
+    choice = (exporter or os.environ.get("WARDEN_OTEL_EXPORTER", "none")).lower()
+    resource = Resource.create({"service.name": f"warden-{service}"})
+    span_exporter: SpanExporter | None = None
+    readers: list[MetricReader] = []
+    if choice == "console":
+        span_exporter = ConsoleSpanExporter()
+        readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(), 10_000))
+    elif choice == "otlp":
+        try:
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (  # type: ignore[import-not-found]
+                OTLPMetricExporter,
+            )
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (  # type: ignore[import-not-found]
+                OTLPSpanExporter,
+            )
+        except ImportError as exc:
+            raise TelemetryError(
+                "WARDEN_OTEL_EXPORTER=otlp needs: pip install opentelemetry-exporter-otlp"
+            ) from exc
+        span_exporter = OTLPSpanExporter()
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    elif choice != "none":
+        raise TelemetryError(f"unknown WARDEN_OTEL_EXPORTER {choice!r}: use none, console or otlp")
+    provider = TracerProvider(resource=resource)
+    if span_exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(span_exporter))
+    trace.set_tracer_provider(provider)
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    _configured = True
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer("warden")
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Put the current trace context into NATS headers."""
+    propagate.inject(headers)
+    return headers
+
+
+def extract(headers: Mapping[str, str] | None) -> object:
+    """The trace context a NATS message carried, to parent the span that handles it."""
+    return propagate.extract(dict(headers or {}))
+
+
+def current_traceparent() -> str:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+class Metrics:
+    """The instruments every service shares; created lazily against the configured provider."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("warden")
+        self.jobs = meter.create_counter("warden_jobs_total", description="jobs by outcome")
+        self.lease_expiries = meter.create_counter(
+            "warden_lease_expiries_total", description="leases that expired without a heartbeat"
+        )
+        self.detection_latency = meter.create_histogram(
+            "warden_detection_latency_ms",
+            unit="ms",
+            description="time from a lease's deadline to its lease.expired event",
+        )
+        self.decisions = meter.create_counter(
+            "warden_decisions_total", description="proposal decisions by verdict"
+        )
+        self.revocations = meter.create_counter(
+            "warden_revocations_total", description="revocations by signal"
+        )
+        self.rejected_inputs = meter.create_counter(
+            "warden_rejected_inputs_total", description="inputs rejected as malformed or fenced"
+        )
+
+
+_metrics: Metrics | None = None
+
+
+def instruments() -> Metrics:
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics()
+    return _metrics

@@ -1,0 +1,228 @@
+"""Every stream, subject and durable consumer Warden uses, declared in one place.
+
+Untrusted input (client requests, agent messages, operator commands) lands on `warden.in.>` and
+is stored before anything reads it. Authoritative events, which only Warden's services append,
+live on `warden.evt.>`: one subject per aggregate, so `Nats-Expected-Last-Subject-Sequence` gives
+optimistic concurrency. Both streams deny delete and purge: their sequences are positions that
+projections track, and they are the record.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from uuid import UUID
+
+from nats.js import JetStreamContext
+from nats.js import api as js_api
+from nats.js.errors import APIError, NotFoundError
+
+PREFIX = "warden"
+INPUT_STREAM = "WARDEN_INPUT"
+EVENT_STREAM = "WARDEN_EVENTS"
+PAYLOAD_BUCKET = "WARDEN_PAYLOADS"
+
+INPUT_ROOT = f"{PREFIX}.in"
+EVENT_ROOT = f"{PREFIX}.evt"
+
+# Client services publish job requests here, with any NATS client.
+REQUEST_SUBJECT = f"{INPUT_ROOT}.request"
+# Header naming where the submitter (or agent) waits for Warden's verdict on its input.
+REPLY_HEADER = "Warden-Reply-To"
+TRACE_HEADER = "traceparent"
+
+AGENT_VERBS = ("register", "claim", "heartbeat", "propose", "release")
+OPERATOR_VERBS = (
+    "requeue",
+    "cancel",
+    "revoke",
+    "suspend",
+    "reinstate",
+    "promote",
+    "demote",
+    "approve",
+    "deny",
+    "rollback",
+)
+# Agent names become subject tokens: no dots, wildcards or spaces.
+AGENT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# Live lifecycle notices (lease standing changes) pushed to agents; core NATS, not stored.
+NOTICE_ROOT = f"{PREFIX}.notice"
+
+
+class TopologyError(RuntimeError):
+    """Raised when the server cannot host Warden's topology (too old, or a stream conflicts)."""
+
+
+class BadAgentName(ValueError):
+    """Raised when an agent name cannot be used as a subject token."""
+
+
+def check_agent_name(agent: str) -> str:
+    if not AGENT_NAME.match(agent):
+        raise BadAgentName(f"agent name {agent!r} must be 1-64 characters of letters, digits, '_' or '-'")
+    return agent
+
+
+def agent_subject(agent: str, verb: str) -> str:
+    """Where agent `agent` publishes message kind `verb`."""
+    if verb not in AGENT_VERBS:
+        raise ValueError(f"unknown agent verb {verb!r}")
+    return f"{INPUT_ROOT}.agent.{check_agent_name(agent)}.{verb}"
+
+
+def agent_subject_all(verb: str) -> str:
+    return f"{INPUT_ROOT}.agent.*.{verb}"
+
+
+def agent_input_root(agent: str) -> str:
+    return f"{INPUT_ROOT}.agent.{check_agent_name(agent)}.>"
+
+
+def parse_agent_subject(subject: str) -> tuple[str, str] | None:
+    """(agent, verb) for an agent input subject, None for any other subject."""
+    parts = subject.split(".")
+    if len(parts) == 5 and parts[:3] == [PREFIX, "in", "agent"]:
+        return parts[3], parts[4]
+    return None
+
+
+def operator_subject(verb: str) -> str:
+    if verb not in OPERATOR_VERBS:
+        raise ValueError(f"unknown operator command {verb!r}")
+    return f"{INPUT_ROOT}.op.{verb}"
+
+
+OPERATOR_SUBJECTS = f"{INPUT_ROOT}.op.>"
+
+
+def event_subject(aggregate_id: UUID | str) -> str:
+    """The one subject that holds every event of one aggregate (a job, an agent, a rejection)."""
+    return f"{EVENT_ROOT}.{aggregate_id}"
+
+
+def notice_subject(agent: str) -> str:
+    return f"{NOTICE_ROOT}.{check_agent_name(agent)}"
+
+
+def reply_inbox_prefix(agent: str) -> str:
+    """Agents receive verdicts on their own inbox prefix, so permissions can fence them."""
+    return f"_INBOX.{check_agent_name(agent)}"
+
+
+@dataclass(frozen=True)
+class ConsumerSpec:
+    """A durable pull consumer on the input stream, owned by one service (shared by replicas)."""
+
+    durable: str
+    filter_subjects: tuple[str, ...]
+    # Longer than the slowest handler: a redelivery while the first attempt still runs is work
+    # done twice (dedup makes it harmless, but it is waste).
+    ack_wait_s: float = 30.0
+    # Bounded so a stuck handler shows as backlog, never as silent stall at the default 1000.
+    max_ack_pending: int = 1024
+    max_deliver: int = 10
+
+
+SCHEDULER_CONSUMER = ConsumerSpec(
+    durable="scheduler",
+    filter_subjects=(
+        REQUEST_SUBJECT,
+        agent_subject_all("register"),
+        agent_subject_all("claim"),
+        f"{INPUT_ROOT}.op.requeue",
+        f"{INPUT_ROOT}.op.cancel",
+    ),
+)
+RECONCILER_CONSUMER = ConsumerSpec(
+    durable="reconciler",
+    filter_subjects=(agent_subject_all("heartbeat"), agent_subject_all("release")),
+)
+INTAKE_CONSUMER = ConsumerSpec(
+    durable="intake",
+    filter_subjects=(agent_subject_all("propose"),),
+    ack_wait_s=120.0,
+)
+REVOKER_CONSUMER = ConsumerSpec(
+    durable="revoker",
+    filter_subjects=tuple(operator_subject(v) for v in OPERATOR_VERBS if v not in ("requeue", "cancel")),
+)
+CONSUMERS = (SCHEDULER_CONSUMER, RECONCILER_CONSUMER, INTAKE_CONSUMER, REVOKER_CONSUMER)
+
+DUPLICATE_WINDOW_S = 120.0
+# Services refuse (and record) inputs larger than this; the server's max_payload (8 MB in Warden's
+# configs) bounds what can be stored at all. Larger proposals go to the object store.
+MAX_INPUT_BYTES = 1024 * 1024
+MIN_SERVER_VERSION = (2, 12, 0)  # allow_atomic batches and multi-filter consumers
+
+
+def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
+    common: dict[str, object] = {
+        "retention": js_api.RetentionPolicy.LIMITS,
+        "storage": js_api.StorageType.FILE,
+        "num_replicas": replicas,
+        "deny_delete": True,
+        "deny_purge": True,
+        "allow_direct": True,
+        "duplicate_window": DUPLICATE_WINDOW_S,
+    }
+    return [
+        js_api.StreamConfig(
+            name=INPUT_STREAM,
+            description="Untrusted input: job requests, agent messages, operator commands",
+            subjects=[f"{INPUT_ROOT}.>"],
+            **common,  # type: ignore[arg-type]
+        ),
+        js_api.StreamConfig(
+            name=EVENT_STREAM,
+            description="Authoritative events: one subject per job, agent or rejection",
+            subjects=[f"{EVENT_ROOT}.>"],
+            allow_atomic=True,
+            **common,  # type: ignore[arg-type]
+        ),
+    ]
+
+
+def consumer_config(spec: ConsumerSpec) -> js_api.ConsumerConfig:
+    return js_api.ConsumerConfig(
+        durable_name=spec.durable,
+        filter_subjects=list(spec.filter_subjects),
+        ack_policy=js_api.AckPolicy.EXPLICIT,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        ack_wait=spec.ack_wait_s,
+        max_ack_pending=spec.max_ack_pending,
+        max_deliver=spec.max_deliver,
+    )
+
+
+def parse_version(text: str) -> tuple[int, int, int]:
+    nums = re.findall(r"\d+", text)[:3]
+    while len(nums) < 3:
+        nums.append("0")
+    return (int(nums[0]), int(nums[1]), int(nums[2]))
+
+
+async def ensure(js: JetStreamContext, server_version: str, replicas: int = 1) -> None:
+    """Create or update every stream and consumer; safe to run from every replica at start."""
+    if parse_version(server_version) < MIN_SERVER_VERSION:
+        need = ".".join(map(str, MIN_SERVER_VERSION))
+        raise TopologyError(
+            f"nats-server {server_version} is too old: Warden needs {need} or newer "
+            "(atomic batches, multi-filter consumers)"
+        )
+    for config in stream_configs(replicas):
+        assert config.name is not None
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            continue
+        try:
+            await js.update_stream(config)
+        except APIError as exc:
+            raise TopologyError(
+                f"stream {config.name} exists with settings Warden cannot change: {exc.description}"
+            ) from exc
+    for spec in CONSUMERS:
+        await js.add_consumer(INPUT_STREAM, consumer_config(spec))

@@ -1,0 +1,96 @@
+"""Decode untrusted input and report *every* invalid field, not just the first.
+
+msgspec stops at the first error; a submitter fixing a request one field per round trip is a bad
+experience. So a failed typed decode falls back to walking the Struct's fields one by one.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, TypeVar, Union, get_args, get_origin
+
+import msgspec
+from msgspec import Struct
+
+T = TypeVar("T")
+
+
+class FieldError(Struct, frozen=True, kw_only=True):
+    """One thing wrong with an input, located by a JSON path such as `$.contract.scope`."""
+
+    path: str
+    message: str
+
+
+class InvalidInput(ValueError):
+    """Raised when input cannot be decoded into its declared type; carries every field error."""
+
+    def __init__(self, errors: list[FieldError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{e.path}: {e.message}" for e in errors))
+
+
+def _struct_of(tp: Any) -> type[Struct] | None:
+    if isinstance(tp, type) and issubclass(tp, Struct):
+        return tp
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        structs = [a for a in get_args(tp) if isinstance(a, type) and issubclass(a, Struct)]
+        if len(structs) == 1:
+            return structs[0]
+    return None
+
+
+def _collect(value: Any, tp: Any, path: str, errors: list[FieldError]) -> None:
+    struct = _struct_of(tp)
+    if struct is None or (value is None and struct is not tp):
+        try:
+            msgspec.convert(value, tp)
+        except msgspec.ValidationError as exc:
+            text = str(exc)
+            sub = ""
+            if " - at `$" in text:
+                text, _, sub = text.partition(" - at `$")
+                sub = sub.rstrip("`")
+            errors.append(FieldError(path=path + sub, message=text))
+        return
+    if not isinstance(value, dict):
+        errors.append(FieldError(path=path, message=f"Expected `object`, got `{type(value).__name__}`"))
+        return
+    info = msgspec.structs.fields(struct)
+    known = {f.encode_name for f in info}
+    config = struct.__struct_config__
+    if config.tag_field:
+        known.add(config.tag_field)
+    if config.forbid_unknown_fields:
+        for key in value:
+            if key not in known:
+                errors.append(FieldError(path=f"{path}.{key}", message="unknown field"))
+    for f in info:
+        if f.encode_name in value:
+            _collect(value[f.encode_name], f.type, f"{path}.{f.encode_name}", errors)
+        elif f.required:
+            errors.append(FieldError(path=f"{path}.{f.encode_name}", message="missing required field"))
+
+
+def decode(data: bytes, tp: type[T], *, max_bytes: int | None = None) -> T:
+    """Decode JSON bytes into `tp`, or raise InvalidInput listing every problem found."""
+    if max_bytes is not None and len(data) > max_bytes:
+        raise InvalidInput(
+            [FieldError(path="$", message=f"input is {len(data)} bytes, the limit is {max_bytes}")]
+        )
+    try:
+        return msgspec.json.decode(data, type=tp)
+    except msgspec.ValidationError:
+        pass
+    except msgspec.DecodeError as exc:
+        raise InvalidInput([FieldError(path="$", message=f"not valid JSON: {exc}")]) from None
+    raw = msgspec.json.decode(data)
+    errors: list[FieldError] = []
+    _collect(raw, tp, "$", errors)
+    if not errors:  # a rule only the whole-value decode sees (e.g. an unknown tag)
+        try:
+            msgspec.json.decode(data, type=tp)
+        except msgspec.ValidationError as exc:
+            errors.append(FieldError(path="$", message=str(exc)))
+    raise InvalidInput(errors)

@@ -1,0 +1,39 @@
+"""Test harness: real nats-server processes on free ports with temporary stores.
+
+Servers start from sync fixtures (pytest-asyncio >= 1.0 has no event_loop fixture), so an async
+test and the server it talks to never share a loop's lifetime.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.server import EmbeddedServer
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
+    """A fresh single nats-server with JetStream, on a free port, its store under tmp_path."""
+    server = EmbeddedServer(store_dir=tmp_path / "nats", name="test").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def server_factory(tmp_path: Path) -> Iterator[object]:
+    """Start several servers (cluster and fault tests); every one is stopped at teardown."""
+    started: list[EmbeddedServer] = []
+
+    def start(name: str = "s", **kwargs: object) -> EmbeddedServer:
+        server = EmbeddedServer(store_dir=tmp_path / f"nats-{name}-{len(started)}", name=name, **kwargs)  # type: ignore[arg-type]
+        started.append(server)
+        return server.start()
+
+    yield start
+    for server in started:
+        server.stop()

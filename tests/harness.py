@@ -1,0 +1,101 @@
+"""Helpers for tests: run services in-process against a real server, wait for events by deadline."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+from uuid import UUID
+
+import anyio
+import msgspec
+from nats.aio.client import Client
+from nats.js import api as js_api
+
+from services import registry
+from shared import bus, runtime, topology
+from shared.events import AnyEvent
+from shared.events import decode as decode_event
+from shared.messages import Accepted, JobRequest
+from shared.runtime import Context
+
+
+@asynccontextmanager
+async def running(url: str, names: list[str] | None = None, name: str = "test") -> AsyncIterator[Context]:
+    """Run the named services (all by default) in this task until the block exits."""
+    async with runtime.deployment(url, name=name) as (ctx, _url), anyio.create_task_group() as tg:
+        await tg.start(runtime.run_services, ctx, registry.build(names))
+        yield ctx
+        tg.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def client(url: str, name: str = "test-client") -> AsyncIterator[Client]:
+    nc = await bus.connect(url, name)
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def events_of(nc: Client, subject: str = f"{topology.EVENT_ROOT}.>") -> list[AnyEvent]:
+    """Every event stored on `subject` right now, in stream order."""
+    js = nc.jetstream()
+    info = await js.stream_info(topology.EVENT_STREAM)
+    out: list[AnyEvent] = []
+    if info.state.messages == 0:
+        return out
+    done = anyio.Event()
+    last = info.state.last_seq
+
+    async def cb(msg: Any) -> None:
+        with contextlib.suppress(msgspec.DecodeError):
+            out.append(decode_event(msg.data))
+        if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(subject, ordered_consumer=True, cb=cb, deliver_policy=js_api.DeliverPolicy.ALL)
+    try:
+        with anyio.fail_after(10):
+            await done.wait()
+    finally:
+        await sub.unsubscribe()
+    return out
+
+
+async def wait_for_event(
+    nc: Client,
+    predicate: Callable[[AnyEvent], bool],
+    *,
+    timeout: float = 10.0,
+    subject: str = f"{topology.EVENT_ROOT}.>",
+) -> AnyEvent:
+    """The first event (past or future) matching `predicate`; TimeoutError after `timeout`."""
+    js = nc.jetstream()
+    found: list[AnyEvent] = []
+    hit = anyio.Event()
+
+    async def cb(msg: Any) -> None:
+        try:
+            event = decode_event(msg.data)
+        except msgspec.DecodeError:
+            return
+        if not hit.is_set() and predicate(event):
+            found.append(event)
+            hit.set()
+
+    sub = await js.subscribe(subject, ordered_consumer=True, cb=cb, deliver_policy=js_api.DeliverPolicy.ALL)
+    try:
+        with anyio.fail_after(timeout):
+            await hit.wait()
+    finally:
+        await sub.unsubscribe()
+    return found[0]
+
+
+async def submit(nc: Client, request: JobRequest) -> UUID:
+    reply = await bus.request(nc, topology.REQUEST_SUBJECT, request)
+    assert isinstance(reply, Accepted), reply
+    assert reply.job_id is not None
+    return reply.job_id
