@@ -21,8 +21,10 @@ from shared.events import (
     AgentRegistered,
     AgentReinstated,
     AgentRevoked,
+    AgentSuspended,
     AnyEvent,
     EffectApplied,
+    EffectRolledBack,
     Event,
     InputRejected,
     InvariantChecked,
@@ -39,6 +41,7 @@ from shared.events import (
     ProposalAccepted,
     ProposalRejected,
     ProposalSubmitted,
+    RollbackRequested,
     digest,
 )
 
@@ -162,7 +165,13 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
         case JobCompleted():
             lease, leases = _end_lease(job, "completed")
             return replace(job, status="completed", lease=lease, leases=leases, pending_proposal=None)
-        case MessageRejected() | InvariantChecked() | EffectApplied():
+        case (
+            MessageRejected()
+            | InvariantChecked()
+            | EffectApplied()
+            | RollbackRequested()
+            | EffectRolledBack()
+        ):
             return job
     return job
 
@@ -182,8 +191,8 @@ class Agent(Struct, frozen=True, kw_only=True):
     level: int = 0
     max_concurrent: int = 1
     kinds: tuple[str, ...] = ()
-    revoked: bool = False
-    revoked_reason: str = ""
+    standing: Literal["active", "suspended", "revoked"] = "active"
+    standing_reason: str = ""
     last_hash: str = ""
 
 
@@ -218,9 +227,11 @@ def evolve_agent(agent: Agent | None, event: Event) -> Agent | None:
         case AgentLevelChanged():
             return replace(agent, level=event.level)
         case AgentRevoked():
-            return replace(agent, revoked=True, revoked_reason=event.reason)
+            return replace(agent, standing="revoked", standing_reason=event.reason)
+        case AgentSuspended():
+            return replace(agent, standing="suspended", standing_reason=event.reason)
         case AgentReinstated():
-            return replace(agent, revoked=False, revoked_reason="")
+            return replace(agent, standing="active", standing_reason="")
     return agent
 
 
@@ -231,7 +242,9 @@ def project_agent(agent: Agent | None, events: Iterable[Event]) -> Agent | None:
 
 
 def is_agent_event(event: AnyEvent) -> bool:
-    return isinstance(event, AgentRegistered | AgentLevelChanged | AgentRevoked | AgentReinstated)
+    return isinstance(
+        event, AgentRegistered | AgentLevelChanged | AgentRevoked | AgentSuspended | AgentReinstated
+    )
 
 
 def is_job_event(event: AnyEvent) -> bool:

@@ -186,6 +186,22 @@ class EffectApplied(Event, frozen=True, tag="effect.applied"):
     reused_receipt: bool = False
 
 
+class RollbackRequested(Event, frozen=True, tag="rollback.requested"):
+    """Asks the applier to compensate an applied effect (revoker or operator)."""
+
+    proposal_id: UUID
+    reason: str
+    by: str
+    signal_at: datetime | None = None
+
+
+class EffectRolledBack(Event, frozen=True, tag="effect.rolled_back"):
+    proposal_id: UUID
+    kind: str
+    receipt: dict[str, Any]
+    reason: str = ""
+
+
 class JobCompleted(Event, frozen=True, tag="job.completed"):
     proposal_id: UUID
     agent: str
@@ -216,6 +232,14 @@ class AgentRevoked(Event, frozen=True, tag="agent.revoked"):
     reason: str
     by: str
     evidence: list[str] = field(default_factory=list)
+
+
+class AgentSuspended(Event, frozen=True, tag="agent.suspended"):
+    """No new leases until reinstated; live leases run on (revoke ends those)."""
+
+    name: str
+    reason: str
+    by: str
 
 
 class AgentReinstated(Event, frozen=True, tag="agent.reinstated"):
@@ -250,10 +274,13 @@ AnyEvent = (
     | ProposalAccepted
     | ProposalRejected
     | EffectApplied
+    | RollbackRequested
+    | EffectRolledBack
     | JobCompleted
     | AgentRegistered
     | AgentLevelChanged
     | AgentRevoked
+    | AgentSuspended
     | AgentReinstated
     | InputRejected
 )

@@ -171,11 +171,11 @@ class Scheduler:
                 self.ctx, msg, [FieldError(path="$", message=f"agent {name} is not registered")], name
             )
             return
-        if agent.revoked:
+        if agent.standing != "active":
             await reject_input(
                 self.ctx,
                 msg,
-                [FieldError(path="$", message=f"agent {name} is revoked: {agent.revoked_reason}")],
+                [FieldError(path="$", message=f"agent {name} is {agent.standing}: {agent.standing_reason}")],
                 name,
             )
             return
