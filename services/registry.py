@@ -19,9 +19,16 @@ def _reconciler() -> Service:
     return Reconciler()
 
 
+def _revoker() -> Service:
+    from services.revoker import Revoker
+
+    return Revoker()
+
+
 SERVICES: dict[str, Callable[[], Service]] = {
     "scheduler": _scheduler,
     "reconciler": _reconciler,
+    "revoker": _revoker,
 }
 
 

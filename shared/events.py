@@ -225,6 +225,7 @@ class AgentLevelChanged(Event, frozen=True, tag="agent.level_changed"):
     reason: str
     evidence: list[str] = field(default_factory=list)
     by: str = "policy"
+    signal_at: datetime | None = None
 
 
 class AgentRevoked(Event, frozen=True, tag="agent.revoked"):
@@ -232,6 +233,8 @@ class AgentRevoked(Event, frozen=True, tag="agent.revoked"):
     reason: str
     by: str
     evidence: list[str] = field(default_factory=list)
+    # When the failure signal that caused this was recorded: revocation latency is the gap.
+    signal_at: datetime | None = None
 
 
 class AgentSuspended(Event, frozen=True, tag="agent.suspended"):
@@ -306,6 +309,11 @@ def decode(data: bytes) -> AnyEvent:
     """The one typed decoder for the event stream."""
     event: AnyEvent = _decoder.decode(data)
     return event
+
+
+def ref(event: Event) -> str:
+    """How events cite each other as evidence: aggregate id and version, e.g. `<uuid>@3`."""
+    return f"{event.originator_id}@{event.originator_version}"
 
 
 def tag_of(event: Event) -> str:

@@ -37,3 +37,19 @@ def server_factory(tmp_path: Path) -> Iterator[object]:
     yield start
     for server in started:
         server.stop()
+
+
+PERMISSIVE_POLICY = """
+levels:
+  - {level: 0, name: open, effects: [none, file.write, git.patch, webhook], branches: target, max_leases: 1000}
+promotion: {clean_completions: 1000, max_level: 0}
+"""
+
+
+@pytest.fixture
+def permissive_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A policy without lease limits or promotions, for tests about something else."""
+    path = tmp_path / "permissive-policy.yaml"
+    path.write_text(PERMISSIVE_POLICY)
+    monkeypatch.setenv("WARDEN_POLICY", str(path))
+    return path

@@ -207,6 +207,7 @@ async def test_a_revocation_reaches_the_sdk_on_the_next_heartbeat_and_cancels_th
         assert isinstance(event, JobCancelled) and event.by == "bob"
 
 
+@pytest.mark.usefixtures("permissive_policy")
 async def test_two_scheduler_replicas_never_grant_one_job_twice(nats_server: EmbeddedServer) -> None:
     jobs = 40
     async with (

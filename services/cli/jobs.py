@@ -199,8 +199,26 @@ def submit(
     sys.exit(anyio.run(go))
 
 
+OPERATOR_HELP = {
+    "requeue": "Give a dead (tombstoned or cancelled) job fresh attempts.",
+    "cancel": "Cancel a job; a live lease is revoked and its agent learns on its next heartbeat.",
+    "revoke": "Revoke an agent: no more leases, its live leases end, policy rollback applies.",
+    "suspend": "Suspend an agent: no new leases until reinstated (live leases run on).",
+    "reinstate": "Reinstate a revoked or suspended agent.",
+    "promote": "Raise an agent's autonomy level (one level, or --level).",
+    "demote": "Lower an agent's autonomy level (one level, or --level).",
+    "rollback": "Roll back the applied effect of a proposal with its compensating effect.",
+    "approve": "Approve a proposal whose contract requires a person's approval.",
+    "deny": "Deny a proposal whose contract requires a person's approval.",
+}
+
+
 def operator_command(verb: str, *, needs: str) -> None:
-    @cli.command(verb, help=f"Operator: {verb} a {needs} (recorded as an event naming who and why).")
+    @cli.command(
+        verb,
+        help=f"Operator: {OPERATOR_HELP.get(verb, verb)} TARGET is the {needs}"
+        f"{' name' if needs == 'agent' else ' id'}. Recorded as an event naming who and why.",
+    )
     @click.argument("target")
     @click.option("--reason", required=True, help="Why (recorded).")
     @click.option("--operator", default=lambda: __import__("getpass").getuser(), show_default="$USER")
@@ -252,3 +270,6 @@ def operator_command(verb: str, *, needs: str) -> None:
 
 operator_command("requeue", needs="job")
 operator_command("cancel", needs="job")
+for _verb in ("revoke", "suspend", "reinstate", "promote", "demote"):
+    operator_command(_verb, needs="agent")
+operator_command("rollback", needs="proposal")

@@ -42,6 +42,7 @@ from shared.messages import (
     Register,
     decode_input,
 )
+from shared.policy import load_policy
 from shared.runtime import Context
 from shared.validation import FieldError, InvalidInput
 
@@ -54,6 +55,7 @@ class Scheduler:
     def __init__(self) -> None:
         self._queue: list[tuple[datetime, UUID]] = []
         self._queued: set[UUID] = set()
+        self.policy = load_policy()
         self.ctx: Context
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
@@ -180,11 +182,13 @@ class Scheduler:
             )
             return
         held = self.ctx.views.live_leases_of(name)
-        if held >= agent.max_concurrent:
+        # The agent's own limit, capped by what its autonomy level allows.
+        limit = min(agent.max_concurrent, self.policy.at(agent.level).max_leases)
+        if held >= limit:
             await bus.reply(
                 self.ctx.nc,
                 msg,
-                NoWork(detail=f"agent {name} holds {held} of {agent.max_concurrent} leases"),
+                NoWork(detail=f"agent {name} holds {held} of {limit} leases (level {agent.level})"),
             )
             return
         kinds = set(claim.kinds or agent.kinds)
