@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -210,3 +211,37 @@ async def follow(
     finally:
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()
+
+
+class StoredMessage(msgspec.Struct, frozen=True):
+    seq: int
+    time: datetime
+    subject: str
+    data: bytes
+
+
+async def read_subject(
+    js: JetStreamContext, stream: str, subject: str, timeout: float = 30.0
+) -> list[StoredMessage]:
+    """Every message stored on `subject` (wildcards allowed) right now, in stream order."""
+    info = await js.stream_info(stream, subjects_filter=subject)
+    out: list[StoredMessage] = []
+    if not info.state.subjects:  # nothing stored on that subject
+        return out
+    done = anyio.Event()
+
+    async def cb(msg: Msg) -> None:
+        meta = msg.metadata
+        out.append(StoredMessage(meta.sequence.stream, meta.timestamp, msg.subject, msg.data))
+        if meta.num_pending == 0:
+            done.set()
+
+    sub = await js.subscribe(
+        subject, stream=stream, ordered_consumer=True, cb=cb, deliver_policy=js_api.DeliverPolicy.ALL
+    )
+    try:
+        with anyio.fail_after(timeout):
+            await done.wait()
+    finally:
+        await sub.unsubscribe()
+    return out

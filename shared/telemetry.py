@@ -105,6 +105,11 @@ class Metrics:
         self.revocations = meter.create_counter(
             "warden_revocations_total", description="revocations by signal"
         )
+        self.revocation_latency = meter.create_histogram(
+            "warden_revocation_latency_ms",
+            unit="ms",
+            description="time from a failure signal to the revocation it caused",
+        )
         self.rejected_inputs = meter.create_counter(
             "warden_rejected_inputs_total", description="inputs rejected as malformed or fenced"
         )

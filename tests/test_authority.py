@@ -318,3 +318,27 @@ async def test_a_rollback_request_names_the_operator(nats_server: EmbeddedServer
         assert isinstance(event, RollbackRequested) and event.by == "alice"
         missing = await _operate(nc, "rollback", proposal_id=uuid.uuid4())
         assert isinstance(missing, Rejected)
+
+
+async def test_revocation_latency_is_measured_from_the_signal_to_the_event_and_the_last_accepted_message(
+    nats_server: EmbeddedServer,
+) -> None:
+    from shared.authority import revocation_figures
+
+    async with running(nats_server.url), client(nats_server.url) as nc:
+        agent = AgentClient(nc, "late")
+        await agent.register()
+        await submit(nc, _request(ttl=5.0))
+        grant = await agent.claim()
+        assert grant is not None
+        ctx = JobContext(grant=grant)
+        assert (await agent.heartbeat(ctx)).standing == "extended"
+        assert isinstance(await _operate(nc, "revoke", agent="late"), Accepted)
+        await wait_for_event(nc, lambda e: isinstance(e, LeaseRevoked))
+        assert (await agent.heartbeat(ctx)).standing == "revoked"
+        [figures] = await revocation_figures(nc.jetstream())
+        assert figures.agent == "late" and figures.by == "alice"
+        assert figures.latency_ms is not None and figures.latency_ms >= 0
+        # The heartbeat before the revocation was the last one accepted; the one after was fenced.
+        assert figures.last_accepted_subject == topology.agent_subject("late", "heartbeat")
+        assert figures.exposure_ms == 0.0

@@ -150,7 +150,7 @@ def run_service(service: str, nats_url: str | None, data_dir: Path, replicas: in
 
 
 def main() -> None:
-    from services.cli import agent, jobs, schemas  # noqa: F401 - registers their commands
+    from services.cli import agent, authority, jobs, schemas  # noqa: F401 - registers their commands
 
     try:
         cli(standalone_mode=True)

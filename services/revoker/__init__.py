@@ -131,7 +131,9 @@ class Revoker:
                     raise
                 if action.kind == "revoke" and action.signal_at is not None:
                     latency = (at - action.signal_at).total_seconds() * 1000
-                    telemetry.instruments().revocations.add(1, {"signal": "policy"})
+                    metrics = telemetry.instruments()
+                    metrics.revocations.add(1, {"signal": "policy"})
+                    metrics.revocation_latency.record(latency)
                     log.warning(
                         "revoked %s (%.1f ms after the signal): %s", agent.name, latency, action.reason
                     )
