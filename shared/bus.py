@@ -9,21 +9,25 @@ follow the event stream with ordered push consumers (callbacks are 4-5x faster t
 from __future__ import annotations
 
 import logging
+import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 import anyio
 import msgspec
 import nats
+import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
 
-from shared import telemetry, topology
+from shared import credentials, telemetry, topology
 from shared.events import AnyEvent
 from shared.events import decode as decode_event
 from shared.messages import AnyReply, reply_decoder
@@ -43,15 +47,44 @@ class PermissionDenied(RuntimeError):
     """Raised when the server refused a publish or subscribe for this connection's credentials."""
 
 
+_DENIAL = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
+
+
+@dataclass
+class _DenialWatch:
+    """One operation waiting to hear whether the server refused its subjects."""
+
+    subjects: frozenset[str]
+    inbox_prefix: str
+    scope: anyio.CancelScope
+    error: Exception | None = None
+
+    def matches(self, verb: str, subject: str) -> bool:
+        if subject in self.subjects:
+            return True
+        # A refused reply subscription (the request's muxed inbox) means no answer can arrive.
+        return verb.lower() == "subscription" and subject.startswith(self.inbox_prefix)
+
+
 async def connect(url: str, name: str, **kwargs: Any) -> Client:
-    """Connect with unlimited reconnects; permission errors are logged (nats-py only reports them
-    through the error callback, a publish just times out)."""
+    """Connect with unlimited reconnects; permission errors are logged and raised by `request`
+    (nats-py only reports them through the error callback, a publish just times out).
+
+    `url` may list several servers separated by commas (a cluster). Credentials come from
+    kwargs (`user`, `password`) or else WARDEN_NATS_USER / WARDEN_NATS_PASSWORD.
+    """
     errors: list[Exception] = []
+    watches: list[_DenialWatch] = []
 
     async def error_cb(exc: Exception) -> None:
         errors.append(exc)
-        if "permissions violation" in str(exc).lower():
+        del errors[:-100]  # recent ones are what explain a failure; keep memory bounded
+        if match := _DENIAL.search(str(exc)):
             log.error("NATS refused an operation for %s: %s", name, exc)
+            for watch in watches:
+                if watch.error is None and watch.matches(match.group(1), match.group(2)):
+                    watch.error = exc
+                    watch.scope.cancel()
         else:
             log.warning("NATS error on %s: %s", name, exc)
 
@@ -71,10 +104,34 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
         "disconnected_cb": disconnected_cb,
         "reconnected_cb": reconnected_cb,
     }
+    if "user" not in kwargs and "password" not in kwargs:
+        options.update(credentials.client_credentials())
     options.update(kwargs)
-    nc = await nats.connect(url, **options)
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    nc = await nats.connect(servers, **options)
     nc._warden_errors = errors  # type: ignore[attr-defined]
+    nc._warden_watches = watches  # type: ignore[attr-defined]
     return nc
+
+
+@contextmanager
+def refused(nc: Client, *subjects: str) -> Iterator[_DenialWatch]:
+    """Cancel the block as soon as the server refuses one of `subjects` (or a reply inbox) for
+    this connection's credentials, and raise PermissionDenied naming it."""
+    watches: list[_DenialWatch] = getattr(nc, "_warden_watches", [])
+    prefix = bytes(getattr(nc, "_inbox_prefix", b"_INBOX")).decode()
+    with anyio.CancelScope() as scope:
+        watch = _DenialWatch(frozenset(subjects), prefix, scope)
+        watches.append(watch)
+        try:
+            yield watch
+        finally:
+            watches.remove(watch)
+    if watch.error is not None:
+        raise PermissionDenied(
+            f"the NATS server refused this connection's credentials: {watch.error} "
+            "(check the user's permissions: `warden creds list`)"
+        ) from watch.error
 
 
 def recent_errors(nc: Client) -> list[Exception]:
@@ -92,28 +149,25 @@ async def request(
     """Store an input on its subject and wait for the service's verdict on it."""
     js = nc.jetstream()
     inbox = f"{inbox_prefix}.{uuid.uuid4().hex}" if inbox_prefix else nc.new_inbox()
-    sub = await nc.subscribe(inbox, max_msgs=1)
-    try:
-        data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
-        headers = telemetry.inject({topology.REPLY_HEADER: inbox})
+    # A refusal cancels the wait at once (the publish alone would only time out).
+    with refused(nc, subject, inbox):
+        sub = await nc.subscribe(inbox, max_msgs=1)
         try:
+            data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
+            headers = telemetry.inject({topology.REPLY_HEADER: inbox})
             await js.publish(subject, data, headers=headers, timeout=timeout)
-        except NatsTimeout as exc:
-            denied = [e for e in recent_errors(nc) if "permissions violation" in str(e).lower()]
-            if denied:
-                raise PermissionDenied(str(denied[-1])) from exc
-            raise
-        try:
-            msg = await sub.next_msg(timeout=timeout)
-        except NatsTimeout as exc:
-            raise ReplyTimeout(
-                f"input on {subject} was stored but no Warden service answered within {timeout}s "
-                "(is `warden up` running?)"
-            ) from exc
-        answer: AnyReply = reply_decoder.decode(msg.data)
-        return answer
-    finally:
-        await sub.unsubscribe()
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except NatsTimeout as exc:
+                raise ReplyTimeout(
+                    f"input on {subject} was stored but no Warden service answered within {timeout}s "
+                    "(is `warden up` running?)"
+                ) from exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sub.unsubscribe()
+    answer: AnyReply = reply_decoder.decode(msg.data)
+    return answer
 
 
 async def reply(nc: Client, msg: Msg, answer: msgspec.Struct) -> None:
@@ -124,6 +178,12 @@ async def reply(nc: Client, msg: Msg, answer: msgspec.Struct) -> None:
 
 
 Handler = Callable[[Msg], Awaitable[None]]
+KeyFunction = Callable[[Msg], str]
+
+
+def by_subject(msg: Msg) -> str:
+    """Default ordering key: messages on one subject (one agent's verb) are handled in order."""
+    return str(msg.subject)
 
 
 async def consume(
@@ -133,30 +193,63 @@ async def consume(
     *,
     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     batch: int = 64,
+    concurrency: int = 32,
+    key: KeyFunction = by_subject,
 ) -> None:
-    """Run `handler` over a durable input consumer, one message at a time, acking each after it.
+    """Run `handler` over a durable input consumer, acking each message after it is handled.
 
-    A handler raises only for infrastructure faults (the message is retried after a delay); bad
-    input is the handler's to record and answer. Cancellation stops between messages, so SIGTERM
-    drains the message in hand and acks it.
+    Messages with the same key are handled one at a time in stream order; different keys run
+    concurrently (up to `concurrency`), because each handler mostly waits on a durable write
+    and the broker commits concurrent writes together. A handler raises only for
+    infrastructure faults (the message is retried after a delay); bad input is the handler's
+    to record and answer. On cancellation, handlers already started finish and ack.
     """
     sub = await js.pull_subscribe_bind(spec.durable, stream=topology.INPUT_STREAM)
+    in_flight = anyio.Semaphore(concurrency)
+    queues: dict[str, list[Msg]] = {}
+
+    async def handle_one(msg: Msg) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await handler(msg)
+            except Exception:
+                log.exception("handler %s failed on %s; retrying later", spec.durable, msg.subject)
+                await msg.nak(delay=1.0)
+            else:
+                await msg.ack()
+
+    async def drain(k: str) -> None:
+        queue = queues[k]
+        try:
+            while queue:
+                msg = queue.pop(0)
+                try:
+                    await handle_one(msg)
+                finally:
+                    in_flight.release()
+        finally:
+            del queues[k]
+
     task_status.started()
     try:
-        while True:
-            try:
-                msgs = await sub.fetch(batch, timeout=1.0)
-            except NatsTimeout:
-                continue
-            for msg in msgs:
-                with anyio.CancelScope(shield=True):
-                    try:
-                        await handler(msg)
-                    except Exception:
-                        log.exception("handler %s failed on %s; retrying later", spec.durable, msg.subject)
-                        await msg.nak(delay=1.0)
+        async with anyio.create_task_group() as tg:
+            while True:
+                try:
+                    msgs = await sub.fetch(batch, timeout=1.0)
+                except TimeoutError:  # nothing to fetch (nats-py raises asyncio's, or its own)
+                    continue
+                except nats.errors.Error as exc:  # disconnected: nats-py reconnects by itself
+                    log.warning("fetch on %s failed (%s); retrying", spec.durable, exc)
+                    await anyio.sleep(0.25)
+                    continue
+                for msg in msgs:
+                    await in_flight.acquire()
+                    k = key(msg)
+                    if k in queues:
+                        queues[k].append(msg)
                     else:
-                        await msg.ack()
+                        queues[k] = [msg]
+                        tg.start_soon(drain, k)
     finally:
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()

@@ -26,7 +26,7 @@ WARDEN = [sys.executable, "-m", "services.cli"]
 async def test_a_server_restart_under_running_services_loses_no_event_and_doubles_none(
     nats_server: EmbeddedServer,
 ) -> None:
-    total = 150
+    total = 500
     async with running(nats_server.url), client(nats_server.url) as nc:
         js = nc.jetstream()
         for i in range(total):

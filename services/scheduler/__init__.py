@@ -10,6 +10,7 @@ from __future__ import annotations
 import bisect
 import logging
 from datetime import datetime, timedelta
+from functools import partial
 from uuid import UUID
 
 import anyio
@@ -49,6 +50,13 @@ from shared.validation import FieldError, InvalidInput
 log = logging.getLogger("warden.scheduler")
 
 
+def _ordering_key(msg: Msg) -> str:
+    """Requests are independent (the idempotency key dedupes); one agent's claims go in order."""
+    if msg.subject == topology.REQUEST_SUBJECT:
+        return f"request-{msg.metadata.sequence.stream}"
+    return str(msg.subject)
+
+
 class Scheduler:
     name = "scheduler"
 
@@ -64,7 +72,9 @@ class Scheduler:
             self._track(job)
         ctx.views.listeners.append(lambda _e, job, _a: self._track(job) if job else None)
         async with anyio.create_task_group() as tg:
-            await tg.start(bus.consume, ctx.js, topology.SCHEDULER_CONSUMER, self.handle)
+            await tg.start(
+                partial(bus.consume, key=_ordering_key), ctx.js, topology.SCHEDULER_CONSUMER, self.handle
+            )
             task_status.started()
 
     def _track(self, job: Job) -> None:
