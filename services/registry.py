@@ -25,9 +25,38 @@ def _revoker() -> Service:
     return Revoker()
 
 
+def _checker() -> Service:
+    from services.checker import Checker
+
+    return Checker()
+
+
+def _applier() -> Service:
+    from services.applier import Applier
+
+    return Applier()
+
+
+def _projector() -> Service:
+    from services.projector import Projector
+
+    return Projector()
+
+
+def _api() -> Service:
+    from services.api import Api
+
+    return Api()
+
+
 SERVICES: dict[str, Callable[[], Service]] = {
     "scheduler": _scheduler,
     "reconciler": _reconciler,
+    # The read side: projections into SQLite/PostgreSQL, and the HTTP API and dashboard over them.
+    "projector": _projector,
+    "api": _api,
+    "checker": _checker,
+    "applier": _applier,
     "revoker": _revoker,
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 from uuid import UUID
 
 from msgspec import Struct
@@ -24,6 +24,7 @@ from shared.events import (
     AgentSuspended,
     AnyEvent,
     EffectApplied,
+    EffectFailed,
     EffectRolledBack,
     Event,
     InputRejected,
@@ -55,7 +56,41 @@ class Lease(Struct, frozen=True, kw_only=True):
     granted_at: datetime
     expires_at: datetime
     ttl_s: float
-    ended: str = ""  # "", "expired", "released", "revoked", "completed"
+    ended: str = ""  # "", "expired", "released", "revoked", "completed", "rejected", "failed"
+
+
+class CheckRecord(Struct, frozen=True, kw_only=True):
+    invariant: str
+    version: str
+    verdict: str
+
+
+ProposalStatus = Literal["submitted", "accepted", "rejected", "applied", "failed"]
+
+
+class ProposalState(Struct, frozen=True, kw_only=True):
+    """One proposal as the record has it: where its bytes are, what was checked, what came of it."""
+
+    id: UUID
+    agent: str
+    epoch: int
+    effect: str
+    input_seq: int
+    content_hash: str
+    submitted_at: datetime
+    payload_object: str = ""
+    payload_hash: str = ""
+    checks: tuple[CheckRecord, ...] = ()
+    status: ProposalStatus = "submitted"
+    decided_by: str = ""
+    branch: str = ""
+    receipt: dict[str, Any] | None = None
+    rollback: Literal["", "requested", "done", "failed"] = ""
+    rollback_reason: str = ""
+    rollback_receipt: dict[str, Any] | None = None
+
+    def check(self, invariant: str) -> CheckRecord | None:
+        return next((c for c in self.checks if c.invariant == invariant), None)
 
 
 class Job(Struct, frozen=True, kw_only=True):
@@ -77,6 +112,7 @@ class Job(Struct, frozen=True, kw_only=True):
     pending_proposal: UUID | None = None
     reason: str = ""
     last_hash: str = ""
+    proposal_log: tuple[ProposalState, ...] = ()
 
     @property
     def terminal(self) -> bool:
@@ -89,6 +125,24 @@ class Job(Struct, frozen=True, kw_only=True):
     @property
     def live_lease(self) -> Lease | None:
         return self.lease if self.lease is not None and not self.lease.ended else None
+
+    def proposal(self, proposal_id: UUID) -> ProposalState | None:
+        return next((p for p in self.proposal_log if p.id == proposal_id), None)
+
+
+def _with_proposal(job: Job, proposal_id: UUID, **changes: Any) -> Job:
+    log = tuple(replace(p, **changes) if p.id == proposal_id else p for p in job.proposal_log)
+    return replace(job, proposal_log=log)
+
+
+def _end_attempt_of(job: Job, proposal_id: UUID, how: str) -> Job:
+    """A decided-against proposal ends the lease it was made under: the attempt is spent."""
+    state = job.proposal(proposal_id)
+    lease, leases = job.lease, job.leases
+    if state is not None and job.live_lease is not None and job.live_lease.epoch == state.epoch:
+        lease, leases = _end_lease(job, how)
+    pending = None if job.pending_proposal == proposal_id else job.pending_proposal
+    return replace(job, lease=lease, leases=leases, pending_proposal=pending)
 
 
 def _end_lease(job: Job, how: str) -> tuple[Lease | None, tuple[Lease, ...]]:
@@ -152,26 +206,56 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
             lease, leases = _end_lease(job, "revoked") if job.live_lease else (job.lease, job.leases)
             return replace(job, status="cancelled", reason=event.reason, lease=lease, leases=leases)
         case ProposalSubmitted():
+            state = ProposalState(
+                id=event.proposal_id,
+                agent=event.agent,
+                epoch=event.epoch,
+                effect=event.effect,
+                input_seq=event.input_seq,
+                content_hash=event.content_hash,
+                submitted_at=event.timestamp,
+                payload_object=event.payload_object,
+                payload_hash=event.payload_hash,
+            )
             return replace(
                 job,
                 status="proposed",
                 proposals=(*job.proposals, event.proposal_id),
                 pending_proposal=event.proposal_id,
+                proposal_log=(*job.proposal_log, state),
             )
+        case InvariantChecked():
+            checked = job.proposal(event.proposal_id)
+            if checked is None:
+                return job
+            check = CheckRecord(invariant=event.invariant, version=event.version, verdict=event.verdict)
+            return _with_proposal(job, event.proposal_id, checks=(*checked.checks, check))
         case ProposalAccepted():
-            return replace(job, status="accepted")
+            job = _with_proposal(
+                job, event.proposal_id, status="accepted", decided_by=event.by, branch=event.branch
+            )
+            return replace(job, status="accepted" if not job.terminal else job.status)
         case ProposalRejected():
-            return replace(job, status="leased" if job.live_lease else job.status, pending_proposal=None)
+            job = _with_proposal(job, event.proposal_id, status="rejected", decided_by=event.by)
+            return _end_attempt_of(job, event.proposal_id, "rejected")
+        case EffectApplied():
+            return _with_proposal(job, event.proposal_id, status="applied", receipt=event.receipt)
+        case EffectFailed():
+            if event.phase == "rollback":
+                return _with_proposal(job, event.proposal_id, rollback="failed")
+            job = _with_proposal(job, event.proposal_id, status="failed")
+            return _end_attempt_of(job, event.proposal_id, "failed")
+        case RollbackRequested():
+            asked = job.proposal(event.proposal_id)
+            if asked is None or asked.rollback == "done":
+                return job
+            return _with_proposal(job, event.proposal_id, rollback="requested", rollback_reason=event.reason)
+        case EffectRolledBack():
+            return _with_proposal(job, event.proposal_id, rollback="done", rollback_receipt=event.receipt)
         case JobCompleted():
             lease, leases = _end_lease(job, "completed")
             return replace(job, status="completed", lease=lease, leases=leases, pending_proposal=None)
-        case (
-            MessageRejected()
-            | InvariantChecked()
-            | EffectApplied()
-            | RollbackRequested()
-            | EffectRolledBack()
-        ):
+        case MessageRejected():
             return job
     return job
 

@@ -21,6 +21,7 @@ import anyio
 import msgspec
 import nats
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
@@ -43,6 +44,11 @@ class ReplyTimeout(TimeoutError):
     """Raised when Warden stored an input but no service answered within the wait."""
 
 
+class NotStored(TimeoutError):
+    """Raised when no stream answered a publish (a cluster electing a stream leader, or no
+    stream for the subject): nothing was stored, so sending it again is safe."""
+
+
 class PermissionDenied(RuntimeError):
     """Raised when the server refused a publish or subscribe for this connection's credentials."""
 
@@ -60,6 +66,8 @@ class _DenialWatch:
     error: Exception | None = None
 
     def matches(self, verb: str, subject: str) -> bool:
+        # nats-py lowercases the server's error text, subject included: compare lowercased.
+        subject = subject.lower()
         if subject in self.subjects:
             return True
         # A refused reply subscription (the request's muxed inbox) means no answer can arrive.
@@ -88,7 +96,11 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
         else:
             log.warning("NATS error on %s: %s", name, exc)
 
+    holder: list[Client] = []
+
     async def disconnected_cb() -> None:
+        if holder and (holder[0].is_closed or holder[0].is_draining):
+            return  # our own close, not an outage
         log.warning("%s disconnected from NATS", name)
 
     async def reconnected_cb() -> None:
@@ -109,6 +121,7 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
     options.update(kwargs)
     servers = [u.strip() for u in url.split(",") if u.strip()]
     nc = await nats.connect(servers, **options)
+    holder.append(nc)
     nc._warden_errors = errors  # type: ignore[attr-defined]
     nc._warden_watches = watches  # type: ignore[attr-defined]
     return nc
@@ -121,7 +134,7 @@ def refused(nc: Client, *subjects: str) -> Iterator[_DenialWatch]:
     watches: list[_DenialWatch] = getattr(nc, "_warden_watches", [])
     prefix = bytes(getattr(nc, "_inbox_prefix", b"_INBOX")).decode()
     with anyio.CancelScope() as scope:
-        watch = _DenialWatch(frozenset(subjects), prefix, scope)
+        watch = _DenialWatch(frozenset(s.lower() for s in subjects), prefix.lower(), scope)
         watches.append(watch)
         try:
             yield watch
@@ -155,7 +168,10 @@ async def request(
         try:
             data = payload if isinstance(payload, bytes) else msgspec.json.encode(payload)
             headers = telemetry.inject({topology.REPLY_HEADER: inbox})
-            await js.publish(subject, data, headers=headers, timeout=timeout)
+            try:
+                await js.publish(subject, data, headers=headers, timeout=timeout)
+            except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
+                raise NotStored(f"no stream took {subject} (no leader right now?); nothing stored") from exc
             try:
                 msg = await sub.next_msg(timeout=timeout)
             except NatsTimeout as exc:

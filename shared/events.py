@@ -23,6 +23,7 @@ from shared.validation import FieldError
 JOB_NAMESPACE = uuid5(NAMESPACE_URL, "warden:job")
 AGENT_NAMESPACE = uuid5(NAMESPACE_URL, "warden:agent")
 REJECTION_NAMESPACE = uuid5(NAMESPACE_URL, "warden:rejection")
+PROPOSAL_NAMESPACE = uuid5(NAMESPACE_URL, "warden:proposal")
 
 
 def now() -> datetime:
@@ -41,6 +42,11 @@ def agent_id_for(name: str) -> UUID:
 def rejection_id_for(stream: str, seq: int) -> UUID:
     """One rejection per stored input message: a redelivered bad message records nothing new."""
     return uuid5(REJECTION_NAMESPACE, f"{stream}:{seq}")
+
+
+def proposal_id_for(stream: str, seq: int) -> UUID:
+    """One proposal per stored input message: a redelivered proposal is the same proposal."""
+    return uuid5(PROPOSAL_NAMESPACE, f"{stream}:{seq}")
 
 
 class Usage(Struct, frozen=True, kw_only=True):
@@ -159,6 +165,8 @@ class ProposalSubmitted(Event, frozen=True, tag="proposal.submitted"):
     # Large payloads live in the object store under this name; small ones only in the input
     # stream at `input_seq`, stored exactly as received.
     payload_object: str = ""
+    # sha256 of the object's bytes as the checker read them (the applier re-verifies it).
+    payload_hash: str = ""
 
 
 class InvariantChecked(Event, frozen=True, tag="invariant.checked"):
@@ -172,11 +180,19 @@ class InvariantChecked(Event, frozen=True, tag="invariant.checked"):
 class ProposalAccepted(Event, frozen=True, tag="proposal.accepted"):
     proposal_id: UUID
     checks: list[str] = field(default_factory=list)
+    # Who decided ("checker", or the operator who approved) and why.
+    by: str = "checker"
+    reason: str = ""
+    effect: str = ""
+    # For git.patch: the branch the effect lands on, fixed by the agent's authority at decision.
+    branch: str = ""
 
 
 class ProposalRejected(Event, frozen=True, tag="proposal.rejected"):
     proposal_id: UUID
     violations: list[str]
+    by: str = "checker"
+    reason: str = ""
 
 
 class EffectApplied(Event, frozen=True, tag="effect.applied"):
@@ -200,6 +216,17 @@ class EffectRolledBack(Event, frozen=True, tag="effect.rolled_back"):
     kind: str
     receipt: dict[str, Any]
     reason: str = ""
+    reused_receipt: bool = False
+
+
+class EffectFailed(Event, frozen=True, tag="effect.failed"):
+    """An accepted effect (or its rollback) could not be performed; the world is unchanged."""
+
+    proposal_id: UUID
+    kind: str
+    reason: str
+    phase: Literal["apply", "rollback"] = "apply"
+    evidence: dict[str, Any] = field(default_factory=dict)
 
 
 class JobCompleted(Event, frozen=True, tag="job.completed"):
@@ -286,6 +313,7 @@ AnyEvent = (
     | AgentSuspended
     | AgentReinstated
     | InputRejected
+    | EffectFailed
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__

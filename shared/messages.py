@@ -70,6 +70,15 @@ class Propose(Input, frozen=True, tag="agent.propose"):
     payload_object: str = ""
 
 
+class ProposalPayload(Input, frozen=True, tag="agent.proposal_payload"):
+    """The bulky part of a proposal, stored as one object when the message would be too large."""
+
+    patch: str = ""
+    files: dict[str, str] = field(default_factory=dict)
+    output: Any = None
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
 class Release(Input, frozen=True, tag="agent.release"):
     job_id: UUID
     epoch: Annotated[int, Meta(ge=1)]
@@ -120,6 +129,8 @@ class Accepted(Reply, frozen=True, tag="accepted"):
     job_id: UUID | None = None
     duplicate: bool = False
     detail: str = ""
+    # For a proposal: the id its checks and decision are recorded under (what `warden approve` takes).
+    proposal_id: UUID | None = None
 
 
 class Rejected(Reply, frozen=True, tag="rejected"):

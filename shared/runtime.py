@@ -22,7 +22,7 @@ from eventsourcing.persistence import IntegrityError
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from shared import bus, telemetry, topology
+from shared import bus, liveness, telemetry, topology
 from shared.app import WardenApp, open_app
 from shared.events import Event
 from shared.persistence.bridge import NatsBridge
@@ -43,6 +43,8 @@ class Context:
     app: WardenApp
     views: Views = field(default_factory=Views)
     followed: bool = False
+    # The embedded server's monitoring endpoint (`warden doctor --monitor`); "" when external.
+    monitor_url: str = ""
 
     async def save(self, *events: Event) -> None:
         """Append events (atomically when several); raises IntegrityError on a lost race.
@@ -106,15 +108,17 @@ async def deployment(
         nc = await bus.connect(url, name)
         try:
             js = nc.jetstream()
-            await topology.ensure(js, nc.connected_server_version.__str__(), replicas)
+            await topology.ensure_when_ready(js, nc.connected_server_version.__str__(), replicas)
             bridge = NatsBridge.attach(nc)
             app = open_app(bridge)
-            yield Context(nc=nc, js=js, app=app), url
+            monitor = server.monitor_url if server is not None else ""
+            yield Context(nc=nc, js=js, app=app, monitor_url=monitor), url
         finally:
             await close_connection(nc)
     finally:
         if server is not None:
-            await anyio.to_thread.run_sync(server.stop)
+            with anyio.CancelScope(shield=True):  # stopping is cleanup: a cancelled caller still owes it
+                await anyio.to_thread.run_sync(server.stop)
 
 
 async def run_services(
@@ -130,6 +134,8 @@ async def run_services(
             telemetry.configure(service.name)
             await tg.start(service.run, ctx)
             log.info("service %s started", service.name)
+        # Answer liveness pings only once every service is serving (`warden doctor` asks).
+        await tg.start(liveness.serve, ctx.nc, [s.name for s in services])
         task_status.started()
 
 

@@ -22,6 +22,7 @@ GROUPS: dict[str, tuple[type[msgspec.Struct], ...]] = {
         messages.Claim,
         messages.Heartbeat,
         messages.Propose,
+        messages.ProposalPayload,
         messages.Release,
         messages.OperatorCommand,
     ),

@@ -19,7 +19,7 @@ import anyio
 import msgspec
 from nats.aio.client import Client
 
-from shared import bus, topology
+from shared import bus, credentials, proposals, topology
 from shared.events import Usage, now
 from shared.messages import (
     Accepted,
@@ -109,6 +109,24 @@ class Outcome:
 Handler = Callable[[JobContext], Awaitable[Proposal | None]]
 
 
+async def connect_agent(
+    url: str, name: str, *, user: str | None = None, password: str | None = None, **kwargs: Any
+) -> Client:
+    """Connect as agent `name` with its own credentials (or WARDEN_NATS_USER/PASSWORD).
+
+    Every reply (JetStream acks and Warden's verdicts) arrives under the agent's inbox prefix,
+    the only place its credentials may subscribe; a refused operation raises
+    bus.PermissionDenied instead of timing out.
+    """
+    return await bus.connect(
+        url,
+        f"agent-{topology.check_agent_name(name)}",
+        inbox_prefix=topology.reply_inbox_prefix(name),
+        **credentials.client_credentials(user, password),
+        **kwargs,
+    )
+
+
 class AgentClient:
     """One agent's connection to Warden, speaking only on its own input subjects."""
 
@@ -164,20 +182,24 @@ class AgentClient:
         raise AgentError("heartbeat", reply)
 
     async def propose(self, ctx: JobContext, proposal: Proposal) -> AnyReply:
-        return await self._send(
-            "propose",
-            Propose(
-                job_id=ctx.job_id,
-                epoch=ctx.epoch,
-                effect=proposal.effect,
-                patch=proposal.patch,
-                files=proposal.files,
-                base=proposal.base,
-                output=proposal.output,
-                usage=ctx.usage,
-                evidence=proposal.evidence,
-            ),
+        """Send the proposal; a payload too large for one message goes to the object store first
+        (see shared/proposals.py for the limits). The reply names the proposal's id."""
+        body = Propose(
+            job_id=ctx.job_id,
+            epoch=ctx.epoch,
+            effect=proposal.effect,
+            patch=proposal.patch,
+            files=proposal.files,
+            base=proposal.base,
+            output=proposal.output,
+            usage=ctx.usage,
+            evidence=proposal.evidence,
         )
+        if len(msgspec.json.encode(body)) > topology.INLINE_PROPOSAL_BYTES:
+            envelope, payload = proposals.split(body)
+            name = await proposals.put_payload(self.nc.jetstream(), self.name, ctx.job_id, ctx.epoch, payload)
+            body = msgspec.structs.replace(envelope, payload_object=name)
+        return await self._send("propose", body)
 
     async def release(self, ctx: JobContext, reason: str = "") -> AnyReply:
         return await self._send("release", Release(job_id=ctx.job_id, epoch=ctx.epoch, reason=reason))
@@ -221,13 +243,16 @@ class AgentClient:
                 except Exception as exc:  # the agent's own failure: release, say why
                     log.exception("handler failed on job %s", grant.job_id)
                     failure = f"{type(exc).__name__}: {exc}"
+            reply: AnyReply | None = None
+            if not lost and not failure and result is not None:
+                # Still heartbeating: uploading a large payload may take longer than the TTL.
+                reply = await self.propose(ctx, result)
             tg.cancel_scope.cancel()
         if lost:
             return lost[0]
-        if failure or result is None:
+        if failure or result is None or reply is None:
             reply = await self.release(ctx, failure or "handler returned no proposal")
             return Outcome(grant.job_id, grant.epoch, "released", failure, reply)
-        reply = await self.propose(ctx, result)
         status: Literal["proposed", "rejected"] = "rejected" if isinstance(reply, Rejected) else "proposed"
         return Outcome(grant.job_id, grant.epoch, status, "", reply)
 

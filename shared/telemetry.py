@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 
 from opentelemetry import metrics, propagate, trace
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
@@ -56,6 +57,9 @@ def configure(service: str, exporter: str | None = None) -> None:
         readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     elif choice != "none":
         raise TelemetryError(f"unknown WARDEN_OTEL_EXPORTER {choice!r}: use none, console or otlp")
+    # Always scrapeable: the api service serves this process's metrics at /metrics (pull costs
+    # nothing until someone scrapes).
+    readers.append(PrometheusMetricReader())
     provider = TracerProvider(resource=resource)
     if span_exporter is not None:
         provider.add_span_processor(BatchSpanProcessor(span_exporter))
@@ -94,8 +98,9 @@ class Metrics:
         self.lease_expiries = meter.create_counter(
             "warden_lease_expiries_total", description="leases that expired without a heartbeat"
         )
+        # Exported to Prometheus as warden_detection_latency_milliseconds (the unit is appended).
         self.detection_latency = meter.create_histogram(
-            "warden_detection_latency_ms",
+            "warden_detection_latency",
             unit="ms",
             description="time from a lease's deadline to its lease.expired event",
         )

@@ -9,13 +9,21 @@ projections track, and they are the record.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import time
 from dataclasses import dataclass
 from uuid import UUID
 
+import anyio
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, NotFoundError
+from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+
+log = logging.getLogger("warden.topology")
 
 PREFIX = "warden"
 INPUT_STREAM = "WARDEN_INPUT"
@@ -139,21 +147,53 @@ RECONCILER_CONSUMER = ConsumerSpec(
     durable="reconciler",
     filter_subjects=(agent_subject_all("heartbeat"), agent_subject_all("release")),
 )
-INTAKE_CONSUMER = ConsumerSpec(
-    durable="intake",
-    filter_subjects=(agent_subject_all("propose"),),
-    ack_wait_s=120.0,
+# The checker holds a proposal unacked until its decision, extending the deadline with
+# in_progress() while it works (a CI run may take minutes): so a short ack_wait costs nothing,
+# and a checker that crashed mid-check has its proposal redelivered within seconds.
+CHECKER_CONSUMER = ConsumerSpec(
+    durable="checker",
+    filter_subjects=(
+        agent_subject_all("propose"),
+        f"{INPUT_ROOT}.op.approve",
+        f"{INPUT_ROOT}.op.deny",
+    ),
+    ack_wait_s=10.0,
 )
 REVOKER_CONSUMER = ConsumerSpec(
     durable="revoker",
-    filter_subjects=tuple(operator_subject(v) for v in OPERATOR_VERBS if v not in ("requeue", "cancel")),
+    filter_subjects=tuple(
+        operator_subject(v) for v in OPERATOR_VERBS if v not in ("requeue", "cancel", "approve", "deny")
+    ),
 )
-CONSUMERS = (SCHEDULER_CONSUMER, RECONCILER_CONSUMER, INTAKE_CONSUMER, REVOKER_CONSUMER)
+CONSUMERS = (SCHEDULER_CONSUMER, RECONCILER_CONSUMER, CHECKER_CONSUMER, REVOKER_CONSUMER)
 
 DUPLICATE_WINDOW_S = 120.0
 # Services refuse (and record) inputs larger than this; the server's max_payload (8 MB in Warden's
 # configs) bounds what can be stored at all. Larger proposals go to the object store.
 MAX_INPUT_BYTES = 1024 * 1024
+# Proposals whose encoded message would pass this go to the PAYLOAD_BUCKET object store (the SDK
+# does it): headroom below MAX_INPUT_BYTES for the envelope and JSON escaping.
+INLINE_PROPOSAL_BYTES = 512 * 1024
+# The largest proposal payload (one object) the checker accepts; past it the proposal is
+# rejected with the sizes named. WARDEN_MAX_PROPOSAL_BYTES overrides it.
+MAX_PROPOSAL_BYTES = 64 * 1024 * 1024
+# The whole bucket: payloads are part of the record and are kept, so this bounds the disk they
+# take. JetStream reserves it up front on every replica, so it stays modest; set when the bucket
+# is created (WARDEN_PAYLOAD_BUCKET_BYTES), raise it later with `nats object` tooling.
+PAYLOAD_BUCKET_MAX_BYTES = 1024 * 1024 * 1024
+
+
+def max_proposal_bytes() -> int:
+    override = os.environ.get("WARDEN_MAX_PROPOSAL_BYTES")
+    return int(override) if override else MAX_PROPOSAL_BYTES
+
+
+def payload_object_name(agent: str, job_id: UUID, epoch: int, digest: str) -> str:
+    """Objects are named by who sent them for which lease and by their sha256, so the checker
+    can tell a payload from another agent's or a swapped one."""
+    return f"{check_agent_name(agent)}/{job_id}/{epoch}/{digest}"
+
+
 MIN_SERVER_VERSION = (2, 12, 0)  # allow_atomic batches and multi-filter consumers
 
 
@@ -226,3 +266,45 @@ async def ensure(js: JetStreamContext, server_version: str, replicas: int = 1) -
             ) from exc
     for spec in CONSUMERS:
         await js.add_consumer(INPUT_STREAM, consumer_config(spec))
+    try:
+        await js.object_store(PAYLOAD_BUCKET)
+    except BucketNotFoundError:
+        # Replicas starting together may both get here: an identical stream config is accepted.
+        await js.create_object_store(
+            PAYLOAD_BUCKET,
+            config=js_api.ObjectStoreConfig(
+                description="Proposal payloads too large for an input message, named by sha256",
+                storage=js_api.StorageType.FILE,
+                replicas=replicas,
+                max_bytes=int(os.environ.get("WARDEN_PAYLOAD_BUCKET_BYTES") or PAYLOAD_BUCKET_MAX_BYTES),
+            ),
+        )
+
+
+# JetStream answers these while a cluster forms (no meta leader yet, peers still joining, a
+# stream's replicas electing a leader): worth waiting for, unlike a conflicting configuration.
+TRANSIENT_ERR_CODES = frozenset({10008, 10023, 10074, 10118})
+
+
+async def ensure_when_ready(
+    js: JetStreamContext, server_version: str, replicas: int = 1, *, timeout: float = 60.0
+) -> None:
+    """`ensure`, retried while JetStream is not ready yet, so a service started beside a cluster
+    that is still forming waits for it (up to `timeout`) instead of crashing."""
+    deadline = time.monotonic() + timeout
+    delay = 0.1
+    while True:
+        try:
+            await ensure(js, server_version, replicas)
+            return
+        except (NatsTimeout, NoRespondersError) as exc:
+            last: Exception = exc
+        except APIError as exc:
+            if exc.err_code not in TRANSIENT_ERR_CODES and exc.code != 503:
+                raise
+            last = exc
+        if time.monotonic() > deadline:
+            raise TopologyError(f"JetStream was not ready within {timeout}s: {last!r}") from last
+        log.warning("JetStream not ready (%r); retrying", last)
+        await anyio.sleep(delay)
+        delay = min(delay * 2, 2.0)

@@ -14,6 +14,14 @@ import pytest
 from shared.server import EmbeddedServer
 
 
+@pytest.fixture(autouse=True)
+def isolated_read_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every test that runs all services gets its own read model and a free HTTP port, never
+    ./.warden/projections.sqlite or the default port 8765 (tests run side by side)."""
+    monkeypatch.setenv("WARDEN_PROJECTIONS_URL", f"sqlite:///{tmp_path / 'projections.sqlite'}")
+    monkeypatch.setenv("WARDEN_HTTP", "127.0.0.1:0")
+
+
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedServer]:
     """A fresh single nats-server with JetStream, on a free port, its store under tmp_path."""

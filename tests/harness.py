@@ -22,9 +22,17 @@ from shared.runtime import Context
 
 
 @asynccontextmanager
-async def running(url: str, names: list[str] | None = None, name: str = "test") -> AsyncIterator[Context]:
-    """Run the named services (all by default) in this task until the block exits."""
-    async with runtime.deployment(url, name=name) as (ctx, _url), anyio.create_task_group() as tg:
+async def running(
+    url: str, names: list[str] | None = None, name: str = "test", *, replicas: int = 1
+) -> AsyncIterator[Context]:
+    """Run the named services (all by default) in this task until the block exits.
+
+    `url` may list a cluster's servers separated by commas; `replicas` is the streams' (3 there).
+    """
+    async with (
+        runtime.deployment(url, name=name, replicas=replicas) as (ctx, _url),
+        anyio.create_task_group() as tg,
+    ):
         await tg.start(runtime.run_services, ctx, registry.build(names))
         yield ctx
         tg.cancel_scope.cancel()

@@ -261,3 +261,42 @@ async def test_malformed_heartbeats_are_recorded_and_the_reconciler_keeps_runnin
             Heartbeat(job_id=uuid.uuid4(), epoch=1),
         )
         assert isinstance(reply, Rejected) and "no job" in reply.errors[0].message
+
+
+async def test_a_retry_goes_to_another_present_agent_and_back_to_the_same_one_when_alone(
+    nats_server: EmbeddedServer,
+) -> None:
+    async with running(nats_server.url), client(nats_server.url) as nc:
+        liar = AgentClient(nc, "liar")
+        await liar.register()
+        job_id = await submit(nc, request(contract=quick_contract(ttl=5.0, attempts=5)))
+        grant = await liar.claim()
+        assert grant is not None and grant.job_id == job_id
+        await liar.release(JobContext(grant=grant), "gave up")
+        # Alone, the same agent gets the retry: no job waits for an agent that is not there.
+        again = await liar.claim()
+        assert again is not None and again.job_id == job_id and again.epoch == 2
+        await liar.release(JobContext(grant=again), "gave up again")
+        honest = AgentClient(nc, "honest")
+        await honest.register()
+        assert await honest.claim() is not None  # takes the retry...
+        await wait_for_event(nc, lambda e: isinstance(e, LeaseGranted) and e.epoch == 3)
+        granted = [
+            e for e in await events_of(nc, topology.event_subject(job_id)) if isinstance(e, LeaseGranted)
+        ]
+        assert [(g.agent, g.epoch) for g in granted] == [("liar", 1), ("liar", 2), ("honest", 3)]
+
+
+async def test_a_job_failed_by_one_agent_waits_for_another_present_agent(nats_server: EmbeddedServer) -> None:
+    async with running(nats_server.url), client(nats_server.url) as nc:
+        liar, honest = AgentClient(nc, "liar2"), AgentClient(nc, "honest2")
+        await liar.register()
+        await honest.register()
+        assert await honest.claim() is None  # present, asking for work
+        job_id = await submit(nc, request(contract=quick_contract(ttl=5.0, attempts=5)))
+        grant = await liar.claim()
+        assert grant is not None and grant.job_id == job_id
+        await liar.release(JobContext(grant=grant), "gave up")
+        assert await liar.claim() is None  # the retry is kept for the other agent
+        retry = await honest.claim()
+        assert retry is not None and retry.job_id == job_id and retry.epoch == 2

@@ -20,11 +20,12 @@ from typing import Any
 import anyio
 import click
 import msgspec
+import nats.errors
 
 from services.cli.main import cli, data_dir_option, json_option, nats_option, resolve_url
-from shared import bus
+from shared.bus import PermissionDenied
 from shared.messages import LeaseGrant
-from shared.sdk import AgentClient, JobContext, Outcome, Proposal
+from shared.sdk import AgentClient, JobContext, Outcome, Proposal, connect_agent
 
 TAIL = 16 * 1024
 
@@ -166,6 +167,18 @@ def agent() -> None:
     show_default=True,
     help="Seconds between SIGTERM and SIGKILL when a lease ends.",
 )
+@click.option(
+    "--user",
+    envvar="WARDEN_NATS_USER",
+    default=None,
+    help="The agent's NATS user from `warden creds add-agent` (or WARDEN_NATS_USER).",
+)
+@click.option(
+    "--password",
+    envvar="WARDEN_NATS_PASSWORD",
+    default=None,
+    help="Its password (or WARDEN_NATS_PASSWORD; the environment keeps it out of `ps`).",
+)
 @nats_option
 @data_dir_option
 @json_option
@@ -176,6 +189,8 @@ def exec_command(
     jobs: int | None,
     idle_exit: float | None,
     grace_s: float,
+    user: str | None,
+    password: str | None,
     nats_url: str | None,
     data_dir: Path,
     as_json: bool,
@@ -188,7 +203,10 @@ def exec_command(
     url = resolve_url(nats_url, data_dir)
 
     async def go() -> list[Outcome]:
-        nc = await bus.connect(url, f"agent-{name}")
+        try:
+            nc = await connect_agent(url, name, user=user, password=password)
+        except nats.errors.Error as exc:  # e.g. 'Authorization Violation': wrong user or password
+            raise click.ClickException(f"agent {name} could not connect to {url}: {exc}") from exc
         try:
             client = AgentClient(nc, name, kinds=list(kinds))
 
@@ -205,7 +223,10 @@ def exec_command(
         finally:
             await nc.close()
 
-    outcomes = anyio.run(go)
+    try:
+        outcomes = anyio.run(go)
+    except PermissionDenied as exc:  # its credentials do not fit its name: say so, not a traceback
+        raise click.ClickException(str(exc)) from exc
     for outcome in outcomes:
         line = {
             "job_id": str(outcome.job_id),

@@ -273,3 +273,5 @@ operator_command("cancel", needs="job")
 for _verb in ("revoke", "suspend", "reinstate", "promote", "demote"):
     operator_command(_verb, needs="agent")
 operator_command("rollback", needs="proposal")
+operator_command("approve", needs="proposal")
+operator_command("deny", needs="proposal")

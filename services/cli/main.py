@@ -16,6 +16,7 @@ import click
 from anyio.abc import TaskStatus
 
 from services import registry
+from services.cli.readside_options import read_side_options
 from shared import runtime
 from shared.bus import NoServerNamed
 
@@ -105,7 +106,9 @@ def _serve(names: list[str] | None, nats_url: str | None, data_dir: Path, replic
             async with runtime.deployment(nats_url, data_dir, replicas=replicas) as (ctx, url):
                 state = data_dir / STATE_FILE
                 if nats_url is None:
-                    state.write_text(json.dumps({"url": url, "pid": os.getpid()}))
+                    state.write_text(
+                        json.dumps({"url": url, "pid": os.getpid(), "monitor_url": ctx.monitor_url})
+                    )
                 try:
                     async with anyio.create_task_group() as tg:
                         await tg.start(runtime.run_services, ctx, services)
@@ -128,7 +131,14 @@ def _serve(names: list[str] | None, nats_url: str | None, data_dir: Path, replic
 @cli.command()
 @nats_option
 @data_dir_option
-@click.option("--replicas", default=1, show_default=True, help="Stream replicas (3 on a cluster).")
+@click.option(
+    "--replicas",
+    envvar="WARDEN_REPLICAS",
+    default=1,
+    show_default=True,
+    help="Stream replicas: 3 on a three-node cluster (or WARDEN_REPLICAS).",
+)
+@read_side_options
 def up(nats_url: str | None, data_dir: Path, replicas: int) -> None:
     """Run every service in one process (with an embedded server unless --nats is given).
 
@@ -142,7 +152,14 @@ def up(nats_url: str | None, data_dir: Path, replicas: int) -> None:
 @click.argument("service", type=click.Choice(sorted(registry.SERVICES)))
 @nats_option
 @data_dir_option
-@click.option("--replicas", default=1, show_default=True, help="Stream replicas (3 on a cluster).")
+@click.option(
+    "--replicas",
+    envvar="WARDEN_REPLICAS",
+    default=1,
+    show_default=True,
+    help="Stream replicas: 3 on a three-node cluster (or WARDEN_REPLICAS).",
+)
+@read_side_options
 def run_service(service: str, nats_url: str | None, data_dir: Path, replicas: int) -> None:
     """Run one service (replicas of a service are safe to run side by side)."""
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -150,7 +167,7 @@ def run_service(service: str, nats_url: str | None, data_dir: Path, replicas: in
 
 
 def main() -> None:
-    from services.cli import agent, authority, jobs, schemas  # noqa: F401 - registers their commands
+    from services.cli import agent, authority, bench, creds, demo, doctor, forensics, jobs, replay, schemas  # noqa: F401 - registers their commands
 
     try:
         cli(standalone_mode=True)

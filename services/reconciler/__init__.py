@@ -15,7 +15,7 @@ from uuid import UUID
 
 import anyio
 from anyio.abc import TaskStatus
-from eventsourcing.persistence import IntegrityError
+from eventsourcing.persistence import IntegrityError, OperationalError
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
@@ -24,59 +24,24 @@ from shared.aggregates import Job, Lease
 from shared.events import (
     Event,
     HeartbeatSeen,
-    JobRequeued,
     JobTombstoned,
     LeaseExpired,
     LeaseGranted,
     LeaseReleased,
     LeaseRevoked,
-    MessageRejected,
     Usage,
     now,
 )
 from shared.handling import input_seq, reject_input
+from shared.lifecycle import after_attempt, budget_breach, fence
 from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
 from shared.runtime import Context
 from shared.validation import FieldError, InvalidInput
 
 log = logging.getLogger("warden.reconciler")
 _FAR = timedelta(days=3650)
-
-
-def budget_breach(job: Job, usage: Usage, lease: Lease, at: datetime) -> str:
-    """What budget this usage exceeds, or "" when within the contract."""
-    budgets = job.contract.stopping.budgets
-    if budgets.steps is not None and usage.steps > budgets.steps:
-        return f"steps {usage.steps} > budget {budgets.steps}"
-    if budgets.tokens is not None and usage.tokens > budgets.tokens:
-        return f"tokens {usage.tokens} > budget {budgets.tokens}"
-    if budgets.cost is not None and usage.cost > budgets.cost:
-        return f"cost {usage.cost} > budget {budgets.cost}"
-    if budgets.wall_clock_s is not None:
-        used = (at - lease.granted_at).total_seconds()
-        if used > budgets.wall_clock_s:
-            return f"wall clock {used:.1f}s > budget {budgets.wall_clock_s}s"
-    return ""
-
-
-def after_attempt(job: Job, version: int, reason: str, at: datetime) -> Event:
-    """What follows a lost attempt: the next epoch, or a tombstone when none is left."""
-    deadline = job.contract.stopping.deadline
-    if deadline is not None and deadline <= at:
-        return JobTombstoned(
-            originator_id=job.id,
-            originator_version=version,
-            reason=f"deadline {deadline.isoformat()} passed; last attempt: {reason}",
-            attempts=job.attempts,
-        )
-    if job.attempts_left <= 0:
-        return JobTombstoned(
-            originator_id=job.id,
-            originator_version=version,
-            reason=f"max attempts ({job.contract.stopping.max_attempts}) reached; last attempt: {reason}",
-            attempts=job.attempts,
-        )
-    return JobRequeued(originator_id=job.id, originator_version=version, reason=reason)
+# How soon a check that could not reach the store runs again.
+RETRY_S = 1.0
 
 
 class Reconciler:
@@ -98,7 +63,7 @@ class Reconciler:
             self._schedule(job)
         ctx.views.listeners.append(self._on_event)
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._timer_loop)
+            tg.start_soon(self._timer_loop, tg)
             await tg.start(bus.consume, ctx.js, topology.RECONCILER_CONSUMER, self.handle)
             task_status.started()
 
@@ -116,13 +81,13 @@ class Reconciler:
         return max(lease.expires_at, seen.at + timedelta(seconds=lease.ttl_s))
 
     def _next_check(self, job: Job) -> datetime | None:
-        if job.terminal:
-            return None
+        if job.terminal or job.status == "accepted":
+            return None  # decided: what remains is Warden's own effect, not the agent's
         times: list[datetime] = []
         if job.contract.stopping.deadline is not None:
             times.append(job.contract.stopping.deadline)
         lease = job.live_lease
-        if lease is not None:
+        if lease is not None and job.pending_proposal is None:
             times.append(self.deadline_of(job, lease))
             wall = job.contract.stopping.budgets.wall_clock_s
             if wall is not None:
@@ -142,7 +107,7 @@ class Reconciler:
         if earliest is None or at < earliest:
             self._wake.set()
 
-    async def _timer_loop(self) -> None:
+    async def _timer_loop(self, tg: anyio.abc.TaskGroup) -> None:
         while True:
             self._wake = anyio.Event()
             if not self._timers:
@@ -157,7 +122,8 @@ class Reconciler:
             if self._due.get(job_id) != at:
                 continue
             del self._due[job_id]
-            await self._check(job_id)
+            # Due checks run side by side: one slow append must not delay the next expiry.
+            tg.start_soon(self._check, job_id)
 
     def _lock(self, job_id: UUID) -> anyio.Lock:
         lock = self._locks.get(job_id)
@@ -177,14 +143,28 @@ class Reconciler:
                 except IntegrityError:
                     await self.ctx.reload_job(job_id)
                     continue
+                except (OperationalError, TimeoutError) as exc:
+                    # The store is unreachable for now (a cluster electing a stream leader):
+                    # the check stays due and runs again shortly; the service must not die.
+                    log.warning("check of job %s failed (%r); retrying in %ss", job_id, exc, RETRY_S)
+                    self._retry_soon(job_id)
+                    return
                 break
             job = self.ctx.views.jobs.get(job_id)
             if job is not None:
                 self._schedule(job)
 
+    def _retry_soon(self, job_id: UUID) -> None:
+        at = now() + timedelta(seconds=RETRY_S)
+        self._due[job_id] = at
+        heapq.heappush(self._timers, (at, job_id))
+        self._wake.set()
+
     async def _enforce(self, job: Job, at: datetime) -> Standing | None:
         """Append what the clock says is due; returns how the live lease now stands."""
         lease = job.live_lease
+        if job.status == "accepted":
+            return "extended"
         deadline = job.contract.stopping.deadline
         if deadline is not None and deadline <= at:
             events: list[Event] = []
@@ -206,6 +186,10 @@ class Reconciler:
             return "expired"
         if lease is None:
             return None
+        if job.pending_proposal is not None:
+            # The agent's part is done once it proposed: a check (CI, an operator's approval)
+            # may outlast its TTL, and the attempt's fate is now the decision's.
+            return "extended"
         lease_deadline = self.deadline_of(job, lease)
         if lease_deadline <= at:
             await self._expire(job, lease, lease_deadline, at)
@@ -309,41 +293,8 @@ class Reconciler:
 
     async def fence(self, msg: Msg, agent: str, verb: str, job: Job, epoch: int) -> Standing | None:
         """None when (agent, job, epoch) names the live lease; else record the rejection."""
-        lease = job.lease
-        if lease is not None and lease.agent == agent and lease.epoch == epoch and not lease.ended:
-            return None
-        if lease is None or lease.epoch != epoch or lease.agent != agent:
-            current = f"current epoch {lease.epoch} held by {lease.agent}" if lease else "no lease"
-            reason = f"stale lease: {agent} sent epoch {epoch}; {current}"
-            standing: Standing = "expired"
-        else:
-            reason = f"lease {epoch} already {lease.ended}"
-            standing = (
-                "revoked"
-                if lease.ended == "revoked"
-                else ("expired" if lease.ended == "expired" else "ended")
-            )
-        await self.ctx.save(
-            MessageRejected(
-                originator_id=job.id,
-                originator_version=job.version + 1,
-                agent=agent,
-                epoch=epoch,
-                verb=verb,
-                reason=reason,
-                input_seq=input_seq(msg),
-                current_epoch=lease.epoch if lease else 0,
-            )
-        )
-        telemetry.instruments().rejected_inputs.add(1, {"subject": verb, "fenced": "yes"})
-        if (
-            job.status in ("completed", "cancelled", "tombstoned")
-            and standing == "expired"
-            and lease
-            and lease.epoch == epoch
-        ):
-            standing = "ended"
-        return standing if job.status != "cancelled" else "revoked"
+        fenced = await fence(self.ctx, msg, agent, verb, job, epoch)
+        return fenced.standing if fenced is not None else None
 
     async def _heartbeat(self, msg: Msg, agent: str, hb: Heartbeat) -> None:
         job = self.ctx.views.jobs[hb.job_id]

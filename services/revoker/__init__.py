@@ -17,7 +17,6 @@ from anyio.abc import TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
-from services.reconciler import after_attempt  # moves to shared/lifecycle.py with issue 4
 from shared import bus, telemetry, topology
 from shared.authority import Action, AuthorityBook
 from shared.events import (
@@ -33,6 +32,7 @@ from shared.events import (
     now,
 )
 from shared.handling import reject_input
+from shared.lifecycle import after_attempt
 from shared.messages import Accepted, OperatorCommand, decode_input
 from shared.policy import load_policy
 from shared.runtime import Context
@@ -155,7 +155,9 @@ class Revoker:
                     signal_at=action.signal_at,
                 )
                 try:
-                    await self._save(revoke, after_attempt(job, job.version + 2, action.reason, at))
+                    await self._save(
+                        revoke, after_attempt(job, job.version + 2, action.reason, at, by=self.name)
+                    )
                 except IntegrityError:
                     await self.ctx.reload_job(job.id)
                     raise

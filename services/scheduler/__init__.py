@@ -48,6 +48,8 @@ from shared.runtime import Context
 from shared.validation import FieldError, InvalidInput
 
 log = logging.getLogger("warden.scheduler")
+# An agent that claimed within this window counts as present when choosing who retries a job.
+RECENT_CLAIM_S = 30.0
 
 
 def _ordering_key(msg: Msg) -> str:
@@ -64,6 +66,7 @@ class Scheduler:
         self._queue: list[tuple[datetime, UUID]] = []
         self._queued: set[UUID] = set()
         self.policy = load_policy()
+        self._last_claim: dict[str, datetime] = {}
         self.ctx: Context
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
@@ -177,6 +180,7 @@ class Scheduler:
             # Its sender stopped waiting: a grant now would be a lease nobody holds.
             await bus.reply(self.ctx.nc, msg, NoWork(detail="claim arrived after its wait"))
             return
+        self._last_claim[name] = at
         agent = self.ctx.views.agents.get(name)
         if agent is None:
             await reject_input(
@@ -211,6 +215,8 @@ class Scheduler:
                 continue
             if job.contract.required_level > agent.level:
                 continue
+            if self._failed_by(job, name) and self._someone_else_for(job, name, at):
+                continue
             deadline = job.contract.stopping.deadline
             if deadline is not None and deadline <= at:
                 continue  # the reconciler tombstones it
@@ -219,6 +225,33 @@ class Scheduler:
                 await bus.reply(self.ctx.nc, msg, grant)
                 return
         await bus.reply(self.ctx.nc, msg, NoWork(detail="no runnable job for this agent"))
+
+    @staticmethod
+    def _failed_by(job: Job, name: str) -> bool:
+        """Did `name` lose an attempt at this job since its last fresh start?"""
+        return any(
+            lease.agent == name and lease.ended not in ("", "completed") and lease.epoch > job.attempt_base
+            for lease in job.leases
+        )
+
+    def _someone_else_for(self, job: Job, name: str, at: datetime) -> bool:
+        """Is another agent, asking for work lately, able to take this job? A retry prefers it:
+        the agent that failed a job tends to fail it the same way (the liar keeps lying). With
+        no one else around, the same agent gets it again, so no job starves."""
+        recent = at - timedelta(seconds=RECENT_CLAIM_S)
+        for other, seen in self._last_claim.items():
+            if other == name or seen < recent:
+                continue
+            agent = self.ctx.views.agents.get(other)
+            if (
+                agent is not None
+                and agent.standing == "active"
+                and agent.level >= job.contract.required_level
+                and (not agent.kinds or job.kind in agent.kinds)
+                and not self._failed_by(job, other)
+            ):
+                return True
+        return False
 
     async def _grant(self, job: Job, agent: str, at: datetime, claim_seq: int) -> LeaseGrant | None:
         stopping = job.contract.stopping

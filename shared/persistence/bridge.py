@@ -26,6 +26,8 @@ import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
+from shared.credentials import client_credentials
+
 T = TypeVar("T")
 
 BRIDGE_ENV = "WARDEN_NATS_BRIDGE"
@@ -131,11 +133,15 @@ class NatsBridge:
             # Ride out server restarts; every call still has its own timeout.
             "max_reconnect_attempts": -1,
         }
+        if "user" not in connect_kwargs:
+            options.update(client_credentials())  # WARDEN_NATS_USER / WARDEN_NATS_PASSWORD
         options.update(connect_kwargs)
         deadline = float(options.pop("connect_deadline", CONNECT_DEADLINE_S))
 
         async def connect() -> Client:
-            return await asyncio.wait_for(nats.connect(url, **options), deadline)
+            # Several servers (a cluster) separated by commas, as everywhere in Warden.
+            servers = [u.strip() for u in url.split(",") if u.strip()]
+            return await asyncio.wait_for(nats.connect(servers, **options), deadline)
 
         try:
             nc = asyncio.run_coroutine_threadsafe(connect(), loop).result(deadline + 5)

@@ -1,0 +1,254 @@
+"""The ASGI application: JSON query API, server-sent live updates, /metrics and the dashboard."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import anyio
+import msgspec
+import prometheus_client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from services.api import spec
+from services.api.hub import Hub, sse
+from shared import events, topology
+from shared.app import WardenApp
+from shared.readmodel import ReadModel, queries
+from shared.readmodel.fold import summarize
+from shared.readmodel.store import redacted
+from shared.readmodel.tables import AGENTS, FAILURES, JOBS, REVOCATIONS, ts
+
+log = logging.getLogger("warden.api")
+
+STATIC = Path(__file__).parent / "static"
+KEEPALIVE_S = 15.0
+VERSION = "1"
+
+
+@dataclass
+class Deps:
+    store: ReadModel
+    hub: Hub
+    app: WardenApp
+    js: JetStreamContext
+
+
+def json(body: Any, status: int = 200) -> Response:
+    return Response(msgspec.json.encode(body), status_code=status, media_type="application/json")
+
+
+def error(status: int, message: str, details: list[spec.ParamError] | None = None) -> Response:
+    return json(spec.ErrorBody(error=message, details=details or []), status)
+
+
+Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
+
+
+def endpoint(path: str, handler: Handler) -> Route:
+    """A GET route whose query and path parameters are validated against its declaration."""
+    declared = spec.ENDPOINTS_BY_PATH[path]
+
+    async def route(request: Request) -> Response:
+        try:
+            values = spec.parse_query(declared.params, list(request.query_params.multi_items()))
+            for param in declared.params:
+                if param.location == "path":
+                    values[param.name] = param.parse(request.path_params[param.name])
+        except spec.BadParameters as exc:
+            return error(400, f"bad query parameters for {path}", exc.errors)
+        except ValueError as exc:  # a bad path parameter
+            name = next(p.name for p in declared.params if p.location == "path")
+            return error(400, f"bad {name}", [spec.ParamError(parameter=name, message=str(exc))])
+        return await handler(request, values)
+
+    return Route(path, route, methods=["GET"])
+
+
+def build(deps: Deps) -> Starlette:
+    store, hub = deps.store, deps.hub
+
+    async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+        return await anyio.to_thread.run_sync(fn, *args)
+
+    def paged(result: queries.Page) -> dict[str, Any]:
+        return {"items": result.items, "total": result.total, "limit": result.limit, "offset": result.offset}
+
+    async def list_jobs(_r: Request, q: dict[str, Any]) -> Response:
+        filters = {"state": q["state"], "kind": q["kind"], "agent": q["agent"]}
+        return json(paged(await in_thread(queries.page, store, JOBS, filters, q["limit"], q["offset"])))
+
+    async def one_job(_r: Request, q: dict[str, Any]) -> Response:
+        job = await in_thread(queries.job_detail, store, q["job_id"])
+        if job is None:
+            return error(404, f"no job {q['job_id']} in the read model (yet)")
+        job["timeline"] = await in_thread(_stored_timeline, deps.app, q["job_id"])
+        return json(job)
+
+    async def list_agents(_r: Request, q: dict[str, Any]) -> Response:
+        filters = {"level": q["level"], "standing": q["standing"]}
+        return json(paged(await in_thread(queries.page, store, AGENTS, filters, q["limit"], q["offset"])))
+
+    async def one_agent(_r: Request, q: dict[str, Any]) -> Response:
+        agent = await in_thread(queries.agent_detail, store, q["name"])
+        if agent is None:
+            return error(404, f"no agent {q['name']!r} in the read model (yet)")
+        return json(agent)
+
+    async def failures(_r: Request, q: dict[str, Any]) -> Response:
+        filters = {"kind": q["kind"], "job_id": q["job"], "agent": q["agent"]}
+        return json(paged(await in_thread(queries.page, store, FAILURES, filters, q["limit"], q["offset"])))
+
+    async def revocations(_r: Request, q: dict[str, Any]) -> Response:
+        filters = {"kind": q["kind"], "job_id": q["job"], "agent": q["agent"]}
+        return json(
+            paged(await in_thread(queries.page, store, REVOCATIONS, filters, q["limit"], q["offset"]))
+        )
+
+    async def summary(_r: Request, _q: dict[str, Any]) -> Response:
+        return json(await in_thread(queries.summary, store))
+
+    async def latency(_r: Request, q: dict[str, Any]) -> Response:
+        return json(await in_thread(queries.detection_latencies, store, q["limit"]))
+
+    async def status(_r: Request, q: dict[str, Any]) -> Response:
+        if q["at_least"] is not None:
+            await hub.wait_for(q["at_least"], q["timeout"])
+        last = await _last_event_seq(deps.js)
+        position = hub.position
+        return json(
+            {
+                "position": position,
+                "stream_last_event": last,
+                "behind": max(0, last - position),
+                "store": redacted(store.url),
+            }
+        )
+
+    async def stream(request: Request, q: dict[str, Any]) -> Response:
+        after = q["after"]
+        header = request.headers.get("last-event-id")
+        if header is not None:
+            try:
+                after = max(0, int(header))
+            except ValueError:
+                return error(
+                    400,
+                    "bad Last-Event-ID",
+                    [spec.ParamError(parameter="Last-Event-ID", message="must be an integer")],
+                )
+        return StreamingResponse(
+            _live(store, hub, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    async def openapi(_request: Request) -> Response:
+        return json(spec.openapi(VERSION))
+
+    async def metrics(_request: Request) -> Response:
+        await hub.current_summary()  # the read-model gauges report the latest position
+        body = await in_thread(prometheus_client.generate_latest, prometheus_client.REGISTRY)
+        return Response(body, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    async def index(_request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
+
+    routes = [
+        endpoint("/api/jobs", list_jobs),
+        endpoint("/api/jobs/{job_id}", one_job),
+        endpoint("/api/agents", list_agents),
+        endpoint("/api/agents/{name}", one_agent),
+        endpoint("/api/failures", failures),
+        endpoint("/api/revocations", revocations),
+        endpoint("/api/metrics/summary", summary),
+        endpoint("/api/metrics/detection-latency", latency),
+        endpoint("/api/status", status),
+        endpoint("/api/events/stream", stream),
+        Route("/openapi.json", openapi, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/", index, methods=["GET"]),
+        Mount("/static", StaticFiles(directory=STATIC), name="static"),
+    ]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+async def _live(store: ReadModel, hub: Hub, after: int | None) -> AsyncIterator[bytes]:
+    """The SSE body: what the client missed (after `after`), then every update as it is folded."""
+    receive = hub.subscribe()
+    sent = -1 if after is None else after
+    with receive:
+        yield b"retry: 1000\n\n"
+        if after is not None:
+            while True:
+                rows, jobs = await anyio.to_thread.run_sync(queries.timeline_after, store, sent, 500)
+                for row in rows:
+                    yield sse({"entry": row, "job": jobs.get(row["job_id"]) if row["job_id"] else None})
+                    sent = row["seq"]
+                if len(rows) < 500:
+                    break
+        while True:
+            with anyio.move_on_after(KEEPALIVE_S) as idle:
+                try:
+                    update = await receive.receive()
+                except anyio.EndOfStream:
+                    return
+            if idle.cancelled_caught:
+                yield b": keep-alive\n\n"
+                continue
+            if update["entry"]["seq"] > sent:
+                sent = update["entry"]["seq"]
+                yield sse(update)
+
+
+def _stored_timeline(app: WardenApp, job_id: str) -> list[dict[str, Any]]:
+    """The job's events exactly as the stream stores them (read in a worker thread)."""
+    out = []
+    for stored in app.recorder.select_events(UUID(job_id)):
+        try:
+            event = events.decode(stored.state)
+        except msgspec.DecodeError:
+            out.append(
+                {
+                    "version": stored.originator_version,
+                    "type": stored.topic,
+                    "at": "",
+                    "summary": "an event this version of Warden cannot read",
+                    "event": {},
+                }
+            )
+            continue
+        out.append(
+            {
+                "version": stored.originator_version,
+                "type": events.tag_of(event),
+                "at": ts(event.timestamp),
+                "summary": summarize(event),
+                "event": msgspec.to_builtins(event),
+            }
+        )
+    return out
+
+
+async def _last_event_seq(js: JetStreamContext) -> int:
+    """The stream sequence of the newest event (tracking records and other messages excluded)."""
+    try:
+        msg = await js.get_last_msg(topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.*")
+    except NotFoundError:
+        return 0
+    return int(msg.seq or 0)

@@ -1,0 +1,213 @@
+"""Warden's own figures: governed throughput, time-to-failure-detection, revocation latency.
+
+Agents run in this process on their own connections; Warden's services run in another process
+(as a deployment would), so the cost of governance shows as what it is.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+
+import anyio
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.js import api as js_api
+
+from services.bench.stats import Figures, percentile
+from shared import bus, topology
+from shared.contract import Contract, Scope, Stopping
+from shared.events import AgentRevoked, AnyEvent, JobCompleted, JobRequested, LeaseExpired
+from shared.events import decode as decode_event
+from shared.messages import Accepted, JobRequest
+from shared.sdk import AgentClient, JobContext, Proposal
+
+
+async def collect_events(
+    nc: Client, predicate: Callable[[AnyEvent], bool], count: int, timeout: float
+) -> list[AnyEvent]:
+    """The first `count` events (past or future) matching `predicate`, within `timeout`."""
+    js = nc.jetstream()
+    found: list[AnyEvent] = []
+    done = anyio.Event()
+
+    async def cb(msg: Msg) -> None:
+        try:
+            event = decode_event(msg.data)
+        except Exception:
+            return
+        if predicate(event):
+            found.append(event)
+            if len(found) >= count:
+                done.set()
+
+    sub = await js.subscribe(
+        f"{topology.EVENT_ROOT}.*",
+        stream=topology.EVENT_STREAM,
+        ordered_consumer=True,
+        cb=cb,
+        deliver_policy=js_api.DeliverPolicy.ALL,
+        pending_msgs_limit=1_000_000,
+        pending_bytes_limit=1 << 30,
+    )
+    try:
+        with anyio.move_on_after(timeout):
+            await done.wait()
+    finally:
+        await sub.unsubscribe()
+    return found
+
+
+async def _submit_all(nc: Client, requests: list[JobRequest]) -> None:
+    """Submit through the request subject, pipelined, waiting for every verdict."""
+    limiter = anyio.Semaphore(256)
+
+    async def one(request: JobRequest) -> None:
+        async with limiter:
+            reply = await bus.request(nc, topology.REQUEST_SUBJECT, request, timeout=60)
+            if not isinstance(reply, Accepted):
+                raise RuntimeError(f"bench job refused: {reply}")
+
+    async with anyio.create_task_group() as tg:
+        for request in requests:
+            tg.start_soon(one, request)
+
+
+async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, run: str) -> Figures:
+    """N no-op jobs through the full path: request, lease, heartbeat, proposal, checks, decision,
+    effect, completion, every step durable. Latency is request → job.completed."""
+    contract = Contract(
+        scope=Scope(paths=["**"], effects=["none"]),
+        inputs={"payload": "x" * payload} if payload else {},
+        stopping=Stopping(lease_ttl_s=30, heartbeat_interval_s=10),
+    )
+    requests = [
+        JobRequest(idempotency_key=f"bench-{run}-{i}", kind=f"bench-{run}", contract=contract)
+        for i in range(jobs)
+    ]
+    completed = 0
+    all_done = anyio.Event()
+
+    async def handler(ctx: JobContext) -> Proposal:
+        # One heartbeat per job, so the path includes the lease's liveness step.
+        await client_of[ctx.job_id].heartbeat(ctx)
+        return Proposal(effect="none", output={"ok": True})
+
+    client_of: dict[uuid.UUID, AgentClient] = {}
+
+    async def agent_loop(index: int, conn: Client) -> None:
+        nonlocal completed
+        agent = AgentClient(conn, f"bench-{run}-{index}", max_concurrent=1, kinds=[f"bench-{run}"])
+        await agent.register()
+        while not all_done.is_set():
+            grant = await agent.claim()
+            if grant is None:
+                await anyio.sleep(0.005)
+                continue
+            client_of[grant.job_id] = agent
+            await agent.work(grant, handler)
+
+    started = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for i, conn in enumerate(agents):
+            tg.start_soon(agent_loop, i, conn)
+        await _submit_all(nc, requests)
+        finished = await collect_events(
+            nc,
+            lambda e: isinstance(e, JobCompleted) and e.agent.startswith(f"bench-{run}-"),
+            jobs,
+            timeout=max(120.0, jobs / 5),
+        )
+        elapsed = time.perf_counter() - started
+        all_done.set()
+        tg.cancel_scope.cancel()
+    completed = len(finished)
+    requested = {
+        e.originator_id: e.timestamp
+        for e in await collect_events(
+            nc, lambda e: isinstance(e, JobRequested) and e.kind == f"bench-{run}", jobs, timeout=60
+        )
+    }
+    latencies = [
+        (e.timestamp - requested[e.originator_id]).total_seconds()
+        for e in finished
+        if e.originator_id in requested
+    ]
+    return Figures(
+        rate=completed / elapsed if completed else 0.0,
+        p50_ms=percentile(latencies, 50) * 1000,
+        p99_ms=percentile(latencies, 99) * 1000,
+        count=completed,
+        seconds=elapsed,
+        extra={"requested": jobs, "completed": completed},
+    )
+
+
+async def detection(
+    nc: Client, connect: Callable[[str], object], leases: int, ttl: float, run: str
+) -> tuple[Figures, Figures, Figures]:
+    """Leases whose agents go silent: dead (connection closed) and hung (connected, silent).
+
+    Each agent lets `repeated_lease_expiries` leases expire in a row, which is also the
+    policy's revocation signal: the same run measures revocation latency.
+    """
+    from shared.policy import load_policy
+
+    in_a_row = load_policy().revocation.repeated_lease_expiries
+    contract = Contract(stopping=Stopping(lease_ttl_s=ttl, heartbeat_interval_s=ttl / 4, max_attempts=1))
+    per_kind = max(1, leases // 2)
+    kinds = {"dead": per_kind, "hung": per_kind}
+    requests = [
+        JobRequest(idempotency_key=f"detect-{run}-{kind}-{i}", kind=f"detect-{run}-{kind}", contract=contract)
+        for kind, n in kinds.items()
+        for i in range(n * in_a_row)
+    ]
+    await _submit_all(nc, requests)
+
+    async def silent_agent(kind: str, index: int) -> None:
+        name = f"detect-{run}-{kind}-{index}"
+        for _ in range(in_a_row):
+            conn = await connect(name)  # type: ignore[misc]
+            agent = AgentClient(conn, name, kinds=[f"detect-{run}-{kind}"])
+            await agent.register()
+            grant = await agent.claim()
+            while grant is None:
+                await anyio.sleep(0.01)
+                grant = await agent.claim()
+            if kind == "dead":
+                await conn.close()  # gone: the lease can only expire
+            job_id = grant.job_id
+
+            def lost(e: AnyEvent, job_id: uuid.UUID = job_id) -> bool:
+                return isinstance(e, LeaseExpired) and e.originator_id == job_id
+
+            expired = await collect_events(nc, lost, 1, ttl * 20)
+            if kind == "hung":
+                await conn.close()
+            if not expired:
+                return
+
+    async with anyio.create_task_group() as tg:
+        for kind, n in kinds.items():
+            for i in range(n):
+                tg.start_soon(silent_agent, kind, i)
+
+    expiries = await collect_events(
+        nc, lambda e: isinstance(e, LeaseExpired) and e.agent.startswith(f"detect-{run}-"), len(requests), 30
+    )
+    dead = [e.detection_latency_ms for e in expiries if isinstance(e, LeaseExpired) and "-dead-" in e.agent]
+    hung = [e.detection_latency_ms for e in expiries if isinstance(e, LeaseExpired) and "-hung-" in e.agent]
+    revoked = await collect_events(
+        nc, lambda e: isinstance(e, AgentRevoked) and e.name.startswith(f"detect-{run}-"), 2 * per_kind, 30
+    )
+    revocation = [
+        (e.timestamp - e.signal_at).total_seconds() * 1000
+        for e in revoked
+        if isinstance(e, AgentRevoked) and e.signal_at is not None
+    ]
+
+    def figures(values: list[float]) -> Figures:
+        return Figures(p50_ms=percentile(values, 50), p99_ms=percentile(values, 99), count=len(values))
+
+    return figures(dead), figures(hung), figures(revocation)

@@ -1,0 +1,150 @@
+"""`warden bench`: figures and ratios against raw JetStream measured in the same run."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import click
+from rich.console import Console
+from rich.table import Table
+
+from services.bench.runner import PARTS, Options, Report, run
+from services.bench.stats import Figures
+from services.cli.main import cli, json_option
+
+TARGETS = {
+    "governed_ratio": 0.6,
+    "detection_p99_ms": 50.0,
+    "revocation_p99_ms": 50.0,
+    "replay_rate": 100_000.0,
+    "memory_growth": 0.10,
+}
+
+
+def _num(value: float | None, unit: str = "", digits: int = 0) -> str:
+    if value is None or value != value:  # None or NaN
+        return "-"
+    return f"{value:,.{digits}f}{unit}"
+
+
+def render(report: Report, console: Console) -> None:
+    f = report.figures
+    table = Table(title="warden bench", show_lines=False)
+    for column in ("measure", "rate", "p50", "p99", "vs raw / target"):
+        table.add_column(column, justify="right" if column != "measure" else "left")
+
+    def row(name: str, key: str, note: str = "") -> None:
+        fig = f.get(key)
+        if fig is None:
+            return
+        table.add_row(
+            name, _num(fig.rate, "/s"), _num(fig.p50_ms, " ms", 1), _num(fig.p99_ms, " ms", 1), note
+        )
+
+    ratio = report.ratio("governed", "work_queue")
+    row("raw JetStream work queue (jobs)", "work_queue", "baseline")
+    row(
+        "governed lifecycle (jobs)",
+        "governed",
+        f"{_num(ratio, '×', 2)} (target ≥ {TARGETS['governed_ratio']}×)",
+    )
+    row("raw acked publishes", "publish_raw")
+    row("raw replay (ordered consumer)", "replay_raw")
+    row("detection, dead agents", "detection_dead", f"p99 target ≤ {TARGETS['detection_p99_ms']:.0f} ms")
+    row("detection, hung agents", "detection_hung", f"p99 target ≤ {TARGETS['detection_p99_ms']:.0f} ms")
+    row("revocation (signal → event)", "revocation", f"p99 target ≤ {TARGETS['revocation_p99_ms']:.0f} ms")
+    row("history written", "history_write")
+    row("raw replay of the event stream", "replay_raw_events")
+    replay_ratio = report.ratio("replay_projections", "replay_raw_events")
+    row(
+        "projection rebuild (events)",
+        "replay_projections",
+        f"{_num(replay_ratio, '×', 2)} of raw (target ≥ {TARGETS['replay_rate']:,.0f}/s)",
+    )
+    console.print(table)
+    memory = {k[len("memory_") :]: v for k, v in f.items() if k.startswith("memory_")}
+    if memory:
+        mem = Table(title="resident memory per service")
+        first = next(iter(memory.values())).extra.get("first_events", 0)
+        end = next(iter(memory.values())).extra.get("end_events", 0)
+        for column in ("service", f"after {first:,} events", f"after {end:,}", "growth (target ≤ 10%)"):
+            mem.add_column(column, justify="right" if column != "service" else "left")
+        for name, fig in memory.items():
+            mem.add_row(
+                name,
+                _num(fig.extra.get("rss_kib_first", 0) / 1024, " MiB", 1),
+                _num(fig.extra.get("rss_kib_end", 0) / 1024, " MiB", 1)
+                if "rss_kib_end" in fig.extra
+                else "-",
+                _num(100 * fig.extra["growth"], "%", 1) if "growth" in fig.extra else "-",
+            )
+        console.print(mem)
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print(f"machine: {report.machine}")
+
+
+@cli.command()
+@click.option(
+    "--nats",
+    "nats_url",
+    envvar="WARDEN_NATS_URL",
+    default=None,
+    help="Benchmark this server (default: start an embedded one in a temporary folder).",
+)
+@click.option("--quick", is_flag=True, help="Small sizes: finishes in about a minute on 2 cores.")
+@click.option("--jobs", type=int, default=None, help="Jobs for the work queue and governed runs.")
+@click.option("--workers", type=int, default=None, help="Workers (bare) and agents (governed).")
+@click.option("--payload", type=int, default=None, help="Bytes of payload per job.")
+@click.option("--events", "replay_events", type=int, default=None, help="History size for replay and memory.")
+@click.option("--part", "parts", multiple=True, type=click.Choice(PARTS), help="Run only these parts.")
+@json_option
+def bench(
+    nats_url: str | None,
+    quick: bool,
+    jobs: int | None,
+    workers: int | None,
+    payload: int | None,
+    replay_events: int | None,
+    parts: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """Measure Warden against raw JetStream on the same server, in one run.
+
+    Parts: raw baselines and the governed lifecycle (jobs/s, p50/p99), time-to-failure-detection
+    for dead and hung agents, revocation latency, projection replay rate, and each service's
+    memory after 100k and after all events. Figures guide work; no test asserts them.
+    """
+    chosen = parts or PARTS
+    options = Options.quick_mode(chosen) if quick else Options(parts=chosen)
+    overrides: dict[str, Any] = {
+        "jobs": jobs,
+        "workers": workers,
+        "payload": payload,
+        "replay_events": replay_events,
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(options, key, value)
+    console = Console(stderr=as_json, width=max(Console().width, 110))
+
+    async def go() -> Report:
+        with console.status("benchmarking") as status:
+
+            def progress(text: str) -> None:
+                status.update(text)
+                console.log(text)
+
+            return await run(nats_url, options, progress)
+
+    report = anyio.run(go)
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2, default=str))
+    else:
+        render(report, console)
+
+
+def figures_line(fig: Figures) -> str:
+    return json.dumps(fig.as_dict())

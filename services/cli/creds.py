@@ -1,0 +1,151 @@
+"""`warden creds`: per-agent NATS credentials (user and password), written to the servers' users file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from services.cli.main import cli, fail, json_option
+from shared import credentials, topology
+
+
+def users_file_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--users-file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=None,
+        help=f"The servers' users include file (default: ${credentials.USERS_FILE_ENV} or "
+        f"{credentials.DEFAULT_USERS_FILE}).",
+    )(f)
+
+
+def reload_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--reload-pid",
+        "reload_pids",
+        type=int,
+        multiple=True,
+        help="Send SIGHUP to this nats-server process so it rereads the file (repeatable).",
+    )(f)
+
+
+def _reload(pids: tuple[int, ...]) -> list[int]:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            fail(f"no process {pid} to reload; the file is written, reload the servers yourself")
+    return list(pids)
+
+
+RELOAD_HINT = (
+    "reload every server so it takes effect: `docker compose kill -s HUP nats-1 nats-2 nats-3`, "
+    "`nats-server --signal reload=PID`, or --reload-pid PID"
+)
+
+
+@cli.group()
+def creds() -> None:
+    """Per-agent NATS credentials: each agent gets its own user and password.
+
+    Warden uses plain user/password authentication. An agent's user may publish only on its own
+    input subjects (warden.in.agent.NAME.<verb>) and write proposal payloads, and receive only
+    on its own inbox prefix (_INBOX.NAME.>): it cannot append events, give operator commands,
+    speak as another agent, or read, delete or purge a stream. Services (warden-service) and
+    operators (warden-operator) have
+    their own users, whose passwords the servers read from WARDEN_SERVICE_PASSWORD and
+    WARDEN_OPERATOR_PASSWORD. Users live in ops/nats/users.conf, which the servers include.
+    """
+
+
+@creds.command("add-agent")
+@click.argument("name")
+@users_file_option
+@reload_option
+@json_option
+def add_agent(name: str, users_file: Path | None, reload_pids: tuple[int, ...], as_json: bool) -> None:
+    """Create (or replace) agent NAME's user and print its password once.
+
+    The password is stored only as a bcrypt hash: keep the printed one (give it to the agent
+    as WARDEN_NATS_USER / WARDEN_NATS_PASSWORD, or `warden agent exec --user --password`).
+    Running it again for the same NAME issues a new password and invalidates the old one.
+    """
+    try:
+        topology.check_agent_name(name)
+    except topology.BadAgentName as exc:
+        fail(str(exc))
+    path = credentials.users_file_from_env(users_file)
+    password = credentials.add_agent(path, name)
+    reloaded = _reload(reload_pids)
+    user = credentials.agent_user(name)
+    if as_json:
+        click.echo(
+            json.dumps(
+                {
+                    "agent": name,
+                    "user": user,
+                    "password": password,
+                    "users_file": str(path),
+                    "reloaded": reloaded,
+                }
+            )
+        )
+        return
+    click.echo(f"agent {name}: user {user}")
+    click.echo(f"password (shown once): {password}")
+    click.echo(f"written to {path}")
+    if not reloaded:
+        click.echo(RELOAD_HINT)
+
+
+@creds.command("remove-agent")
+@click.argument("name")
+@users_file_option
+@reload_option
+def remove_agent(name: str, users_file: Path | None, reload_pids: tuple[int, ...]) -> None:
+    """Delete agent NAME's user; after the reload its connections are closed."""
+    path = credentials.users_file_from_env(users_file)
+    if not credentials.remove_agent(path, name):
+        fail(f"no agent {name} in {path}", code=1)
+    if not _reload(reload_pids):
+        click.echo(RELOAD_HINT)
+    click.echo(f"agent {name} removed from {path}")
+
+
+@creds.command("list")
+@users_file_option
+@json_option
+def list_users(users_file: Path | None, as_json: bool) -> None:
+    """Every user in the file and what it may publish and subscribe to."""
+    path = credentials.users_file_from_env(users_file)
+    users = credentials.UsersFile.load(path).users()
+    if as_json:
+        out = [{"user": u.name, "permissions": u.permissions.to_conf()} for u in users]
+        click.echo(json.dumps(out, indent=2))
+        return
+    for user in users:
+        perms = user.permissions
+        click.echo(f"{user.name}  ({user.comment})")
+        click.echo(f"  publish:   {', '.join(perms.publish_allow)}")
+        if perms.publish_deny:
+            click.echo(f"  except:    {', '.join(perms.publish_deny)}")
+        click.echo(f"  subscribe: {', '.join(perms.subscribe_allow)}")
+
+
+@creds.command("sync")
+@users_file_option
+@reload_option
+def sync(users_file: Path | None, reload_pids: tuple[int, ...]) -> None:
+    """Rewrite the file from the current topology (new subjects, consumers), keeping every agent."""
+    path = credentials.users_file_from_env(users_file)
+    users = credentials.UsersFile.load(path)
+    users.save(path)
+    if not _reload(reload_pids):
+        click.echo(RELOAD_HINT)
+    click.echo(f"{path}: {len(users.agents)} agent(s), permissions from the current topology")

@@ -1,0 +1,259 @@
+"""`warden ledger verify`, `explain`, `at`, `backtest`, `dossier`: answers from the log alone.
+
+Thin commands over shared/forensics. They only read: no stream or consumer is created, and a
+server without Warden's streams is reported as such rather than set up.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import NoReturn, TypeVar
+from uuid import UUID
+
+import anyio
+import click
+import msgspec
+from nats.js import JetStreamContext
+
+from services.cli.main import cli, data_dir_option, fail, json_option, nats_option, resolve_url
+from shared import bus
+from shared.events import agent_id_for
+from shared.forensics import backtest as backtests
+from shared.forensics import dossier as dossiers
+from shared.forensics import explain as explains
+from shared.forensics import ledger as ledgers
+from shared.forensics import log, timetravel
+
+T = TypeVar("T")
+
+
+def _die(message: str) -> NoReturn:
+    fail(message)
+    raise SystemExit(2)  # fail exits; this tells the type checker so
+
+
+def _read(url: str, name: str, work: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+    async def go() -> T:
+        nc = await bus.connect(url, name)
+        try:
+            js = nc.jetstream()
+            await log.check_streams(js)
+            return await work(js)
+        finally:
+            await nc.close()
+
+    try:
+        return anyio.run(go)
+    except (log.LogUnavailable, explains.JobNotFound, backtests.BacktestError) as exc:
+        _die(str(exc))
+
+
+def _job(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        _die(f"{text!r} is not a job id")
+
+
+def _print(data: msgspec.Struct | object) -> None:
+    click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
+
+
+@cli.group()
+def ledger() -> None:
+    """The phase ledger: every aggregate's events form a hash chain."""
+
+
+@ledger.command("verify")
+@click.option("--job", "job", default=None, help="Verify one job's chain only.")
+@click.option("--agent", "agent", default=None, help="Verify one agent's chain only.")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Verify a stored copy (a dossier, or a JSON list of records) instead of the stream.",
+)
+@click.option(
+    "--against-log",
+    is_flag=True,
+    help="With --file: also compare every record with the stream (catches an edited last event).",
+)
+@nats_option
+@data_dir_option
+@json_option
+def ledger_verify(
+    job: str | None,
+    agent: str | None,
+    path: Path | None,
+    against_log: bool,
+    nats_url: str | None,
+    data_dir: Path,
+    as_json: bool,
+) -> None:
+    """Recompute the hash chains and report the first break of each (exit 1 when broken)."""
+    if path is not None:
+        try:
+            document = json.loads(path.read_text())
+            entries = ledgers.entries_from_copy(document)
+        except (OSError, ValueError) as exc:
+            _die(f"cannot verify {path}: {exc}")
+        if against_log:
+            url = resolve_url(nats_url, data_dir)
+            report = _read(
+                url, "warden-ledger", lambda js: ledgers.compare_with_log(js, entries, f"file {path}")
+            )
+        else:
+            report = ledgers.verify(entries, f"file {path}")
+    else:
+        aggregate = _job(job) if job else (agent_id_for(agent) if agent else None)
+        url = resolve_url(nats_url, data_dir)
+        report = _read(url, "warden-ledger", lambda js: ledgers.verify_log(js, aggregate))
+    if as_json:
+        _print(report)
+    else:
+        click.echo(ledgers.render(report))
+    sys.exit(0 if report.ok else 1)
+
+
+@ledger.command("show")
+@click.argument("job")
+@nats_option
+@data_dir_option
+@json_option
+def ledger_show(job: str, nats_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """JOB's phase ledger: every transition, its hash link, and the evidence behind it."""
+    job_id = _job(job)
+    url = resolve_url(nats_url, data_dir)
+
+    async def work(js: JetStreamContext) -> list[explains.Phase]:
+        return explains.phases(await explains.collect(js, job_id))
+
+    items = _read(url, "warden-ledger", work)
+    if as_json:
+        _print(items)
+    else:
+        click.echo(explains.render_phases(items))
+
+
+@cli.command()
+@click.argument("job")
+@nats_option
+@data_dir_option
+@json_option
+def explain(job: str, nats_url: str | None, data_dir: Path, as_json: bool) -> None:
+    """How JOB went, request to outcome, with the cause when it failed."""
+    job_id = _job(job)
+    url = resolve_url(nats_url, data_dir)
+    expl = _read(url, "warden-explain", lambda js: explains.explain_job(js, job_id))
+    if as_json:
+        _print(expl)
+    else:
+        click.echo(explains.render(expl))
+
+
+def _parse_time(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        _die(f"{text!r} is not an ISO 8601 time (e.g. 2026-01-31T14:05:00+00:00)")
+    return when if when.tzinfo is not None else when.astimezone()  # naive means local time
+
+
+@cli.command("at")
+@click.argument("time", required=False)
+@click.option("--seq", type=int, default=None, help="A stream sequence instead of a time.")
+@click.option("--job", "jobs", multiple=True, help="Also show this job's full state (repeatable).")
+@nats_option
+@data_dir_option
+@json_option
+def at_command(
+    time: str | None,
+    seq: int | None,
+    jobs: tuple[str, ...],
+    nats_url: str | None,
+    data_dir: Path,
+    as_json: bool,
+) -> None:
+    """Jobs and agents as they stood at TIME (ISO 8601; naive means local) or --seq N."""
+    if (time is None) == (seq is None):
+        _die("give a TIME or --seq N (one of them)")
+    when = _parse_time(time) if time is not None else None
+    detail = [_job(j) for j in jobs]
+    url = resolve_url(nats_url, data_dir)
+    world = _read(url, "warden-at", lambda js: timetravel.state_at(js, seq=seq, time=when, detail=detail))
+    if as_json:
+        _print(world)
+        return
+    click.echo(timetravel.render(world))
+    for job in world.detail:
+        click.echo(msgspec.json.format(msgspec.json.encode(job), indent=2).decode())
+
+
+@cli.command("backtest")
+@click.option(
+    "--invariant",
+    "spec",
+    required=True,
+    help="module:callable, or the name of an invariant in the registry.",
+)
+@click.option("--job", default=None, help="Only this job's proposals.")
+@click.option("--since", default=None, help="Only proposals submitted at or after this ISO time.")
+@click.option("--all", "all_results", is_flag=True, help="List every proposal, not only disagreements.")
+@nats_option
+@data_dir_option
+@json_option
+def backtest_command(
+    spec: str,
+    job: str | None,
+    since: str | None,
+    all_results: bool,
+    nats_url: str | None,
+    data_dir: Path,
+    as_json: bool,
+) -> None:
+    """Run an invariant over every past proposal; compare with what was recorded then."""
+    try:
+        named = backtests.load(spec)
+    except backtests.BacktestError as exc:
+        _die(str(exc))
+    job_id = _job(job) if job else None
+    start = _parse_time(since) if since else None
+    url = resolve_url(nats_url, data_dir)
+
+    async def work(js: JetStreamContext) -> backtests.BacktestReport:
+        cases = await backtests.past_cases(js, job=job_id, since=start)
+        return await backtests.run(named, cases)
+
+    report = _read(url, "warden-backtest", work)
+    if as_json:
+        _print(report)
+    else:
+        click.echo(backtests.render(report, all_results=all_results))
+
+
+@cli.command("dossier")
+@click.argument("job")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write to this file (default: standard output).",
+)
+@nats_option
+@data_dir_option
+def dossier_command(job: str, out: Path | None, nats_url: str | None, data_dir: Path) -> None:
+    """Everything about JOB in one JSON bundle, to attach to an incident."""
+    job_id = _job(job)
+    url = resolve_url(nats_url, data_dir)
+    bundle = _read(url, "warden-dossier", lambda js: dossiers.dossier(js, job_id))
+    data = dossiers.encode(bundle)
+    if out is not None:
+        out.write_bytes(data + b"\n")
+        click.echo(f"dossier of {job_id} written to {out} ({len(data)} bytes)", err=True)
+    else:
+        click.echo(data.decode())

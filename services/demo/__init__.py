@@ -1,0 +1,1 @@
+"""`warden demo`: a fleet of agents, some failing by design, governed end to end."""

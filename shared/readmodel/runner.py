@@ -1,0 +1,148 @@
+"""Runs the read-model projection over the WardenApp's recorder subscription, in batches.
+
+eventsourcing's ProjectionRunner hands a projection one event at a time, and one SQLite
+transaction per event runs at about 3.4k events/s here. This runner keeps its shape (an
+eventsourcing `Projection` whose view is a `TrackingRecorder`, fed by the application
+recorder's `subscribe`, resuming after the view's `max_tracking_id`) but folds everything that is
+already waiting in one transaction: batches of up to `max_batch` while catching up, single events
+when live.
+
+It is synchronous and blocking: run it in a worker thread. The JetStream subscription reaches
+NATS through the process's bridge; nothing here touches the event loop directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+from eventsourcing.application import Application
+from eventsourcing.persistence import Notification, Subscription, Tracking
+from eventsourcing.projection import Projection
+
+from shared import events
+from shared.events import AnyEvent
+from shared.readmodel.store import APPLICATION, PROJECTION_NAME, ReadModel
+
+log = logging.getLogger("warden.projection")
+
+_STOP = object()
+
+
+def decode_notification(notification: Notification) -> AnyEvent | None:
+    """The event a notification carries, or None for a type this version cannot read.
+
+    An unreadable event still advances the position (so one bad record cannot wedge the read
+    model); `warden replay` rebuilds from the stream once the code knows the type.
+    """
+    try:
+        return events.decode(notification.state)
+    except msgspec.DecodeError as exc:
+        log.warning("skipping notification %s (%s): %s", notification.id, notification.topic, exc)
+        return None
+
+
+class ReadModelProjection(Projection[ReadModel]):
+    """The eventsourcing projection whose materialised view is the read model."""
+
+    name = PROJECTION_NAME
+
+    def process_event(self, domain_event: Any, tracking: Tracking) -> None:
+        self.view.project([(tracking.notification_id, domain_event)])
+
+    def process_batch(self, batch: Sequence[tuple[int, AnyEvent | None]]) -> int:
+        return self.view.project(batch)
+
+
+class BatchingProjectionRunner:
+    """Subscribes from the view's tracked position and folds batches until stopped."""
+
+    def __init__(
+        self,
+        app: Application[Any],
+        projection: ReadModelProjection,
+        *,
+        max_batch: int = 1000,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.app = app
+        self.projection = projection
+        self.max_batch = max_batch
+        self.on_commit = on_commit
+        # Bounded: when the database is slower than the stream, the pump blocks, the
+        # subscription's buffer fills, and it stops taking from the consumer (back-pressure).
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=4 * max_batch)
+        self._stopping = threading.Event()
+        self._subscription: Subscription[Any] | None = None
+        self._lock = threading.Lock()
+        self._pump_finished = False  # its final marker has been taken off the queue
+
+    def stop(self) -> None:
+        """Safe from any thread, including the event loop's: ends `run` after its current batch."""
+        self._stopping.set()
+        with self._lock:
+            subscription = self._subscription
+        if subscription is not None:
+            subscription.stop()
+
+    def run(self) -> None:
+        """Fold until stopped; raises what the view or the subscription raised."""
+        gt = self.projection.view.max_tracking_id(APPLICATION)
+        subscription = self.app.recorder.subscribe(gt=gt)
+        with self._lock:
+            self._subscription = subscription
+        if self._stopping.is_set():
+            subscription.stop()
+        pump = threading.Thread(target=self._pump, args=(subscription,), name="warden-projection-pump")
+        pump.start()
+        try:
+            while not self._stopping.is_set():
+                batch, error, done = self._take()
+                if batch:
+                    position = self.projection.process_batch([(n.id, decode_notification(n)) for n in batch])
+                    if self.on_commit is not None:
+                        self.on_commit(position)
+                if error is not None:
+                    raise error
+                if done:
+                    break
+        finally:
+            self.stop()
+            self._drain()
+            pump.join()
+
+    def _take(self) -> tuple[list[Notification], BaseException | None, bool]:
+        """Block for one item, then take whatever else is already waiting, up to a batch."""
+        batch: list[Notification] = []
+        item = self._queue.get()
+        while True:
+            if item is _STOP:
+                self._pump_finished = True
+                return batch, None, True
+            if isinstance(item, BaseException):
+                return batch, item, True
+            batch.append(item)
+            if len(batch) >= self.max_batch:
+                return batch, None, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, None, False
+
+    def _drain(self) -> None:
+        """Consume until the pump's final marker, so a pump blocked on a full queue can finish."""
+        while not self._pump_finished:
+            self._pump_finished = self._queue.get() is _STOP
+
+    def _pump(self, subscription: Subscription[Any]) -> None:
+        try:
+            for notification in subscription:
+                self._queue.put(notification)
+        except BaseException as exc:  # handed to the folding thread, which raises it
+            self._queue.put(exc)
+        finally:
+            self._queue.put(_STOP)

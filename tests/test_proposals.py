@@ -1,0 +1,471 @@
+"""Proposals end to end: intake, the invariant map, decisions, approvals and payload limits.
+
+Real nats-server, real git repository in tmp_path, the services running in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+import pytest
+from click.testing import CliRunner
+
+from services.cli.creds import creds
+from shared import bus, credentials, topology
+from shared.contract import Contract, Scope, Target
+from shared.events import (
+    AgentSuspended,
+    AnyEvent,
+    InputRejected,
+    InvariantChecked,
+    JobCompleted,
+    JobRequeued,
+    MessageRejected,
+    ProposalAccepted,
+    ProposalRejected,
+    ProposalSubmitted,
+)
+from shared.messages import Accepted, JobRequest, OperatorCommand, Propose, Rejected
+from shared.sdk import AgentClient, JobContext, Proposal, connect_agent
+from shared.server import EmbeddedServer
+from tests import gitrepo, opsnats
+from tests.harness import client, events_of, running, submit, wait_for_event
+
+SERVICES = ["scheduler", "reconciler", "checker", "applier"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def request(contract: Contract, kind: str = "refactor") -> JobRequest:
+    return JobRequest(idempotency_key=str(uuid.uuid4()), kind=kind, contract=contract)
+
+
+async def claim(nc: Any, name: str, contract: Contract) -> tuple[AgentClient, JobContext]:
+    agent = AgentClient(nc, name)
+    await agent.register()
+    job_id = await submit(nc, request(contract))
+    grant = await agent.claim()
+    assert grant is not None and grant.job_id == job_id
+    return agent, JobContext(grant=grant)
+
+
+async def propose(agent: AgentClient, ctx: JobContext, proposal: Proposal) -> uuid.UUID:
+    reply = await agent.propose(ctx, proposal)
+    assert isinstance(reply, Accepted), reply
+    assert reply.proposal_id is not None
+    return reply.proposal_id
+
+
+def decided(pid: uuid.UUID) -> Any:
+    return lambda e: isinstance(e, ProposalAccepted | ProposalRejected) and e.proposal_id == pid
+
+
+async def checks_of(nc: Any, job_id: uuid.UUID) -> dict[str, InvariantChecked]:
+    return {
+        e.invariant: e
+        for e in await events_of(nc, topology.event_subject(job_id))
+        if isinstance(e, InvariantChecked)
+    }
+
+
+async def test_a_job_whose_sdk_agent_proposes_no_effect_completes(nats_server: EmbeddedServer) -> None:
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        job_id = await submit(nc, request(Contract(scope=Scope(effects=["none"])), kind="noop"))
+        agent = AgentClient(nc, "helper")
+
+        async def handler(ctx: JobContext) -> Proposal:
+            return Proposal(output={"answer": 42})
+
+        [outcome] = await agent.run(handler, jobs=1)
+        assert outcome.status == "proposed"
+        done = await wait_for_event(nc, lambda e: isinstance(e, JobCompleted))
+        assert isinstance(done, JobCompleted) and done.originator_id == job_id and done.agent == "helper"
+        checks = await checks_of(nc, job_id)
+        assert set(checks) == {"scope", "budget", "output_shape", "base_drift", "ci_gate"}
+        assert all(c.verdict == "pass" for c in checks.values())
+        assert checks["ci_gate"].evidence["applicable"] is False
+
+
+async def test_a_change_touching_a_file_outside_the_scope_globs_is_rejected_and_recorded(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    repo = gitrepo.make_repo(tmp_path)
+    patch, base = gitrepo.patch_for(repo, {"app/calc.py": "X = 1\n", "check.py": "print('ok')\n"})
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "wanderer", gitrepo.git_contract(repo, ci=False))
+        pid = await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base))
+        decision = await wait_for_event(nc, decided(pid))
+        assert isinstance(decision, ProposalRejected)
+        assert any(v.startswith("scope:") and "check.py" in v for v in decision.violations)
+        scope = (await checks_of(nc, ctx.job_id))["scope"]
+        assert scope.verdict == "fail"
+        assert scope.evidence["outside"] == ["check.py"]
+        assert scope.version == "1"
+        requeued = await wait_for_event(nc, lambda e: isinstance(e, JobRequeued))
+        assert requeued.originator_id == ctx.job_id
+    assert gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid)) == []
+
+
+async def test_a_change_that_breaks_the_tests_is_rejected_with_the_test_output_as_evidence(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    repo = gitrepo.make_repo(tmp_path)
+    patch, base = gitrepo.patch_for(repo, gitrepo.BROKEN)
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "breaker", gitrepo.git_contract(repo))
+        pid = await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base))
+        decision = await wait_for_event(nc, decided(pid), timeout=30)
+        assert isinstance(decision, ProposalRejected)
+        ci = (await checks_of(nc, ctx.job_id))["ci_gate"]
+        assert ci.verdict == "fail"
+        assert ci.evidence["exit_code"] == 1
+        assert "report says total=7" in ci.evidence["stdout_tail"]
+        assert "AssertionError: total=7" in ci.evidence["stderr_tail"]
+        assert ci.evidence["ran_at"] == base
+    assert gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid)) == []
+    # The CI worktree is gone: nothing of the run is left in the repository.
+    assert "warden-wt-" not in gitrepo.gitops.out(repo, "worktree", "list")
+
+
+async def test_a_proposal_on_a_stale_base_is_rejected_by_the_drift_invariant(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    repo = gitrepo.make_repo(tmp_path)
+    patch, stale = gitrepo.patch_for(repo, gitrepo.RENAMED)
+    (repo / "app" / "calc.py").write_text("def compute_total(items):\n    return sum(list(items))\n")
+    moved = gitrepo.commit(repo, "someone else changed calc")
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "late", gitrepo.git_contract(repo))
+        pid = await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=stale))
+        decision = await wait_for_event(nc, decided(pid), timeout=30)
+        assert isinstance(decision, ProposalRejected)
+        drift = (await checks_of(nc, ctx.job_id))["base_drift"]
+        assert drift.verdict == "fail"
+        assert drift.evidence["base"] == stale and drift.evidence["head"] == moved
+        assert drift.evidence["commits_since_base"] == [f"{moved[:7]} someone else changed calc"]
+        assert drift.evidence["files_changed_since_base"] == ["app/calc.py"]
+        assert "stale base" in drift.evidence["reason"]
+        # The expensive gate is not run once a cheaper invariant failed, and says so.
+        assert any(v.startswith("ci_gate: not run") for v in decision.violations)
+
+
+async def test_output_that_does_not_match_the_contract_schema_is_rejected_naming_the_field(
+    nats_server: EmbeddedServer,
+) -> None:
+    schema = {"type": "object", "required": ["summary"], "properties": {"summary": {"type": "string"}}}
+    contract = Contract(scope=Scope(effects=["none"]), output_schema=schema)
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "shapeless", contract)
+        pid = await propose(agent, ctx, Proposal(output={"summary": 3}))
+        decision = await wait_for_event(nc, decided(pid))
+        assert isinstance(decision, ProposalRejected)
+        shape = (await checks_of(nc, ctx.job_id))["output_shape"]
+        assert shape.verdict == "fail"
+        assert shape.evidence["errors"] == [{"path": "$['summary']", "message": "3 is not of type 'string'"}]
+
+
+async def test_a_stale_epoch_proposal_is_fenced_and_recorded(nats_server: EmbeddedServer) -> None:
+    contract = Contract(scope=Scope(effects=["none"]))
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "ghost", contract)
+        stale = JobContext(grant=msgspec.structs.replace(ctx.grant, epoch=7))
+        reply = await agent.propose(stale, Proposal())
+        assert isinstance(reply, Rejected)
+        assert "stale lease" in reply.errors[0].message
+        fenced = await wait_for_event(nc, lambda e: isinstance(e, MessageRejected) and e.verb == "propose")
+        assert isinstance(fenced, MessageRejected) and fenced.epoch == 7 and fenced.current_epoch == 1
+        submitted = [e for e in await events_of(nc) if isinstance(e, ProposalSubmitted)]
+        assert submitted == []
+
+
+async def test_a_second_proposal_under_one_lease_is_refused_while_the_first_is_pending(
+    nats_server: EmbeddedServer,
+) -> None:
+    contract = Contract(scope=Scope(effects=["none"]), approval_required=True)
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "eager", contract)
+        first = await propose(agent, ctx, Proposal(output=1))
+        reply = await agent.propose(ctx, Proposal(output=2))
+        assert isinstance(reply, Rejected)
+        assert f"proposal {first} is already pending" in reply.errors[0].message
+        assert await wait_for_event(nc, lambda e: isinstance(e, MessageRejected) and e.verb == "propose")
+
+
+async def operator(nc: Any, verb: str, pid: uuid.UUID, who: str, why: str) -> Any:
+    return await bus.request(
+        nc, topology.operator_subject(verb), OperatorCommand(operator=who, reason=why, proposal_id=pid)
+    )
+
+
+async def test_approval_required_waits_for_an_operator_and_records_who_approved(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    repo = gitrepo.make_repo(tmp_path)
+    patch, base = gitrepo.patch_for(repo, gitrepo.RENAMED)
+    contract = gitrepo.git_contract(repo, approval_required=True)
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "careful", contract)
+        pid = await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base))
+        await wait_for_event(
+            nc, lambda e: isinstance(e, InvariantChecked) and e.invariant == "ci_gate", timeout=30
+        )
+        # Checks passed, yet nothing is decided or applied until an operator says so.
+        events = await events_of(nc, topology.event_subject(ctx.job_id))
+        assert not [e for e in events if isinstance(e, ProposalAccepted | ProposalRejected)]
+        assert gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid)) == []
+
+        reply = await operator(nc, "approve", pid, "alice", "reviewed the rename")
+        assert isinstance(reply, Accepted) and "approved by alice" in reply.detail
+        accepted = await wait_for_event(nc, decided(pid))
+        assert isinstance(accepted, ProposalAccepted)
+        assert accepted.by == "alice" and accepted.reason == "reviewed the rename"
+        await wait_for_event(nc, lambda e: isinstance(e, JobCompleted), timeout=20)
+        # A second approval of a decided proposal is refused and recorded.
+        again = await operator(nc, "approve", pid, "bob", "me too")
+        assert isinstance(again, Rejected) and "already" in again.errors[0].message
+    assert len(gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid))) == 1
+
+
+async def test_a_denied_proposal_is_rejected_naming_the_operator_and_the_attempt_is_spent(
+    nats_server: EmbeddedServer,
+) -> None:
+    contract = Contract(scope=Scope(effects=["none"]), approval_required=True)
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "hopeful", contract)
+        pid = await propose(agent, ctx, Proposal(output="please"))
+        await wait_for_event(nc, lambda e: isinstance(e, InvariantChecked) and e.invariant == "ci_gate")
+        reply = await operator(nc, "deny", pid, "carol", "not this week")
+        assert isinstance(reply, Accepted)
+        rejected = await wait_for_event(nc, decided(pid))
+        assert isinstance(rejected, ProposalRejected)
+        assert rejected.by == "carol" and rejected.reason == "not this week"
+        assert rejected.violations == ["denied by carol: not this week"]
+        requeued = await wait_for_event(nc, lambda e: isinstance(e, JobRequeued))
+        assert str(pid) in requeued.reason
+
+
+async def test_an_approval_for_an_unknown_proposal_is_refused_and_recorded(
+    nats_server: EmbeddedServer,
+) -> None:
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        reply = await operator(nc, "approve", uuid.uuid4(), "dave", "looks fine")
+        assert isinstance(reply, Rejected) and "no proposal" in reply.errors[0].message
+        recorded = await wait_for_event(nc, lambda e: isinstance(e, InputRejected))
+        assert isinstance(recorded, InputRejected) and recorded.sender == "dave"
+
+
+async def test_a_several_megabyte_proposal_goes_through_the_object_store_and_is_applied(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    repo = gitrepo.make_repo(tmp_path)
+    big = "".join(f"row {i:08d} {'x' * 60}\n" for i in range(50_000))  # ~3.5 MB
+    patch, base = gitrepo.patch_for(repo, {"app/data.txt": big})
+    assert len(patch) > 3 * 1024 * 1024
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "bulky", gitrepo.git_contract(repo, ci=False))
+        pid = await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base))
+        submitted = await wait_for_event(nc, lambda e: isinstance(e, ProposalSubmitted))
+        assert isinstance(submitted, ProposalSubmitted)
+        assert submitted.payload_object.startswith(f"bulky/{ctx.job_id}/1/")
+        assert submitted.size > len(patch) and len(submitted.payload_hash) == 64
+        assert isinstance(await wait_for_event(nc, decided(pid), timeout=30), ProposalAccepted)
+        await wait_for_event(nc, lambda e: isinstance(e, JobCompleted), timeout=30)
+    [sha] = gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid))
+    assert gitrepo.show(repo, sha, "app/data.txt") == big.rstrip("\n")
+
+
+async def test_a_payload_past_the_object_limit_is_rejected_with_its_size_recorded(
+    nats_server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARDEN_MAX_PROPOSAL_BYTES", str(2 * 1024 * 1024))
+    repo = gitrepo.make_repo(tmp_path)
+    patch, base = gitrepo.patch_for(repo, {"app/data.txt": "y" * (3 * 1024 * 1024)})
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "hoarder", gitrepo.git_contract(repo, ci=False))
+        pid = await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base))
+        decision = await wait_for_event(nc, decided(pid), timeout=30)
+        assert isinstance(decision, ProposalRejected)
+        [violation] = decision.violations
+        assert violation.startswith("payload: payload object is ")
+        assert f"the limit is {2 * 1024 * 1024} bytes" in violation
+        submitted = await wait_for_event(nc, lambda e: isinstance(e, ProposalSubmitted))
+        assert isinstance(submitted, ProposalSubmitted) and submitted.size > 3 * 1024 * 1024
+        assert await wait_for_event(nc, lambda e: isinstance(e, JobRequeued))
+
+
+async def test_an_inline_proposal_over_the_input_limit_is_rejected_as_input(
+    nats_server: EmbeddedServer,
+) -> None:
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        _agent, ctx = await claim(nc, "raw", Contract(scope=Scope(effects=["none"])))
+        body = Propose(job_id=ctx.job_id, epoch=1, effect="none", output="z" * (2 * 1024 * 1024))
+        reply = await bus.request(nc, topology.agent_subject("raw", "propose"), body)
+        assert isinstance(reply, Rejected)
+        assert f"the limit is {topology.MAX_INPUT_BYTES}" in reply.errors[0].message
+        recorded = await wait_for_event(nc, lambda e: isinstance(e, InputRejected))
+        assert isinstance(recorded, InputRejected) and recorded.sender == "raw"
+
+
+async def test_a_user_invariant_registered_through_configuration_is_enforced(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARDEN_INVARIANTS", "tests.sample_invariants:no_secrets")
+    contract = Contract(scope=Scope(effects=["none"]), invariants=["no_secrets"])
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "leaky", contract)
+        pid = await propose(agent, ctx, Proposal(output={"note": "the password is hunter2"}))
+        decision = await wait_for_event(nc, decided(pid))
+        assert isinstance(decision, ProposalRejected)
+        check = (await checks_of(nc, ctx.job_id))["no_secrets"]
+        assert check.verdict == "fail" and check.version == "2"
+        assert check.evidence["found"] == ["password"]
+
+
+async def test_an_invariant_the_contract_names_but_nobody_registered_fails_closed(
+    nats_server: EmbeddedServer,
+) -> None:
+    contract = Contract(scope=Scope(effects=["none"]), invariants=["imaginary"])
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "hopeful2", contract)
+        pid = await propose(agent, ctx, Proposal())
+        decision = await wait_for_event(nc, decided(pid))
+        assert isinstance(decision, ProposalRejected)
+        check = (await checks_of(nc, ctx.job_id))["imaginary"]
+        assert check.verdict == "error" and "no invariant named 'imaginary'" in check.evidence["reason"]
+
+
+@pytest.mark.slow
+async def test_a_checker_killed_mid_check_resumes_without_recording_anything_twice(
+    nats_server: EmbeddedServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv("WARDEN_INVARIANTS", "tests.sample_invariants:crash_once")
+    monkeypatch.setenv("WARDEN_TEST_CRASH_MARKER", str(marker))
+    contract = Contract(scope=Scope(effects=["none"]), invariants=["crash_once"])
+    cmd = [sys.executable, "-m", "services.cli", "run", "checker", "--nats", nats_server.url]
+    log = tmp_path / "checker.log"
+    async with (
+        running(nats_server.url, ["scheduler", "reconciler", "applier"]),
+        client(nats_server.url) as nc,
+    ):
+        agent, ctx = await claim(nc, "patient", contract)
+        with log.open("wb") as sink:
+            process = await anyio.open_process(cmd, cwd=ROOT, stdout=sink, stderr=sink)
+            async with process:
+                pid = await propose(agent, ctx, Proposal())
+                with anyio.fail_after(30):
+                    code = await process.wait()
+        assert code == -signal.SIGKILL, log.read_text()
+        assert marker.exists()
+        before = await events_of(nc, topology.event_subject(ctx.job_id))
+        assert _count(before, InvariantChecked) == 5  # the policy's five, recorded before the crash
+        assert _count(before, ProposalAccepted) + _count(before, ProposalRejected) == 0
+
+        # A new checker gets the unacked proposal again and finishes it.
+        async with running(nats_server.url, ["checker"], name="checker-2"):
+            decision = await wait_for_event(nc, decided(pid), timeout=40)
+            assert isinstance(decision, ProposalAccepted)
+            await wait_for_event(nc, lambda e: isinstance(e, JobCompleted), timeout=20)
+        after = await events_of(nc, topology.event_subject(ctx.job_id))
+    assert _count(after, ProposalSubmitted) == 1
+    names = [e.invariant for e in after if isinstance(e, InvariantChecked)]
+    assert sorted(names) == sorted(["scope", "budget", "output_shape", "base_drift", "ci_gate", "crash_once"])
+    assert _count(after, ProposalAccepted) == 1 and _count(after, JobCompleted) == 1
+
+
+def _count(events: list[AnyEvent], kind: type) -> int:
+    return sum(1 for e in events if isinstance(e, kind))
+
+
+async def test_an_effect_beyond_the_agents_level_is_rejected_when_deciding(
+    nats_server: EmbeddedServer,
+) -> None:
+    contract = Contract(scope=Scope(effects=["webhook"]), target=Target(url="http://127.0.0.1:9/hook"))
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "junior", contract)
+        pid = await propose(agent, ctx, Proposal(effect="webhook", output={"ping": True}))
+        decision = await wait_for_event(nc, decided(pid))
+        assert isinstance(decision, ProposalRejected)
+        assert decision.violations == [
+            "authority: level 0 (probation) may not perform webhook; allowed: none, file.write, git.patch"
+        ]
+        # Every invariant passed: the refusal is the authority's, not a check's.
+        assert all(c.verdict == "pass" for c in (await checks_of(nc, ctx.job_id)).values())
+
+
+async def test_a_proposal_from_an_agent_suspended_meanwhile_is_rejected(nats_server: EmbeddedServer) -> None:
+    async with running(nats_server.url, SERVICES) as services, client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "benched", Contract(scope=Scope(effects=["none"])))
+        record = services.views.agents["benched"]
+        await services.save(
+            AgentSuspended(
+                originator_id=record.id,
+                originator_version=record.version + 1,
+                name="benched",
+                reason="under review",
+                by="erin",
+            )
+        )
+        pid = await propose(agent, ctx, Proposal())
+        decision = await wait_for_event(nc, decided(pid))
+        assert isinstance(decision, ProposalRejected)
+        assert decision.violations == ["authority: agent benched is suspended: under review"]
+
+
+async def test_an_agent_with_its_own_write_only_credentials_uploads_a_large_proposal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents may write payload objects but never read the bucket: the SDK's upload needs no read."""
+    opsnats.set_passwords(monkeypatch)
+    node = opsnats.start_single(tmp_path / "nats")
+    try:
+        assert node.server.process is not None
+        before = node.server.log_path.read_text().count(opsnats.RELOADED)
+        added = CliRunner().invoke(
+            creds,
+            [
+                "add-agent",
+                "uploader",
+                "--users-file",
+                str(node.users_file),
+                "--reload-pid",
+                str(node.server.process.pid),
+                "--json",
+            ],
+        )
+        assert added.exit_code == 0, added.output
+        opsnats.wait_for_log(node.server, opsnats.RELOADED, 10, after=before)
+        password = json.loads(added.output)["password"]
+        monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
+        monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
+        url = node.server.url
+        async with (
+            running(url, SERVICES),
+            opsnats.connected(url, **opsnats.operator_credentials()) as operator_nc,
+        ):
+            job_id = await submit(operator_nc, request(Contract(scope=Scope(effects=["none"]))))
+            nc = await connect_agent(
+                url, "uploader", user=credentials.agent_user("uploader"), password=password
+            )
+            try:
+                agent = AgentClient(nc, "uploader")
+                await agent.register()
+                grant = await agent.claim()
+                assert grant is not None and grant.job_id == job_id
+                pid = await propose(agent, JobContext(grant=grant), Proposal(output="w" * (2 * 1024 * 1024)))
+            finally:
+                await nc.close()
+            decision = await wait_for_event(operator_nc, decided(pid), timeout=30)
+            assert isinstance(decision, ProposalAccepted)
+            submitted = await wait_for_event(operator_nc, lambda e: isinstance(e, ProposalSubmitted))
+            assert isinstance(submitted, ProposalSubmitted) and submitted.payload_object.startswith(
+                "uploader/"
+            )
+    finally:
+        node.server.stop()
