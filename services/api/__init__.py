@@ -81,7 +81,7 @@ class Api:
             return hub.summary
 
         try:
-            app = build(Deps(store=store, hub=hub, app=ctx.app, js=ctx.js))
+            app = build(Deps(store=store, hub=hub, app=ctx.app, js=ctx.js, nc=ctx.nc))
             config = uvicorn.Config(
                 app,
                 lifespan="off",

@@ -12,6 +12,7 @@ from uuid import UUID
 import anyio
 import msgspec
 import prometheus_client
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 from starlette.applications import Starlette
@@ -23,12 +24,14 @@ from starlette.staticfiles import StaticFiles
 
 from services.api import spec
 from services.api.hub import Hub, sse
-from shared import events, topology
+from shared import bus, events, topology
 from shared.app import WardenApp
+from shared.messages import OperatorCommand, Rejected, decode_input
 from shared.readmodel import ReadModel, queries
 from shared.readmodel.fold import summarize
 from shared.readmodel.store import redacted
 from shared.readmodel.tables import AGENTS, FAILURES, JOBS, REVOCATIONS, ts
+from shared.validation import InvalidInput
 
 log = logging.getLogger("warden.api")
 
@@ -43,6 +46,7 @@ class Deps:
     hub: Hub
     app: WardenApp
     js: JetStreamContext
+    nc: Client | None = None  # for operator commands; read-only without it
 
 
 def json(body: Any, status: int = 200) -> Response:
@@ -154,6 +158,27 @@ def build(deps: Deps) -> Starlette:
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
+    async def operator(request: Request) -> Response:
+        """An operator command over HTTP: the same input, stored and answered as from the CLI."""
+        verb = request.path_params["verb"]
+        if verb not in topology.OPERATOR_VERBS:
+            return error(
+                400, f"unknown operator command {verb!r}; known: {', '.join(topology.OPERATOR_VERBS)}"
+            )
+        if deps.nc is None:
+            return error(503, "this API process has no NATS connection for commands")
+        body = await request.body()
+        try:
+            command = decode_input(body, OperatorCommand, topology.MAX_INPUT_BYTES)
+        except InvalidInput as exc:
+            details = [spec.ParamError(parameter=e.path, message=e.message) for e in exc.errors]
+            return error(400, f"bad {verb} command", details)
+        try:
+            reply = await bus.request(deps.nc, topology.operator_subject(verb), command, timeout=10)
+        except bus.ReplyTimeout as exc:
+            return error(503, str(exc))
+        return json(reply, 422 if isinstance(reply, Rejected) else 200)
+
     async def openapi(_request: Request) -> Response:
         return json(spec.openapi(VERSION))
 
@@ -180,6 +205,7 @@ def build(deps: Deps) -> Starlette:
         endpoint("/api/metrics/detection-latency", latency),
         endpoint("/api/status", status),
         endpoint("/api/events/stream", stream),
+        Route("/api/operator/{verb}", operator, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from shared.messages import AnyReply, OperatorCommand
 from shared.readmodel.tables import (
     FAILURE_KINDS,
     JOB_STATES,
@@ -26,6 +27,7 @@ from shared.readmodel.tables import (
     RevocationRow,
     TimelineRow,
 )
+from shared.topology import OPERATOR_VERBS
 
 # --- responses ------------------------------------------------------------------------------
 
@@ -434,12 +436,37 @@ def openapi(version: str) -> dict[str, Any]:
             "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
         }
     }
+    (command_schema, reply_schema), extra = msgspec.json.schema_components(
+        [OperatorCommand, AnyReply], ref_template="#/components/schemas/{name}"
+    )
+    components.update(extra)
+    paths["/api/operator/{verb}"] = {
+        "post": {
+            "summary": "Give an operator command (recorded as an event naming who and why)",
+            "description": "Stored on warden.in.op.<verb> and answered by the service that owns the verb: "
+            + ", ".join(OPERATOR_VERBS),
+            "operationId": "operator_command",
+            "parameters": [
+                {"name": "verb", "in": "path", "required": True, "schema": {"enum": list(OPERATOR_VERBS)}}
+            ],
+            "requestBody": {"required": True, "content": {"application/json": {"schema": command_schema}}},
+            "responses": {
+                "200": {"description": "Recorded", "content": {"application/json": {"schema": reply_schema}}},
+                "400": {"description": "Malformed body or unknown verb", "content": error},
+                "422": {
+                    "description": "Refused: the reply lists why",
+                    "content": {"application/json": {"schema": reply_schema}},
+                },
+                "503": {"description": "No service answered", "content": error},
+            },
+        }
+    }
     return {
         "openapi": "3.1.0",
         "info": {
-            "title": "Warden read API",
+            "title": "Warden API",
             "version": version,
-            "description": "Projections of Warden's event stream, for dashboards. Read-only.",
+            "description": "Projections of Warden's event stream, for dashboards, and operator commands.",
         },
         "paths": paths,
         "components": {"schemas": components},
