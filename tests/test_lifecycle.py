@@ -300,3 +300,38 @@ async def test_a_job_failed_by_one_agent_waits_for_another_present_agent(nats_se
         assert await liar.claim() is None  # the retry is kept for the other agent
         retry = await honest.claim()
         assert retry is not None and retry.job_id == job_id and retry.epoch == 2
+
+
+MALFORMED = {
+    "not JSON": b"not json",
+    "wrong types": b'{"job_id": 7, "epoch": "x", "operator": 5, "kind": [], "idempotency_key": {}}',
+    "unknown tag": b'{"type": "agent.teleport"}',
+    "oversize": b'{"note": "' + b"x" * topology.MAX_INPUT_BYTES + b'"}',
+}
+
+
+async def test_malformed_input_on_every_input_subject_is_recorded_and_the_consumers_keep_running(
+    nats_server: EmbeddedServer,
+) -> None:
+    subjects = [
+        topology.REQUEST_SUBJECT,
+        *(topology.agent_subject("mallory", verb) for verb in topology.AGENT_VERBS),
+        *(topology.operator_subject(verb) for verb in topology.OPERATOR_VERBS),
+    ]
+    async with running(nats_server.url), client(nats_server.url) as nc:
+        for subject in subjects:
+            for what, body in MALFORMED.items():
+                reply = await bus.request(nc, subject, body)
+                assert isinstance(reply, Rejected), (subject, what, reply)
+                assert reply.errors, (subject, what)
+        recorded = [e for e in await events_of(nc) if isinstance(e, InputRejected)]
+        assert len({e.input_seq for e in recorded}) == len(recorded)  # one record per stored input
+        assert all(e.errors and e.errors[0].message for e in recorded)
+        assert sorted(e.subject for e in recorded) == sorted(s for s in subjects for _ in MALFORMED)
+        # Every consumer still serves well-formed input afterwards.
+        job_id = await submit(nc, request())
+        agent = AgentClient(nc, "after-the-storm")
+        await agent.register()
+        grant = await agent.claim()
+        assert grant is not None and grant.job_id == job_id
+        assert (await agent.heartbeat(JobContext(grant=grant))).standing == "extended"
