@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import msgspec
@@ -271,6 +271,25 @@ async def consume(
             await sub.unsubscribe()
 
 
+T = TypeVar("T")
+
+
+async def patiently(call: Callable[[], Awaitable[T]], attempts: int = 6, first_wait: float = 0.25) -> T:
+    """A JetStream API call at start-up, retried on timeout: a busy server (a backlog being
+    written, a leader election) answers late, and a service should wait rather than die."""
+    wait = first_wait
+    for attempt in range(attempts):
+        try:
+            return await call()
+        except TimeoutError:
+            if attempt == attempts - 1:
+                raise
+            log.warning("JetStream API slow to answer; retrying in %.2fs", wait)
+            await anyio.sleep(wait)
+            wait *= 2
+    raise AssertionError("unreachable")
+
+
 EventCallback = Callable[[int, AnyEvent], None]
 
 
@@ -286,7 +305,7 @@ async def follow(
     Start-up completes once the events that existed at start have been delivered, so a service
     never decides on a half-built view. Reports the stream sequence it caught up to.
     """
-    info = await js.stream_info(topology.EVENT_STREAM)
+    info = await patiently(lambda: js.stream_info(topology.EVENT_STREAM))
     target = info.state.last_seq
     caught_up = anyio.Event()
     if target < from_seq:

@@ -206,8 +206,9 @@ async def test_jobs_run_on_through_a_sigkill_of_the_stream_leader(
                         if spec.durable in ("scheduler", "reconciler")
                     }
                     inputs = await js.stream_info(topology.INPUT_STREAM)
+                    agents = {a: (ctx.views.agents[a].standing, ctx.views.live_leases_of(a)) for a in AGENTS}
                     raise AssertionError(
-                        f"jobs stuck after {victim.server.name} died: {stuck}; "
+                        f"jobs stuck after {victim.server.name} died: {stuck}; agents: {agents}; "
                         f"consumers: {consumers}; input stream: {inputs.cluster} {inputs.state}"
                     )
                 done.set()

@@ -202,3 +202,28 @@ def test_warden_doctor_finds_warden_ups_server_and_services_through_its_data_dir
     assert checks["server warden: sync_interval"] == "ok"
     for service in ("scheduler", "reconciler"):
         assert checks[f"service {service}"] == "ok"
+
+
+def test_a_refused_login_is_reported_at_once_not_waited_out(ops_server: opsnats.OpsServer) -> None:
+    result = CliRunner().invoke(
+        doctor_command,
+        [
+            "--nats",
+            ops_server.server.url,
+            "--monitor",
+            ops_server.server.monitor_url,
+            "--user",
+            credentials.OPERATOR_USER,
+            "--password",
+            "not-the-password",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 1, result.output
+    report = json.loads(result.output)
+    problem = next(f for f in report["findings"] if f["check"].startswith("connection to"))
+    assert "authorization violation" in problem["detail"].lower()
+    # The servers were still checked through their monitoring endpoints.
+    assert any(
+        f["check"] == "server warden-1: sync_interval" and f["status"] == "ok" for f in report["findings"]
+    )

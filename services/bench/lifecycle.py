@@ -25,7 +25,11 @@ from shared.sdk import AgentClient, JobContext, Proposal
 
 
 async def collect_events(
-    nc: Client, predicate: Callable[[AnyEvent], bool], count: int, timeout: float
+    nc: Client,
+    predicate: Callable[[AnyEvent], bool],
+    count: int,
+    timeout: float,
+    subject: str = f"{topology.EVENT_ROOT}.*",
 ) -> list[AnyEvent]:
     """The first `count` events (past or future) matching `predicate`, within `timeout`."""
     js = nc.jetstream()
@@ -43,7 +47,7 @@ async def collect_events(
                 done.set()
 
     sub = await js.subscribe(
-        f"{topology.EVENT_ROOT}.*",
+        subject,
         stream=topology.EVENT_STREAM,
         ordered_consumer=True,
         cb=cb,
@@ -182,7 +186,8 @@ async def detection(
             def lost(e: AnyEvent, job_id: uuid.UUID = job_id) -> bool:
                 return isinstance(e, LeaseExpired) and e.originator_id == job_id
 
-            expired = await collect_events(nc, lost, 1, ttl * 20)
+            # One job's subject, not the whole stream: many agents wait at once.
+            expired = await collect_events(nc, lost, 1, ttl * 20, topology.event_subject(job_id))
             if kind == "hung":
                 await conn.close()
             if not expired:

@@ -83,22 +83,30 @@ def doctor_command(
     async def go() -> list[doctor.Finding]:
         nc: Client | None = None
         unreachable: list[doctor.Finding] = []
+        seen: list[Exception] = []
+
+        async def remember(exc: Exception) -> None:
+            seen.append(exc)
+
         try:
             with anyio.fail_after(CONNECT_DEADLINE_S):
-                # One try, no reconnect loop: a refused login or a dead server is the finding.
+                # Each server tried once, no reconnect loop: a refused login or a dead server
+                # is the finding, not something to wait out.
                 nc = await bus.connect(
                     url,
                     "warden-doctor",
                     allow_reconnect=False,
-                    max_reconnect_attempts=0,
+                    max_reconnect_attempts=1,
+                    error_cb=remember,
                     **credentials.client_credentials(user, password),
                 )
         except Exception as exc:  # any failure to connect is itself the finding
+            cause = f" ({seen[-1]})" if seen else ""
             unreachable.append(
                 doctor.Finding(
                     f"connection to {url}",
                     "fail",
-                    f"cannot connect: {exc!r}",
+                    f"cannot connect: {exc}{cause}",
                     "check the URL, that the servers run, and the user/password (WARDEN_NATS_USER)",
                 )
             )

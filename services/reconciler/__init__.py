@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import logging
 from datetime import datetime, timedelta
+from functools import partial
 from uuid import UUID
 
 import anyio
@@ -42,6 +43,10 @@ log = logging.getLogger("warden.reconciler")
 _FAR = timedelta(days=3650)
 # How soon a check that could not reach the store runs again.
 RETRY_S = 1.0
+# Timers follow the events the view folds; a lease the view adopted another way (reloaded after
+# a lost race whose winning write had an unknown outcome, e.g. during a cluster failover) would
+# have none and never expire. This often, every live job's next check is derived again.
+SWEEP_S = 5.0
 
 
 class Reconciler:
@@ -64,6 +69,7 @@ class Reconciler:
         ctx.views.listeners.append(self._on_event)
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._timer_loop, tg)
+            tg.start_soon(self._sweep)
             await tg.start(bus.consume, ctx.js, topology.RECONCILER_CONSUMER, self.handle)
             task_status.started()
 
@@ -124,6 +130,13 @@ class Reconciler:
             del self._due[job_id]
             # Due checks run side by side: one slow append must not delay the next expiry.
             tg.start_soon(self._check, job_id)
+
+    async def _sweep(self) -> None:
+        while True:
+            await anyio.sleep(SWEEP_S)
+            for job in list(self.ctx.views.jobs.values()):
+                if not job.terminal:
+                    self._schedule(job)
 
     def _lock(self, job_id: UUID) -> anyio.Lock:
         lock = self._locks.get(job_id)
@@ -246,8 +259,15 @@ class Reconciler:
                 continue
             subject = topology.agent_subject(lease.agent, "heartbeat")
             try:
-                raw = await self.ctx.js.get_last_msg(topology.INPUT_STREAM, subject, direct=True)
+                raw = await bus.patiently(
+                    partial(self.ctx.js.get_last_msg, topology.INPUT_STREAM, subject, direct=True)
+                )
             except NotFoundError:
+                continue
+            except TimeoutError:
+                # Unknown: count the restart as its last sign of life rather than expire a lease
+                # that may be beating; a silent one still expires one TTL from now.
+                self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(at=now(), input_seq=0, note="restart")
                 continue
             try:
                 hb = decode_input(raw.data or b"", Heartbeat)
