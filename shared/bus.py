@@ -130,7 +130,10 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
 @contextmanager
 def refused(nc: Client, *subjects: str) -> Iterator[_DenialWatch]:
     """Cancel the block as soon as the server refuses one of `subjects` (or a reply inbox) for
-    this connection's credentials, and raise PermissionDenied naming it."""
+    this connection's credentials, and raise PermissionDenied naming it.
+
+    Shield any `nc.flush()` inside: nats-py leaves a cancelled flush's PONG waiter queued, and
+    the next PONG then breaks its read loop."""
     watches: list[_DenialWatch] = getattr(nc, "_warden_watches", [])
     prefix = bytes(getattr(nc, "_inbox_prefix", b"_INBOX")).decode()
     with anyio.CancelScope() as scope:

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from services.bench.runner import PARTS, Options, Report, run
-from services.bench.stats import Figures
 from services.cli.main import cli, json_option
 
 TARGETS = {
@@ -144,7 +143,3 @@ def bench(
         click.echo(json.dumps(report.as_dict(), indent=2, default=str))
     else:
         render(report, console)
-
-
-def figures_line(fig: Figures) -> str:
-    return json.dumps(fig.as_dict())

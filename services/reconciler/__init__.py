@@ -40,7 +40,6 @@ from shared.runtime import Context
 from shared.validation import FieldError, InvalidInput
 
 log = logging.getLogger("warden.reconciler")
-_FAR = timedelta(days=3650)
 # How soon a check that could not reach the store runs again.
 RETRY_S = 1.0
 # Timers follow the events the view folds; a lease the view adopted another way (reloaded after
