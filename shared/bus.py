@@ -132,8 +132,10 @@ def refused(nc: Client, *subjects: str) -> Iterator[_DenialWatch]:
     """Cancel the block as soon as the server refuses one of `subjects` (or a reply inbox) for
     this connection's credentials, and raise PermissionDenied naming it.
 
-    Shield any `nc.flush()` inside: nats-py leaves a cancelled flush's PONG waiter queued, and
-    the next PONG then breaks its read loop."""
+    Refusals arrive asynchronously (a subscription's may come after a later PONG): the block
+    must be waiting for something the refusal makes impossible. Do not `nc.flush()` inside:
+    nats-py leaves a cancelled flush's PONG waiter queued, and the next PONG then breaks its
+    read loop."""
     watches: list[_DenialWatch] = getattr(nc, "_warden_watches", [])
     prefix = bytes(getattr(nc, "_inbox_prefix", b"_INBOX")).decode()
     with anyio.CancelScope() as scope:

@@ -7,15 +7,16 @@ stored message, so a redelivery records nothing new) and, where the sender waits
 from __future__ import annotations
 
 import contextlib
+from typing import TypeVar
 
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
 from shared import bus, telemetry, topology
 from shared.events import InputRejected, rejection_id_for
-from shared.messages import Rejected
+from shared.messages import Input, Rejected, decode_input
 from shared.runtime import Context
-from shared.validation import FieldError
+from shared.validation import FieldError, InvalidInput
 
 
 def input_seq(msg: Msg) -> int:
@@ -40,3 +41,15 @@ async def reject_input(ctx: Context, msg: Msg, errors: list[FieldError], sender:
         await ctx.save(event)
     telemetry.instruments().rejected_inputs.add(1, {"subject": msg.subject.rsplit(".", 1)[-1]})
     await bus.reply(ctx.nc, msg, Rejected(errors=errors, rejection_id=rejection_id))
+
+
+InputT = TypeVar("InputT", bound=Input)
+
+
+async def decode_or_reject(ctx: Context, msg: Msg, tp: type[InputT], sender: str = "") -> InputT | None:
+    """The input decoded as `tp`, or None once its rejection is recorded and answered."""
+    try:
+        return decode_input(msg.data, tp, topology.MAX_INPUT_BYTES)
+    except InvalidInput as exc:
+        await reject_input(ctx, msg, exc.errors, sender=sender)
+        return None

@@ -65,15 +65,13 @@ async def api_request(nc: Client, subject: str) -> None:
 
 
 async def subscribe(nc: Client, subject: str) -> None:
-    """Subscribe and flush: the server answers a refused subscription with an -ERR, normally
-    before the flush's PONG; a second round trip covers a loaded server that sends them apart."""
+    """Subscribe and wait for the server's refusal (the caller's deadline bounds the wait).
+
+    No flush: the server may send a subscription's refusal after a later PONG, and nats-py
+    leaves a cancelled flush's PONG waiter queued (the next PONG then breaks its read loop)."""
     with bus.refused(nc, subject):
         await nc.subscribe(subject)
-        # Shielded: a cancelled flush leaves its PONG waiter behind in nats-py, and the next
-        # PONG then fails its read loop. The refusal still raises once the flush returns.
-        with anyio.CancelScope(shield=True):
-            await nc.flush()
-        await nc.flush()
+        await anyio.sleep_forever()  # ended by the refusal, which raises PermissionDenied
 
 
 async def message_counts(nc: Client) -> dict[str, tuple[int, int, int]]:
@@ -253,3 +251,23 @@ async def test_a_removed_agent_can_no_longer_connect(server: opsnats.OpsServer) 
             allow_reconnect=False,
             max_reconnect_attempts=0,
         )
+
+
+async def test_an_agent_may_write_a_proposal_payload_but_never_read_one(server: opsnats.OpsServer) -> None:
+    from shared import proposals
+
+    url = server.server.url
+    password = add_agent(server, "writer")
+    payload = b"x" * (proposals.CHUNK_BYTES * 2 + 10)  # several chunks
+    async with opsnats.connected(url, **opsnats.service_credentials()) as service:
+        await topology.ensure(service.jetstream(), str(service.connected_server_version))
+        nc = await connect_agent(url, "writer", user=credentials.agent_user("writer"), password=password)
+        try:
+            with anyio.fail_after(10):
+                name = await proposals.put_payload(nc.jetstream(), "writer", uuid.uuid4(), 1, payload)
+            with anyio.fail_after(5), pytest.raises(bus.PermissionDenied, match="publish"):
+                await api_request(nc, f"$JS.API.STREAM.MSG.GET.OBJ_{topology.PAYLOAD_BUCKET}")
+        finally:
+            await nc.close()
+        stored = await (await service.jetstream().object_store(topology.PAYLOAD_BUCKET)).get(name)
+        assert stored.data == payload

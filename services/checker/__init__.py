@@ -39,13 +39,13 @@ from shared.events import (
     now,
     proposal_id_for,
 )
-from shared.handling import input_seq, reject_input
+from shared.handling import decode_or_reject, input_seq, reject_input
 from shared.invariants import Invariant, Subject, Verdict
 from shared.lifecycle import after_attempt, fence
-from shared.messages import Accepted, OperatorCommand, Propose, Rejected, decode_input
+from shared.messages import Accepted, OperatorCommand, Propose, Rejected
 from shared.policy import Policy, load_policy
 from shared.runtime import Context
-from shared.validation import FieldError, InvalidInput
+from shared.validation import FieldError
 
 log = logging.getLogger("warden.checker")
 
@@ -109,10 +109,8 @@ class Checker:
     # --- proposals -----------------------------------------------------------------------
 
     async def on_propose(self, msg: Msg, agent: str) -> None:
-        try:
-            body = decode_input(msg.data, Propose, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors, sender=agent)
+        body = await decode_or_reject(self.ctx, msg, Propose, sender=agent)
+        if body is None:
             return
         if body.job_id not in self.ctx.views.jobs:
             await reject_input(
@@ -376,10 +374,8 @@ class Checker:
     # --- operator approvals ----------------------------------------------------------------
 
     async def on_operator(self, msg: Msg, verb: str) -> None:
-        try:
-            cmd = decode_input(msg.data, OperatorCommand, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors)
+        cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
+        if cmd is None:
             return
         if cmd.proposal_id is None:
             await reject_input(

@@ -33,7 +33,7 @@ from shared.events import (
     Usage,
     now,
 )
-from shared.handling import input_seq, reject_input
+from shared.handling import decode_or_reject, input_seq, reject_input
 from shared.lifecycle import after_attempt, budget_breach, fence
 from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
 from shared.runtime import Context
@@ -288,10 +288,8 @@ class Reconciler:
             context=telemetry.extract(msg.headers),  # type: ignore[arg-type]
         ):
             kind: type[Heartbeat] | type[Release] = Heartbeat if verb == "heartbeat" else Release
-            try:
-                body = decode_input(msg.data, kind, topology.MAX_INPUT_BYTES)
-            except InvalidInput as exc:
-                await reject_input(self.ctx, msg, exc.errors, sender=agent)
+            body = await decode_or_reject(self.ctx, msg, kind, sender=agent)
+            if body is None:
                 return
             if body.job_id not in self.ctx.views.jobs:
                 await reject_input(

@@ -31,12 +31,12 @@ from shared.events import (
     agent_id_for,
     now,
 )
-from shared.handling import reject_input
+from shared.handling import decode_or_reject, reject_input
 from shared.lifecycle import after_attempt
-from shared.messages import Accepted, OperatorCommand, decode_input
+from shared.messages import Accepted, OperatorCommand
 from shared.policy import load_policy
 from shared.runtime import Context
-from shared.validation import FieldError, InvalidInput
+from shared.validation import FieldError
 
 log = logging.getLogger("warden.revoker")
 
@@ -201,10 +201,8 @@ class Revoker:
 
     async def on_operator(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
-        try:
-            cmd = decode_input(msg.data, OperatorCommand, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors)
+        cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
+        if cmd is None:
             return
         for _ in range(5):
             try:

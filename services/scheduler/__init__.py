@@ -32,7 +32,7 @@ from shared.events import (
     job_id_for,
     now,
 )
-from shared.handling import input_seq, reject_input
+from shared.handling import decode_or_reject, input_seq, reject_input
 from shared.messages import (
     Accepted,
     Claim,
@@ -41,11 +41,10 @@ from shared.messages import (
     NoWork,
     OperatorCommand,
     Register,
-    decode_input,
 )
 from shared.policy import load_policy
 from shared.runtime import Context
-from shared.validation import FieldError, InvalidInput
+from shared.validation import FieldError
 
 log = logging.getLogger("warden.scheduler")
 # An agent that claimed within this window counts as present when choosing who retries a job.
@@ -107,10 +106,8 @@ class Scheduler:
                     await self.on_claim(msg, agent)
 
     async def on_request(self, msg: Msg) -> None:
-        try:
-            request = decode_input(msg.data, JobRequest, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors)
+        request = await decode_or_reject(self.ctx, msg, JobRequest)
+        if request is None:
             return
         errors = [FieldError(path=p, message=m) for p, m in semantic_errors(request.contract, now())]
         if errors:
@@ -139,10 +136,8 @@ class Scheduler:
         await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id))
 
     async def on_register(self, msg: Msg, name: str) -> None:
-        try:
-            reg = decode_input(msg.data, Register, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors, sender=name)
+        reg = await decode_or_reject(self.ctx, msg, Register, sender=name)
+        if reg is None:
             return
         for _ in range(5):
             agent = self.ctx.views.agents.get(name)
@@ -170,10 +165,8 @@ class Scheduler:
         return agent
 
     async def on_claim(self, msg: Msg, name: str) -> None:
-        try:
-            claim = decode_input(msg.data, Claim, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors, sender=name)
+        claim = await decode_or_reject(self.ctx, msg, Claim, sender=name)
+        if claim is None:
             return
         at = now()
         if claim.sent_at is not None and claim.sent_at + timedelta(seconds=claim.wait_s) < at:
@@ -284,10 +277,8 @@ class Scheduler:
         )
 
     async def on_operator(self, msg: Msg, verb: str) -> None:
-        try:
-            cmd = decode_input(msg.data, OperatorCommand, topology.MAX_INPUT_BYTES)
-        except InvalidInput as exc:
-            await reject_input(self.ctx, msg, exc.errors)
+        cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
+        if cmd is None:
             return
         if cmd.job_id is None:
             await reject_input(self.ctx, msg, [FieldError(path="$.job_id", message=f"{verb} needs a job_id")])
