@@ -14,7 +14,8 @@ from msgspec.structs import replace
 from shared.aggregates import Agent, Job, evolve_agent, evolve_job, is_agent_event
 from shared.events import AnyEvent, Event, InputRejected, digest
 
-Listener = Callable[[Event, Job | None, Agent | None], None]
+# Called with each folded event; with event None when a state was reloaded from the store.
+Listener = Callable[[Event | None, Job | None, Agent | None], None]
 
 
 class Views:
@@ -77,14 +78,16 @@ class Views:
         current = self.jobs.get(job.id)
         if current is None or current.version < job.version:
             self.jobs[job.id] = job
+            self._notify(None, job, None)  # timers and queues must see a reloaded state too
 
     def replace_agent(self, agent: Agent) -> None:
         current = self.agents.get(agent.name)
         if current is None or current.version < agent.version:
             self.agents[agent.name] = agent
             self._agents_by_id[agent.id] = agent.name
+            self._notify(None, None, agent)
 
-    def _notify(self, event: Event, job: Job | None, agent: Agent | None) -> None:
+    def _notify(self, event: Event | None, job: Job | None, agent: Agent | None) -> None:
         for listener in self.listeners:
             listener(event, job, agent)
 

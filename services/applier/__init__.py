@@ -101,9 +101,10 @@ class Applier:
             tg.start_soon(self._loop)
             task_status.started()
 
-    def _on_event(self, event: Event, job: Job | None, _agent: object) -> None:
-        if job is not None and isinstance(
-            event, ProposalAccepted | RollbackRequested | JobCancelled | JobTombstoned
+    def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
+        if job is not None and (
+            event is None  # reloaded from the store: its work may be new to us
+            or isinstance(event, ProposalAccepted | RollbackRequested | JobCancelled | JobTombstoned)
         ):
             self._consider(job)
 

@@ -84,7 +84,7 @@ class Checker:
             )
             task_status.started()
 
-    def _on_event(self, event: Event, job: Job | None, _agent: object) -> None:
+    def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
         if isinstance(event, ProposalSubmitted) and job is not None:
             self._proposal_job[event.proposal_id] = job.id
 

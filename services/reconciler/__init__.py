@@ -74,9 +74,9 @@ class Reconciler:
 
     # --- the lease table -----------------------------------------------------------------
 
-    def _on_event(self, event: Event, job: Job | None, _agent: object) -> None:
-        if (job is not None and isinstance(event, LeaseGranted)) or (job is not None and job.version == 1):
-            assert job is not None
+    def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
+        # A grant, a new job (its deadline), or a state reloaded after a lost race.
+        if job is not None and (event is None or isinstance(event, LeaseGranted) or job.version == 1):
             self._schedule(job)
 
     def deadline_of(self, job: Job, lease: Lease) -> datetime:
