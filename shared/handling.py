@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from typing import TypeVar
+from uuid import UUID
 
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
@@ -53,3 +54,11 @@ async def decode_or_reject(ctx: Context, msg: Msg, tp: type[InputT], sender: str
     except InvalidInput as exc:
         await reject_input(ctx, msg, exc.errors, sender=sender)
         return None
+
+
+async def known_job(ctx: Context, msg: Msg, job_id: UUID, sender: str) -> bool:
+    """True when the view knows `job_id`; otherwise the input's rejection is recorded and answered."""
+    if job_id in ctx.views.jobs:
+        return True
+    await reject_input(ctx, msg, [FieldError(path="$.job_id", message=f"no job {job_id}")], sender)
+    return False

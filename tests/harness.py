@@ -107,3 +107,22 @@ async def submit(nc: Client, request: JobRequest) -> UUID:
     assert isinstance(reply, Accepted), reply
     assert reply.job_id is not None
     return reply.job_id
+
+
+class SlowHandler:
+    """A handler that works until cancelled, recording that it was: for revocation tests."""
+
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.cancelled: list[bool] = []
+
+    async def __call__(self, ctx: Any) -> Any:
+        from shared.sdk import Proposal
+
+        self.started.set()
+        try:
+            await anyio.sleep(60)
+        except anyio.get_cancelled_exc_class():
+            self.cancelled.append(True)
+            raise
+        return Proposal()

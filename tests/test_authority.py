@@ -32,9 +32,9 @@ from shared.events import (
 )
 from shared.messages import Accepted, JobRequest, OperatorCommand, Rejected
 from shared.policy import load_policy
-from shared.sdk import AgentClient, AgentError, JobContext, Proposal
+from shared.sdk import AgentClient, AgentError, JobContext
 from shared.server import EmbeddedServer
-from tests.harness import client, running, submit, wait_for_event
+from tests.harness import SlowHandler, client, running, submit, wait_for_event
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -206,27 +206,17 @@ async def test_revoking_an_agent_revokes_its_live_leases_and_cancels_its_handler
         g1, g2 = await agent.claim(), await agent.claim()
         assert g1 is not None and g2 is not None
         assert {g1.job_id, g2.job_id} == {first, second}
-        started = anyio.Event()
-        cancelled: list[bool] = []
-
-        async def handler(ctx: JobContext) -> Proposal:
-            started.set()
-            try:
-                await anyio.sleep(60)
-            except anyio.get_cancelled_exc_class():
-                cancelled.append(True)
-                raise
-            return Proposal()
+        handler = SlowHandler()
 
         async def revoke_when_started() -> None:
-            await started.wait()
+            await handler.started.wait()
             assert isinstance(await _operate(nc, "revoke", agent="mallory"), Accepted)
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(revoke_when_started)
             with anyio.fail_after(15):
                 outcome = await agent.work(g1, handler)
-        assert cancelled == [True]
+        assert handler.cancelled == [True]
         assert outcome.status == "revoked"
         revoked = await wait_for_event(nc, lambda e: isinstance(e, AgentRevoked))
         assert isinstance(revoked, AgentRevoked) and revoked.by == "alice"

@@ -19,9 +19,9 @@ from shared.events import (
     MessageRejected,
 )
 from shared.messages import Heartbeat, JobRequest, Rejected
-from shared.sdk import AgentClient, JobContext, Proposal
+from shared.sdk import AgentClient, JobContext
 from shared.server import EmbeddedServer
-from tests.harness import client, events_of, running, submit, wait_for_event
+from tests.harness import SlowHandler, client, events_of, running, submit, wait_for_event
 
 
 def quick_contract(ttl: float = 0.6, attempts: int = 3, **kw: object) -> Contract:
@@ -177,20 +177,10 @@ async def test_a_revocation_reaches_the_sdk_on_the_next_heartbeat_and_cancels_th
         job_id = await submit(nc, request(contract=quick_contract(ttl=2.0)))
         grant = await agent.claim()
         assert grant is not None
-        started = anyio.Event()
-        cancelled = []
-
-        async def handler(ctx: JobContext) -> Proposal:
-            started.set()
-            try:
-                await anyio.sleep(60)
-            except anyio.get_cancelled_exc_class():
-                cancelled.append(True)
-                raise
-            return Proposal()
+        handler = SlowHandler()
 
         async def cancel_when_started() -> None:
-            await started.wait()
+            await handler.started.wait()
             await bus.request(
                 nc,
                 topology.operator_subject("cancel"),
@@ -201,7 +191,7 @@ async def test_a_revocation_reaches_the_sdk_on_the_next_heartbeat_and_cancels_th
             tg.start_soon(cancel_when_started)
             with anyio.fail_after(10):
                 outcome = await agent.work(grant, handler)
-        assert cancelled == [True]
+        assert handler.cancelled == [True]
         assert outcome.status == "revoked"
         event = await wait_for_event(nc, lambda e: isinstance(e, JobCancelled))
         assert isinstance(event, JobCancelled) and event.by == "bob"

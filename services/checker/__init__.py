@@ -39,7 +39,7 @@ from shared.events import (
     now,
     proposal_id_for,
 )
-from shared.handling import decode_or_reject, input_seq, reject_input
+from shared.handling import decode_or_reject, input_seq, known_job, reject_input
 from shared.invariants import Invariant, Subject, Verdict
 from shared.lifecycle import after_attempt, fence
 from shared.messages import Accepted, OperatorCommand, Propose, Rejected
@@ -112,10 +112,7 @@ class Checker:
         body = await decode_or_reject(self.ctx, msg, Propose, sender=agent)
         if body is None:
             return
-        if body.job_id not in self.ctx.views.jobs:
-            await reject_input(
-                self.ctx, msg, [FieldError(path="$.job_id", message=f"no job {body.job_id}")], agent
-            )
+        if not await known_job(self.ctx, msg, body.job_id, agent):
             return
         async with _in_progress(msg), self._lock(body.job_id):
             for _ in range(_RETRIES):

@@ -33,11 +33,11 @@ from shared.events import (
     Usage,
     now,
 )
-from shared.handling import decode_or_reject, input_seq, reject_input
+from shared.handling import decode_or_reject, input_seq, known_job
 from shared.lifecycle import after_attempt, budget_breach, fence
 from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
 from shared.runtime import Context
-from shared.validation import FieldError, InvalidInput
+from shared.validation import InvalidInput
 
 log = logging.getLogger("warden.reconciler")
 # How soon a check that could not reach the store runs again.
@@ -291,10 +291,7 @@ class Reconciler:
             body = await decode_or_reject(self.ctx, msg, kind, sender=agent)
             if body is None:
                 return
-            if body.job_id not in self.ctx.views.jobs:
-                await reject_input(
-                    self.ctx, msg, [FieldError(path="$.job_id", message=f"no job {body.job_id}")], agent
-                )
+            if not await known_job(self.ctx, msg, body.job_id, agent):
                 return
             async with self._lock(body.job_id):
                 for _ in range(5):
