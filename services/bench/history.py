@@ -181,7 +181,7 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-async def settled_rss(pid: int, quiet_s: float = 2.0, limit_s: float = 600.0) -> int:
+async def settled_rss(pid: int, quiet_s: float = 1.0, limit_s: float = 600.0) -> int:
     """RSS once the process has stopped burning CPU for `quiet_s` (it has caught up)."""
     deadline = time.monotonic() + limit_s
     last, quiet_since = cpu_ticks(pid), time.monotonic()

@@ -40,12 +40,12 @@ class Options:
     @classmethod
     def quick_mode(cls, parts: tuple[str, ...] = PARTS) -> Options:
         return cls(
-            jobs=300,
+            jobs=150,
             workers=4,
-            leases=8,
+            leases=6,
             ttl=0.5,
-            publish=10_000,
-            replay_events=100_000,
+            publish=5_000,
+            replay_events=50_000,
             parts=parts,
             quick=True,
         )
