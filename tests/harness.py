@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -126,3 +127,27 @@ class SlowHandler:
             self.cancelled.append(True)
             raise
         return Proposal()
+
+
+def job_request(contract: Any, kind: str = "refactor") -> JobRequest:
+    return JobRequest(idempotency_key=str(uuid.uuid4()), kind=kind, contract=contract)
+
+
+async def lease_job(nc: Client, name: str, contract: Any) -> tuple[Any, Any]:
+    """Register agent `name`, submit a job under `contract`, and lease it: (agent, its JobContext)."""
+    from shared.sdk import AgentClient, JobContext
+
+    agent = AgentClient(nc, name)
+    await agent.register()
+    job_id = await submit(nc, job_request(contract))
+    grant = await agent.claim()
+    assert grant is not None and grant.job_id == job_id
+    return agent, JobContext(grant=grant)
+
+
+async def propose_accepted(agent: Any, ctx: Any, proposal: Any) -> UUID:
+    """Propose and expect the checker to take it; its proposal id."""
+    reply = await agent.propose(ctx, proposal)
+    assert isinstance(reply, Accepted), reply
+    assert reply.proposal_id is not None
+    return reply.proposal_id

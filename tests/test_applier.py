@@ -30,35 +30,18 @@ from shared.events import (
     ProposalAccepted,
     RollbackRequested,
 )
-from shared.messages import Accepted, JobRequest, Rejected
+from shared.messages import Rejected
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, Proposal
 from shared.server import EmbeddedServer
 from tests import gitrepo
-from tests.harness import client, events_of, running, submit, wait_for_event
+from tests.harness import client, events_of, running, wait_for_event
+from tests.harness import lease_job as lease
+from tests.harness import propose_accepted as propose
 
 SERVICES = ["scheduler", "reconciler", "checker", "applier"]
 DECIDERS = ["scheduler", "reconciler", "checker"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def request(contract: Contract) -> JobRequest:
-    return JobRequest(idempotency_key=str(uuid.uuid4()), kind="refactor", contract=contract)
-
-
-async def lease(nc: Any, name: str, contract: Contract) -> tuple[AgentClient, JobContext]:
-    agent = AgentClient(nc, name)
-    await agent.register()
-    job_id = await submit(nc, request(contract))
-    grant = await agent.claim()
-    assert grant is not None and grant.job_id == job_id
-    return agent, JobContext(grant=grant)
-
-
-async def propose(agent: AgentClient, ctx: JobContext, proposal: Proposal) -> uuid.UUID:
-    reply = await agent.propose(ctx, proposal)
-    assert isinstance(reply, Accepted) and reply.proposal_id is not None, reply
-    return reply.proposal_id
 
 
 def applied(pid: uuid.UUID) -> Any:

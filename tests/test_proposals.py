@@ -32,34 +32,17 @@ from shared.events import (
     ProposalRejected,
     ProposalSubmitted,
 )
-from shared.messages import Accepted, JobRequest, OperatorCommand, Propose, Rejected
+from shared.messages import Accepted, OperatorCommand, Propose, Rejected
 from shared.sdk import AgentClient, JobContext, Proposal, connect_agent
 from shared.server import EmbeddedServer
 from tests import gitrepo, opsnats
 from tests.harness import client, events_of, running, submit, wait_for_event
+from tests.harness import job_request as request
+from tests.harness import lease_job as claim
+from tests.harness import propose_accepted as propose
 
 SERVICES = ["scheduler", "reconciler", "checker", "applier"]
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def request(contract: Contract, kind: str = "refactor") -> JobRequest:
-    return JobRequest(idempotency_key=str(uuid.uuid4()), kind=kind, contract=contract)
-
-
-async def claim(nc: Any, name: str, contract: Contract) -> tuple[AgentClient, JobContext]:
-    agent = AgentClient(nc, name)
-    await agent.register()
-    job_id = await submit(nc, request(contract))
-    grant = await agent.claim()
-    assert grant is not None and grant.job_id == job_id
-    return agent, JobContext(grant=grant)
-
-
-async def propose(agent: AgentClient, ctx: JobContext, proposal: Proposal) -> uuid.UUID:
-    reply = await agent.propose(ctx, proposal)
-    assert isinstance(reply, Accepted), reply
-    assert reply.proposal_id is not None
-    return reply.proposal_id
 
 
 def decided(pid: uuid.UUID) -> Any:
