@@ -20,6 +20,9 @@ def isolated_read_side(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ./.warden/projections.sqlite or the default port 8765 (tests run side by side)."""
     monkeypatch.setenv("WARDEN_PROJECTIONS_URL", f"sqlite:///{tmp_path / 'projections.sqlite'}")
     monkeypatch.setenv("WARDEN_HTTP", "127.0.0.1:0")
+    # `warden up/run` in-process (CliRunner) set these for the API; never let one test's leak.
+    monkeypatch.delenv("WARDEN_API_AUTH", raising=False)
+    monkeypatch.delenv("WARDEN_API_TOKENS", raising=False)
 
 
 @pytest.fixture

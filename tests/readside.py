@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import anyio
 from nats.js import JetStreamContext
@@ -59,11 +60,14 @@ async def read_side(
     *,
     services: list[str] | None = None,
     api: bool = False,
+    auth: str = "operators",
+    tokens: Path | None = None,
     name: str = "read-side",
 ) -> AsyncIterator[ReadSide]:
-    """Run a projector into `store_url` (plus an API on a free port, and any named services)."""
+    """Run a projector into `store_url` (plus an API on a free port, with `auth` over the token
+    file `tokens`, and any named services)."""
     projector = Projector(store_url, max_batch=200)
-    http = Api("127.0.0.1:0", store_url) if api else None
+    http = Api("127.0.0.1:0", store_url, auth=auth, tokens=tokens) if api else None
     chosen = [projector, *([http] if http else []), *(registry.build(services) if services else [])]
     async with runtime.deployment(nats_url, name=name) as (ctx, _url), anyio.create_task_group() as tg:
         await tg.start(runtime.run_services, ctx, chosen)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import anyio
 import pytest
@@ -335,36 +336,38 @@ async def test_revocation_latency_is_measured_from_the_signal_to_the_event_and_t
 
 
 async def test_operator_commands_work_over_http_and_name_who_and_why(
-    nats_server: EmbeddedServer, tmp_path: object
+    nats_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     import httpx
 
+    from shared.tokens import TokenStore, tokens_path
     from tests.readside import read_side
 
     store = f"sqlite:///{tmp_path}/ops.sqlite"
+    token_file = tokens_path(tmp_path)
+    token = TokenStore(token_file).add("dana", "operator")
     async with (
-        read_side(nats_server.url, store, api=True, services=["scheduler", "revoker"]) as side,
+        read_side(
+            nats_server.url, store, api=True, tokens=token_file, services=["scheduler", "revoker"]
+        ) as side,
         client(nats_server.url) as nc,
     ):
         assert side.api is not None
         agent = AgentClient(nc, "remote")
         await agent.register()
-        async with httpx.AsyncClient(base_url=side.api.url, timeout=15) as http:
-            ok = await http.post(
-                "/api/operator/suspend", json={"operator": "dana", "reason": "paging", "agent": "remote"}
-            )
+        headers = {"Authorization": f"Bearer {token}"}
+        async with httpx.AsyncClient(base_url=side.api.url, timeout=15, headers=headers) as http:
+            ok = await http.post("/api/operator/suspend", json={"reason": "paging", "agent": "remote"})
             assert ok.status_code == 200, ok.text
             assert ok.json()["type"] == "accepted"
             event = await wait_for_event(nc, lambda e: isinstance(e, AgentSuspended))
             assert isinstance(event, AgentSuspended) and event.by == "dana" and event.reason == "paging"
-            refused = await http.post(
-                "/api/operator/suspend", json={"operator": "dana", "reason": "again", "agent": "remote"}
-            )
+            refused = await http.post("/api/operator/suspend", json={"reason": "again", "agent": "remote"})
             assert refused.status_code == 422
             assert "suspended" in refused.json()["errors"][0]["message"]
-            bad = await http.post("/api/operator/suspend", json={"reason": "no operator", "agent": "remote"})
+            bad = await http.post("/api/operator/suspend", json={"agent": "remote"})
             assert bad.status_code == 400
-            assert any(d["parameter"] == "$.operator" for d in bad.json()["details"])
+            assert any(d["parameter"] == "$.reason" for d in bad.json()["details"])
             unknown = await http.post("/api/operator/teleport", json={})
             assert unknown.status_code == 400 and "unknown operator command" in unknown.json()["error"]
             document = (await http.get("/openapi.json")).json()

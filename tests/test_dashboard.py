@@ -147,3 +147,46 @@ async def test_the_dashboard_shows_a_new_job_and_follows_it_through_its_states(
                 await page.screenshot(Path(os.environ["WARDEN_SCREENSHOT"]))
         errors = [line for line in page.console if line.startswith("exception")]
         assert errors == []
+
+
+LOGIN_SHOWN = """
+new Promise((resolve) => {
+  const form = document.getElementById("login");
+  const check = () => { if (!form.hidden) { resolve(document.getElementById("login-message").textContent); return true; } return false; };
+  if (!check()) new MutationObserver((m, o) => { if (check()) o.disconnect(); })
+    .observe(form, { attributes: true, subtree: true, childList: true });
+})
+"""
+
+
+async def test_under_auth_all_the_dashboard_asks_for_a_token_then_reads_and_follows_with_it(
+    nats_server: EmbeddedServer, tmp_path: Path, chromium: str
+) -> None:
+    from shared.tokens import TokenStore, tokens_path
+
+    store = f"sqlite:///{tmp_path / 'dashboard.sqlite'}"
+    token_file = tokens_path(tmp_path)
+    token = TokenStore(token_file).add("viewer", "client")
+    async with (
+        read_side(
+            nats_server.url, store, api=True, auth="all", tokens=token_file, services=["scheduler"]
+        ) as side,
+        client(nats_server.url) as nc,
+        browser_page(chromium) as page,
+    ):
+        assert side.api is not None
+        with anyio.fail_after(60):
+            await page.goto(side.api.url + "/")
+            assert await page.evaluate(LOGIN_SHOWN) == "this API needs a token"
+            assert await page.evaluate("document.body.dataset.ready") is None
+            await page.evaluate("document.getElementById('token').focus()")
+            await page.send("Input.insertText", {"text": token})
+            await page.evaluate("document.querySelector('#login button').click()")
+            await page.goto(side.api.url + "/")  # the tab keeps the token (sessionStorage)
+            assert await page.evaluate(READY) is True
+            assert await page.evaluate("document.getElementById('login').hidden") is True
+            # Live updates arrive over the authenticated stream too.
+            job_id = await submit(nc, job_request(kind="behind-login", contract=quick_contract(ttl=5.0)))
+            assert "behind-login" in await page.evaluate(card_in_state(str(job_id), "queued"))
+        errors = [line for line in page.console if line.startswith("exception")]
+        assert errors == []

@@ -2,6 +2,8 @@
 
 Serves on `--http HOST:PORT` (or WARDEN_HTTP; default 127.0.0.1:8765; port 0 picks a free one)
 from the read model the projector maintains (`--projections URL` or WARDEN_PROJECTIONS_URL).
+Who may call what follows `--auth` (WARDEN_API_AUTH) over the token store WARDEN_API_TOKENS
+names (`api-tokens.json` in the data dir): see services/api/auth.py.
 uvicorn runs on this process's loop, inside the service's task group; signals stay with the
 Warden runtime, which cancels the service, and the server then closes its live streams and
 finishes the requests in hand.
@@ -14,6 +16,7 @@ import os
 import socket
 from collections.abc import Generator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,9 +25,11 @@ from anyio.abc import TaskStatus
 
 from services.api import metrics as readmodel_metrics
 from services.api.app import Deps, build
+from services.api.auth import AUTH_ENV, DEFAULT_AUTH, TOKENS_ENV, Auth, check_setting
 from services.api.hub import Hub
 from shared.readmodel import configured_url, open_read_model
 from shared.runtime import Context
+from shared.tokens import TokenStore
 
 log = logging.getLogger("warden.api")
 
@@ -61,9 +66,19 @@ class _Server(uvicorn.Server):
 class Api:
     name = "api"
 
-    def __init__(self, http: str | None = None, projections: str | None = None) -> None:
+    def __init__(
+        self,
+        http: str | None = None,
+        projections: str | None = None,
+        *,
+        auth: str | None = None,
+        tokens: Path | None = None,
+    ) -> None:
         self.address = parse_address(http or os.environ.get(HTTP_ENV) or DEFAULT_HTTP)
         self.store_url = configured_url(projections)
+        mode = check_setting(auth or os.environ.get(AUTH_ENV) or DEFAULT_AUTH, self.address[0])
+        tokens_file = tokens or (Path(os.environ[TOKENS_ENV]) if os.environ.get(TOKENS_ENV) else None)
+        self.auth = Auth(mode, TokenStore(tokens_file))
         self.url = ""  # http://host:port, once listening
         self.hub: Hub | None = None
 
@@ -81,7 +96,7 @@ class Api:
             return hub.summary
 
         try:
-            app = build(Deps(store=store, hub=hub, app=ctx.app, js=ctx.js, nc=ctx.nc))
+            app = build(Deps(store=store, hub=hub, app=ctx.app, js=ctx.js, nc=ctx.nc, auth=self.auth))
             config = uvicorn.Config(
                 app,
                 lifespan="off",
@@ -104,7 +119,7 @@ class Api:
                 await tg.start(hub.run)
                 readmodel_metrics.register(latest_summary)
                 tg.start_soon(serve)
-                log.info("dashboard and API on %s", self.url)
+                log.info("dashboard and API on %s (--auth %s)", self.url, self.auth.mode)
                 task_status.started()
                 try:
                     await anyio.sleep_forever()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,14 +23,16 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from services.api import spec
+from services.api.auth import Auth, Denied, Need
 from services.api.hub import Hub, sse
 from shared import bus, events, topology
 from shared.app import WardenApp
-from shared.messages import OperatorCommand, Rejected, decode_input
+from shared.messages import Accepted, AnyReply, OperatorCommand, Rejected, decode_input
 from shared.readmodel import ReadModel, queries
 from shared.readmodel.fold import summarize
 from shared.readmodel.store import redacted
 from shared.readmodel.tables import AGENTS, FAILURES, JOBS, REVOCATIONS, ts
+from shared.tokens import Identity, TokenStore, TokenStoreError
 from shared.validation import InvalidInput
 
 log = logging.getLogger("warden.api")
@@ -38,6 +40,7 @@ log = logging.getLogger("warden.api")
 STATIC = Path(__file__).parent / "static"
 KEEPALIVE_S = 15.0
 VERSION = "1"
+NOT_AN_OBJECT = "the body must be a JSON object"
 
 
 @dataclass
@@ -46,7 +49,8 @@ class Deps:
     hub: Hub
     app: WardenApp
     js: JetStreamContext
-    nc: Client | None = None  # for operator commands; read-only without it
+    nc: Client | None = None  # for operator commands and job submission; read-only without it
+    auth: Auth = field(default_factory=lambda: Auth("operators", TokenStore(None)))
 
 
 def json(body: Any, status: int = 200) -> Response:
@@ -57,14 +61,62 @@ def error(status: int, message: str, details: list[spec.ParamError] | None = Non
     return json(spec.ErrorBody(error=message, details=details or []), status)
 
 
+def authorize(auth: Auth, request: Request, need: Need) -> Identity | Response | None:
+    """Who is calling (None: an open read), or the 401/403/503 response to send instead."""
+    try:
+        outcome = auth.check(request, need)  # one stat (and a small read when it changed)
+    except TokenStoreError as exc:
+        log.error("%s", exc)
+        return error(503, f"{exc}; no request needing a token can be checked until it is fixed")
+    if isinstance(outcome, Denied):
+        response = error(outcome.status, outcome.message)
+        if outcome.challenge:
+            response.headers["WWW-Authenticate"] = outcome.challenge
+        return response
+    return outcome
+
+
+async def read_body(request: Request, limit: int = topology.MAX_INPUT_BYTES) -> bytes | None:
+    """The request body, or None once it passes `limit` (read no further: 413)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def stamped(body: bytes, key: str, name: str) -> bytes | None:
+    """`body` with `key` set to the authenticated name: who acts is never the body's claim.
+
+    Every other member is kept byte for byte (msgspec.Raw), so the services validate exactly
+    what was sent. None when the body is not a JSON object.
+    """
+    try:
+        members = msgspec.json.decode(body, type=dict[str, msgspec.Raw])
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    members[key] = msgspec.Raw(msgspec.json.encode(name))
+    return msgspec.json.encode(members)
+
+
 Handler = Callable[[Request, dict[str, Any]], Awaitable[Response]]
 
 
-def endpoint(path: str, handler: Handler) -> Route:
-    """A GET route whose query and path parameters are validated against its declaration."""
+def endpoint(path: str, handler: Handler, auth: Auth) -> Route:
+    """A GET route: the caller authorized to read, its query and path parameters validated
+    against its declaration."""
     declared = spec.ENDPOINTS_BY_PATH[path]
 
     async def route(request: Request) -> Response:
+        who = authorize(auth, request, "read")
+        if isinstance(who, Response):
+            return who
         try:
             values = spec.parse_query(declared.params, list(request.query_params.multi_items()))
             for param in declared.params:
@@ -159,7 +211,12 @@ def build(deps: Deps) -> Starlette:
         )
 
     async def operator(request: Request) -> Response:
-        """An operator command over HTTP: the same input, stored and answered as from the CLI."""
+        """An operator command over HTTP: the same input, stored and answered as from the CLI,
+        given by the authenticated operator (a body `operator` is overwritten)."""
+        who = authorize(deps.auth, request, "operate")
+        if isinstance(who, Response):
+            return who
+        assert who is not None  # "operate" is never an open read
         verb = request.path_params["verb"]
         if verb not in topology.OPERATOR_VERBS:
             return error(
@@ -167,20 +224,54 @@ def build(deps: Deps) -> Starlette:
             )
         if deps.nc is None:
             return error(503, "this API process has no NATS connection for commands")
-        body = await request.body()
+        body = await read_body(request)
+        if body is None:
+            return error(413, f"a command is at most {topology.MAX_INPUT_BYTES} bytes")
+        data = stamped(body, "operator", who.name)
+        if data is None:
+            return error(400, f"bad {verb} command", [spec.ParamError(parameter="$", message=NOT_AN_OBJECT)])
         try:
-            command = decode_input(body, OperatorCommand, topology.MAX_INPUT_BYTES)
+            command = decode_input(data, OperatorCommand, topology.MAX_INPUT_BYTES)
         except InvalidInput as exc:
             details = [spec.ParamError(parameter=e.path, message=e.message) for e in exc.errors]
             return error(400, f"bad {verb} command", details)
-        try:
-            reply = await bus.request(deps.nc, topology.operator_subject(verb), command, timeout=10)
-        except bus.ReplyTimeout as exc:
-            return error(503, str(exc))
+        reply = await forward(topology.operator_subject(verb), command)
+        if isinstance(reply, Response):
+            return reply
         return json(reply, 422 if isinstance(reply, Rejected) else 200)
 
+    async def submit_job(request: Request) -> Response:
+        """A job request over HTTP, decided by the scheduler exactly as one on warden.in.request
+        (validation, idempotency, the recorded rejection); the submitter is the caller."""
+        who = authorize(deps.auth, request, "submit")
+        if isinstance(who, Response):
+            return who
+        assert who is not None  # "submit" is never an open read
+        if deps.nc is None:
+            return error(503, "this API process has no NATS connection for job requests")
+        body = await read_body(request)
+        if body is None:
+            return error(413, f"a job request is at most {topology.MAX_INPUT_BYTES} bytes")
+        # Not an object: sent as it came, so the scheduler records and answers its rejection.
+        reply = await forward(topology.REQUEST_SUBJECT, stamped(body, "submitter", who.name) or body)
+        if isinstance(reply, Response):
+            return reply
+        if isinstance(reply, Accepted) and reply.job_id is not None:
+            created = json(reply, 200 if reply.duplicate else 201)
+            created.headers["Location"] = f"/api/jobs/{reply.job_id}"
+            return created
+        return json(reply, 422)
+
+    async def forward(subject: str, payload: msgspec.Struct | bytes) -> AnyReply | Response:
+        """Store the input and wait for the service's verdict (a 503 when none comes)."""
+        assert deps.nc is not None
+        try:
+            return await bus.request(deps.nc, subject, payload, timeout=10)
+        except (bus.ReplyTimeout, bus.NotStored, bus.PermissionDenied) as exc:
+            return error(503, str(exc))
+
     async def openapi(_request: Request) -> Response:
-        return json(spec.openapi(VERSION))
+        return json(spec.openapi(VERSION, deps.auth.mode))
 
     async def metrics(_request: Request) -> Response:
         await hub.current_summary()  # the read-model gauges report the latest position
@@ -195,16 +286,17 @@ def build(deps: Deps) -> Starlette:
         return error(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}")
 
     routes = [
-        endpoint("/api/jobs", list_jobs),
-        endpoint("/api/jobs/{job_id}", one_job),
-        endpoint("/api/agents", list_agents),
-        endpoint("/api/agents/{name}", one_agent),
-        endpoint("/api/failures", failures),
-        endpoint("/api/revocations", revocations),
-        endpoint("/api/metrics/summary", summary),
-        endpoint("/api/metrics/detection-latency", latency),
-        endpoint("/api/status", status),
-        endpoint("/api/events/stream", stream),
+        endpoint("/api/jobs", list_jobs, deps.auth),
+        endpoint("/api/jobs/{job_id}", one_job, deps.auth),
+        endpoint("/api/agents", list_agents, deps.auth),
+        endpoint("/api/agents/{name}", one_agent, deps.auth),
+        endpoint("/api/failures", failures, deps.auth),
+        endpoint("/api/revocations", revocations, deps.auth),
+        endpoint("/api/metrics/summary", summary, deps.auth),
+        endpoint("/api/metrics/detection-latency", latency, deps.auth),
+        endpoint("/api/status", status, deps.auth),
+        endpoint("/api/events/stream", stream, deps.auth),
+        Route("/api/jobs", submit_job, methods=["POST"]),
         Route("/api/operator/{verb}", operator, methods=["POST"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -11,7 +11,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
-from shared.messages import AnyReply, OperatorCommand
+from shared.messages import AnyReply, JobRequest, OperatorCommand
 from shared.readmodel.tables import (
     FAILURE_KINDS,
     JOB_STATES,
@@ -387,8 +387,36 @@ ENDPOINTS: tuple[Endpoint, ...] = (
 ENDPOINTS_BY_PATH = {e.path: e for e in ENDPOINTS}
 
 
-def openapi(version: str) -> dict[str, Any]:
-    """The OpenAPI 3.1 document for every endpoint above."""
+BEARER = {
+    "type": "http",
+    "scheme": "bearer",
+    "description": "A token from `warden creds add-operator NAME` (operator commands, jobs, reads) or "
+    "`warden creds add-client NAME` (jobs and reads). Which endpoints need one follows the API's "
+    "`--auth` setting: operators (writes only), all (reads too), off (none; loopback only).",
+}
+
+
+def _unauthorized(error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "description": "No token, a malformed Authorization header, or an unknown or removed token",
+        "headers": {
+            "WWW-Authenticate": {
+                "description": 'Bearer realm="warden" (with error="invalid_token" for a bad one)',
+                "schema": {"type": "string"},
+            }
+        },
+        "content": error,
+    }
+
+
+def _security(needed: bool, auth: str) -> list[dict[str, list[str]]]:
+    if auth == "off":
+        return [{}, {"bearer": []}]  # optional: a valid token names who acted
+    return [{"bearer": []}] if needed else []
+
+
+def openapi(version: str, auth: str = "operators") -> dict[str, Any]:
+    """The OpenAPI 3.1 document for every endpoint above, as this API's `--auth` setting serves them."""
     types: list[Any] = [ErrorBody]
     for endpoint in ENDPOINTS:
         if endpoint.response is not None:
@@ -407,10 +435,13 @@ def openapi(version: str) -> dict[str, Any]:
         }
         if "{" in endpoint.path:
             responses["404"] = {"description": "Not found", "content": error}
+        if auth == "all":
+            responses["401"] = _unauthorized(error)
         paths[endpoint.path] = {
             "get": {
                 "summary": endpoint.summary,
                 "description": endpoint.description or endpoint.summary,
+                "security": _security(auth == "all", auth),
                 "operationId": endpoint.path.strip("/")
                 .replace("/", "_")
                 .replace("{", "")
@@ -432,27 +463,67 @@ def openapi(version: str) -> dict[str, Any]:
     paths["/metrics"] = {
         "get": {
             "summary": "Prometheus scrape endpoint",
+            "description": "Always open: aggregate counts and latencies only (no ids or names).",
             "operationId": "metrics",
+            "security": [],
             "responses": {"200": {"description": "Prometheus text format", "content": {"text/plain": {}}}},
         }
     }
-    (command_schema, reply_schema), extra = msgspec.json.schema_components(
-        [OperatorCommand, AnyReply], ref_template="#/components/schemas/{name}"
+    (command_schema, reply_schema, request_schema), extra = msgspec.json.schema_components(
+        [OperatorCommand, AnyReply, JobRequest], ref_template="#/components/schemas/{name}"
     )
     components.update(extra)
+    reply = {"application/json": {"schema": reply_schema}}
+    too_large = {"description": "The body is over 1 MB (MAX_INPUT_BYTES)", "content": error}
+    paths["/api/jobs"]["post"] = {
+        "summary": "Submit a job request (as one on warden.in.request, decided by the scheduler)",
+        "description": "The body is a job request (schemas/inputs/job.request.json). It is validated "
+        "and deduplicated by `idempotency_key` exactly as on NATS, and a rejection is recorded "
+        "(`input.rejected`). `submitter` is the token's name: a body `submitter` is overwritten.",
+        "operationId": "submit_job",
+        "security": _security(True, auth),
+        "requestBody": {"required": True, "content": {"application/json": {"schema": request_schema}}},
+        "responses": {
+            "201": {
+                "description": "Accepted: a new job (Location: /api/jobs/{job_id})",
+                "headers": {"Location": {"schema": {"type": "string"}}},
+                "content": reply,
+            },
+            "200": {
+                "description": "Already submitted under this idempotency key: the first job's id, "
+                "`duplicate: true`",
+                "content": reply,
+            },
+            "401": _unauthorized(error),
+            "413": too_large,
+            "422": {
+                "description": "Rejected: the reply lists every error (and is recorded)",
+                "content": reply,
+            },
+            "503": {"description": "No service answered, or nothing could be stored", "content": error},
+        },
+    }
     paths["/api/operator/{verb}"] = {
         "post": {
             "summary": "Give an operator command (recorded as an event naming who and why)",
             "description": "Stored on warden.in.op.<verb> and answered by the service that owns the verb: "
-            + ", ".join(OPERATOR_VERBS),
+            + ", ".join(OPERATOR_VERBS)
+            + ". Who gives it is the token's name: a body `operator` may be omitted and is overwritten.",
             "operationId": "operator_command",
+            "security": _security(True, auth),
             "parameters": [
                 {"name": "verb", "in": "path", "required": True, "schema": {"enum": list(OPERATOR_VERBS)}}
             ],
             "requestBody": {"required": True, "content": {"application/json": {"schema": command_schema}}},
             "responses": {
-                "200": {"description": "Recorded", "content": {"application/json": {"schema": reply_schema}}},
+                "200": {"description": "Recorded", "content": reply},
                 "400": {"description": "Malformed body or unknown verb", "content": error},
+                "401": _unauthorized(error),
+                "403": {
+                    "description": "A valid token that may not give operator commands (a client's)",
+                    "content": error,
+                },
+                "413": too_large,
                 "422": {
                     "description": "Refused: the reply lists why",
                     "content": {"application/json": {"schema": reply_schema}},
@@ -469,5 +540,5 @@ def openapi(version: str) -> dict[str, Any]:
             "description": "Projections of Warden's event stream, for dashboards, and operator commands.",
         },
         "paths": paths,
-        "components": {"schemas": components},
+        "components": {"schemas": components, "securitySchemes": {"bearer": BEARER}},
     }

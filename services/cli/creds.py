@@ -1,4 +1,5 @@
-"""`warden creds`: per-agent NATS credentials (user and password), written to the servers' users file."""
+"""`warden creds`: per-agent NATS credentials (user and password), written to the servers' users
+file; and the HTTP API's bearer tokens (operators, client services), kept hashed in the data dir."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from typing import Any
 
 import click
 
-from services.cli.main import cli, fail, json_option
-from shared import credentials, topology
+from services.cli.main import cli, data_dir_option, fail, json_option
+from shared import credentials, tokens, topology
 
 
 def users_file_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -120,13 +121,22 @@ def remove_agent(name: str, users_file: Path | None, reload_pids: tuple[int, ...
 
 @creds.command("list")
 @users_file_option
+@data_dir_option
 @json_option
-def list_users(users_file: Path | None, as_json: bool) -> None:
-    """Every user in the file and what it may publish and subscribe to."""
+def list_users(users_file: Path | None, data_dir: Path, as_json: bool) -> None:
+    """Every user in the file and what it may publish and subscribe to; then the HTTP API's
+    tokens in --data-dir (names and roles; tokens are stored only as hashes)."""
     path = credentials.users_file_from_env(users_file)
     users = credentials.UsersFile.load(path).users()
+    try:
+        api_tokens = _token_store(data_dir).entries()
+    except tokens.TokenStoreError as exc:
+        fail(str(exc), code=1)
     if as_json:
-        out = [{"user": u.name, "permissions": u.permissions.to_conf()} for u in users]
+        out: list[dict[str, Any]] = [{"user": u.name, "permissions": u.permissions.to_conf()} for u in users]
+        out += [
+            {"api_token": t.name, "role": t.role, "created_at": t.created_at.isoformat()} for t in api_tokens
+        ]
         click.echo(json.dumps(out, indent=2))
         return
     for user in users:
@@ -136,6 +146,13 @@ def list_users(users_file: Path | None, as_json: bool) -> None:
         if perms.publish_deny:
             click.echo(f"  except:    {', '.join(perms.publish_deny)}")
         click.echo(f"  subscribe: {', '.join(perms.subscribe_allow)}")
+    store = tokens.tokens_path(data_dir)
+    if api_tokens:
+        click.echo(f"HTTP API tokens ({store}):")
+        for t in api_tokens:
+            click.echo(f"  {t.name}  {t.role}  since {t.created_at:%Y-%m-%d %H:%M:%S}Z")
+    else:
+        click.echo(f"HTTP API tokens: none in {store}")
 
 
 @creds.command("sync")
@@ -149,3 +166,78 @@ def sync(users_file: Path | None, reload_pids: tuple[int, ...]) -> None:
     if not _reload(reload_pids):
         click.echo(RELOAD_HINT)
     click.echo(f"{path}: {len(users.agents)} agent(s), permissions from the current topology")
+
+
+# --- HTTP API tokens --------------------------------------------------------------------------
+
+
+def _token_store(data_dir: Path) -> tokens.TokenStore:
+    return tokens.TokenStore(tokens.tokens_path(data_dir))
+
+
+def _issue(name: str, role: tokens.Role, data_dir: Path, as_json: bool) -> None:
+    store = _token_store(data_dir)
+    try:
+        token = store.add(name, role)
+    except tokens.BadTokenName as exc:
+        fail(str(exc))
+    except (tokens.TokenStoreError, OSError) as exc:
+        fail(str(exc), code=1)
+    if as_json:
+        click.echo(json.dumps({"name": name, "role": role, "token": token, "store": str(store.path)}))
+        return
+    click.echo(f"{role} {name}: token (shown once): {token}")
+    click.echo(f"stored as a sha256 hash in {store.path}; a running API accepts it now")
+    click.echo('send it as the header "Authorization: Bearer TOKEN"')
+
+
+@creds.command("add-operator")
+@click.argument("name")
+@data_dir_option
+@json_option
+def add_operator(name: str, data_dir: Path, as_json: bool) -> None:
+    """Issue an HTTP API token for operator NAME and print it once.
+
+    The operator may give operator commands, submit jobs and read (POST /api/operator/VERB,
+    POST /api/jobs); every command it gives is recorded as given by NAME. Running it again
+    issues a new token and invalidates the old one. --data-dir is the one `warden up` (or
+    `warden run api`) uses.
+    """
+    _issue(name, "operator", data_dir, as_json)
+
+
+@creds.command("add-client")
+@click.argument("name")
+@data_dir_option
+@json_option
+def add_client(name: str, data_dir: Path, as_json: bool) -> None:
+    """Issue an HTTP API token for client service NAME (submit jobs and read; no operator
+    commands: those answer 403) and print it once."""
+    _issue(name, "client", data_dir, as_json)
+
+
+def _remove(name: str, role: tokens.Role, data_dir: Path) -> None:
+    store = _token_store(data_dir)
+    try:
+        removed = store.remove(name, role)
+    except (tokens.TokenStoreError, OSError) as exc:
+        fail(str(exc), code=1)
+    if not removed:
+        fail(f"no {role} token named {name} in {store.path}", code=1)
+    click.echo(f"{role} {name}: token removed from {store.path}; a running API refuses it now")
+
+
+@creds.command("remove-operator")
+@click.argument("name")
+@data_dir_option
+def remove_operator(name: str, data_dir: Path) -> None:
+    """Remove operator NAME's HTTP API token (effective on the API's next request)."""
+    _remove(name, "operator", data_dir)
+
+
+@creds.command("remove-client")
+@click.argument("name")
+@data_dir_option
+def remove_client(name: str, data_dir: Path) -> None:
+    """Remove client service NAME's HTTP API token (effective on the API's next request)."""
+    _remove(name, "client", data_dir)

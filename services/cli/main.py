@@ -16,7 +16,7 @@ import click
 from anyio.abc import TaskStatus
 
 from services import registry
-from services.cli.readside_options import read_side_options
+from services.cli.readside_options import api_token_note, read_side_options
 from shared import runtime
 from shared.bus import NoServerNamed
 
@@ -100,6 +100,7 @@ def cli(verbose: int) -> None:
 def _serve(names: list[str] | None, nats_url: str | None, data_dir: Path, replicas: int) -> None:
     services = registry.build(names)
     started = time.monotonic()
+    token_note = api_token_note([s.name for s in services], data_dir)
 
     async def main() -> None:
         async def body(task_status: TaskStatus[None]) -> None:
@@ -117,6 +118,8 @@ def _serve(names: list[str] | None, nats_url: str | None, data_dir: Path, replic
                             f"{', '.join(s.name for s in services)} on {url}"
                             + (f" (embedded, data in {data_dir})" if nats_url is None else ""),
                         )
+                        if token_note:
+                            click.echo(token_note)
                         task_status.started()
                 finally:
                     if nats_url is None:

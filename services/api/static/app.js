@@ -1,4 +1,5 @@
 // Warden dashboard: plain JS over the read API. Loads once, then follows /api/events/stream.
+// Under `--auth all` it asks for a token once per tab (sessionStorage) and sends it on every call.
 "use strict";
 
 const STATES = ["queued", "leased", "proposed", "accepted", "completed", "tombstoned", "cancelled"];
@@ -24,8 +25,42 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+// --- the API token (needed for reads under `--auth all`), kept for this tab only ----------
+
+const TOKEN_KEY = "warden.token";
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+function askForToken(message) {
+  const form = document.getElementById("login");
+  form.hidden = false;
+  document.getElementById("login-message").textContent = message;
+  const connection = document.getElementById("connection");
+  connection.dataset.state = "reconnecting";
+  connection.textContent = "signed out";
+}
+
+function setUpLogin() {
+  document.getElementById("login").addEventListener("submit", (event) => {
+    event.preventDefault();
+    const token = document.getElementById("token").value.trim();
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+    location.reload();
+  });
+}
+
+class Unauthorized extends Error {}
+
 async function api(path) {
-  const response = await fetch(path, { headers: { Accept: "application/json" } });
+  const response = await fetch(path, { headers: { Accept: "application/json", ...authHeaders() } });
+  if (response.status === 401) {
+    askForToken(sessionStorage.getItem(TOKEN_KEY) ? "that token was refused" : "this API needs a token");
+    throw new Unauthorized(`${path}: 401`);
+  }
   if (!response.ok) throw new Error(`${path}: ${response.status}`);
   return response.json();
 }
@@ -214,22 +249,50 @@ function scheduleRefresh() {
   }, 400);
 }
 
-function follow() {
+function onTimeline(update) {
+  state.position = Math.max(state.position, update.entry.seq);
+  document.getElementById("position").textContent = `position ${state.position}`;
+  if (update.job) placeJob(update.job, true);
+  if (state.openJob && update.entry.job_id === state.openJob) openJob(state.openJob);
+  scheduleRefresh();
+}
+
+// Server-sent events read through fetch (EventSource cannot send the Authorization header);
+// on any end or error it reconnects after the last position it saw, as EventSource would.
+async function follow() {
   const connection = document.getElementById("connection");
-  const source = new EventSource(`/api/events/stream?after=${state.position}`);
-  source.onopen = () => { connection.dataset.state = "live"; connection.textContent = "live"; };
-  source.onerror = () => { connection.dataset.state = "reconnecting"; connection.textContent = "reconnecting…"; };
-  source.addEventListener("timeline", (message) => {
-    const update = JSON.parse(message.data);
-    state.position = Math.max(state.position, update.entry.seq);
-    document.getElementById("position").textContent = `position ${state.position}`;
-    if (update.job) placeJob(update.job, true);
-    if (state.openJob && update.entry.job_id === state.openJob) openJob(state.openJob);
-    scheduleRefresh();
-  });
+  try {
+    const response = await fetch(`/api/events/stream?after=${state.position}`, {
+      headers: { Accept: "text/event-stream", ...authHeaders() },
+    });
+    if (response.status === 401) { askForToken("this API needs a token"); return; }
+    if (!response.ok) throw new Error(`/api/events/stream: ${response.status}`);
+    connection.dataset.state = "live";
+    connection.textContent = "live";
+    const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += value;
+      let end;
+      while ((end = buffer.indexOf("\n\n")) >= 0) {
+        const lines = buffer.slice(0, end).split("\n");
+        buffer = buffer.slice(end + 2);
+        const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6)).join("\n");
+        if (lines.includes("event: timeline") && data) onTimeline(JSON.parse(data));
+      }
+    }
+  } catch (err) {
+    console.warn(err);
+  }
+  connection.dataset.state = "reconnecting";
+  connection.textContent = "reconnecting…";
+  setTimeout(follow, 1000);
 }
 
 async function start() {
+  setUpLogin();
   buildBoard();
   document.getElementById("close-detail").addEventListener("click", () => {
     state.openJob = null;
@@ -245,6 +308,7 @@ async function start() {
 }
 
 start().catch((err) => {
+  if (err instanceof Unauthorized) return;  // the login field is showing
   console.error(err);
   const connection = document.getElementById("connection");
   connection.textContent = `error: ${err.message}`;
