@@ -15,15 +15,12 @@ latencies, no names or ids; Prometheus scrapes it) are always open.
 from __future__ import annotations
 
 import ipaddress
-import logging
 from dataclasses import dataclass
 from typing import Literal
 
 from starlette.requests import Request
 
-from shared.tokens import ANONYMOUS, Identity, TokenStore, TokenStoreError
-
-log = logging.getLogger("warden.api")
+from shared.tokens import ANONYMOUS, Identity, TokenStore
 
 AuthMode = Literal["operators", "all", "off"]
 AUTH_MODES: tuple[AuthMode, ...] = ("operators", "all", "off")
@@ -119,6 +116,3 @@ def _how(need: Need) -> str:
 
 def _verb(need: Need) -> str:
     return {"read": "read", "submit": "submit jobs", "operate": "give operator commands"}[need]
-
-
-__all__ = ["AUTH_MODES", "Auth", "AuthMode", "BadAuthSetting", "Denied", "TokenStoreError", "check_setting"]

@@ -26,7 +26,7 @@ from services.api.auth import (
     is_loopback,
 )
 from shared.readmodel.store import URL_ENV, default_url
-from shared.tokens import local_operator_token, tokens_path
+from shared.tokens import TokenStoreError, local_operator_token, tokens_path
 
 
 def read_side_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -82,5 +82,8 @@ def api_token_note(services: list[str], data_dir: Path) -> str | None:
             f"the HTTP API needs bearer tokens (--auth {os.environ.get(AUTH_ENV, DEFAULT_AUTH)}): "
             f"`warden creds add-operator NAME --data-dir {data_dir}`"
         )
-    _token, path = local_operator_token(data_dir)
+    try:
+        _token, path = local_operator_token(data_dir)
+    except (TokenStoreError, OSError) as exc:
+        raise click.ClickException(f"cannot keep the local operator's API token: {exc}") from None
     return f'API token of operator "local": {path} (curl -H "Authorization: Bearer $(cat {path})" ...)'
