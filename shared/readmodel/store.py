@@ -8,7 +8,7 @@ and a projector that restarts resumes from exactly where its last commit left of
 Backends: SQLite (the embedded default, `.warden/projections.sqlite`) and PostgreSQL, both
 through eventsourcing's own datastores and tracking tables, chosen by URL:
 
-    sqlite:///path/to/file.sqlite   (or a bare path)
+    sqlite:///relative/file.sqlite, sqlite:////absolute/file.sqlite   (or a bare path)
     postgresql://user:password@host:5432/dbname?schema=warden
 """
 
@@ -186,8 +186,10 @@ def redacted(url: str) -> str:
 
 
 def default_url(data_dir: Path | str | None = None) -> str:
+    """SQLite inside the data folder, as an absolute path: the URL means the same file whatever
+    the working directory of the process that reads it (the API, `warden replay`, a test)."""
     folder = Path(data_dir or os.environ.get("WARDEN_DATA_DIR") or ".warden")
-    return f"sqlite:///{folder / DEFAULT_FILE}"
+    return f"sqlite:///{folder.resolve() / DEFAULT_FILE}"
 
 
 def configured_url(url: str | None = None, data_dir: Path | str | None = None) -> str:
@@ -215,9 +217,11 @@ def store_env(url: str) -> dict[str, str]:
         }
         return env
     if parsed.scheme in ("sqlite", ""):
-        path = parsed.path if parsed.scheme else url
-        if parsed.scheme and parsed.netloc:  # sqlite://relative/path
-            path = parsed.netloc + parsed.path
+        # SQLAlchemy's convention: what follows `sqlite:///` is the path as written, so
+        # `sqlite:///d/x` is relative (./d/x) and `sqlite:////d/x` is absolute (/d/x).
+        path = url
+        if parsed.scheme:
+            path = url.split("?", 1)[0].removeprefix("sqlite:").removeprefix("///").removeprefix("//")
         if not path:
             raise StoreURLError(f"{url!r} names no SQLite file")
         if path != ":memory:":
