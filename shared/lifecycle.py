@@ -31,7 +31,7 @@ def budget_breach(job: Job, usage: Usage, lease: Lease, at: datetime) -> str:
     if budgets.wall_clock_s is not None:
         used = (at - lease.granted_at).total_seconds()
         if used > budgets.wall_clock_s:
-            return f"wall clock {used:.1f}s > budget {budgets.wall_clock_s}s"
+            return f"wall clock {used:.3f}s > budget {budgets.wall_clock_s:g}s"
     return ""
 
 

@@ -214,29 +214,45 @@ async def test_explain_names_the_cause_of_each_injected_failure(
 
         js = nc.jetstream()
         jobs = (hang, crash, flaky, budget, cancel, stale, scope, ci)
-        causes = {job: (await explain.explain_job(js, job)).cause for job in jobs}
+        explained = {job: await explain.explain_job(js, job) for job in jobs}
         whole = await ledger.verify_log(js)
 
     # Every service that appended (scheduler, reconciler, revoker, checker, applier) chained it.
     assert whole.ok, ledger.render(whole)
+    causes = {job: e.cause for job, e in explained.items()}
+    classes = {job: e.cause_class for job, e in explained.items()}
 
+    assert classes[hang] == "hung"
     assert causes[hang].startswith("agent sleeper hung (it spoke again"), causes[hang]
     assert "lease 1 expired with no heartbeat for 0.5s (none ever received)" in causes[hang]
     assert "ms after deadline" in causes[hang]
+    # Killed, never restarted: the log cannot tell a dead agent from a stopped one, and says so.
+    assert classes[crash] == "crashed_or_hung"
     assert causes[crash].startswith("agent crasher crashed or hung: lease 1 expired with no heartbeat for 1s")
     assert "note 'editing src/app.py'" in causes[crash]
+    assert "undecidable from the log" in causes[crash]
+    assert classes[flaky] == "crashed_or_hung"
     assert causes[flaky].startswith("max attempts (2) reached, every lease lost (expired); last: agent flaky")
     assert "lease 2 expired" in causes[flaky]
-    assert (
-        causes[budget] == "budget breach: tokens 500 > budget 100 (lease 1 of spender revoked by reconciler)"
+    # The first of flaky's two lost leases is named too, beside the one that ended it.
+    assert [c.epoch for c in explained[flaky].contained] == [1]
+    assert classes[budget] == "budget"
+    assert causes[budget] == (
+        "budget breach: tokens 500 > budget 100 (over by 400) (lease 1 of spender revoked by reconciler)"
     )
+    assert classes[cancel] == "operator"
     assert (
         causes[cancel] == "cancelled by operator bob: wrong repository (lease 1 of worker revoked in flight)"
     )
-    assert causes[stale].startswith(
-        "repeated side effect prevented: late proposal under stale epoch 1 from late"
-    )
+    # The stale job completed: it contained a hang (the late agent spoke again) and its late proposal.
+    assert explained[stale].status == "completed" and explained[stale].ended_by is None
+    assert [c.cls for c in explained[stale].contained] == ["hung", "fenced_late_message"]
+    late = explained[stale].contained[1]
+    assert late.epoch == 1 and late.agent == "late" and late.proposal_id is not None
+    assert str(late.proposal_id) in causes[stale] and "under lease 1 (expired at" in causes[stale]
+    assert classes[scope] == "scope_breach"
     assert causes[scope] == "scope breach: secrets/key.pem outside contract globs ['src/**']"
+    assert classes[ci] == "ci_failure"
     assert causes[ci] == "tests failed: ci_gate exit 1"
 
 
@@ -643,7 +659,8 @@ def test_warden_explain_prints_the_story_and_the_same_as_json(nats_server: Embed
     story = json.loads(data.output)
     assert story["status"] == "tombstoned"
     assert story["cause"].startswith("agent a1 crashed or hung: lease 1 expired")
-    assert f"cause: {story['cause']}" in text.output
+    assert story["cause_class"] == story["ended_by"]["cls"] == "crashed_or_hung"
+    assert f"cause [crashed_or_hung]: {story['cause']}" in text.output
     assert "a1 claimed it: lease 1 granted for 0.5s" in text.output
     shown = cli_run("ledger", "show", str(lost), "--nats", url, "--json")
     assert shown.exit_code == 0, shown.output
@@ -777,9 +794,10 @@ async def test_an_effect_found_already_applied_is_explained_as_a_repeat_prevente
         )
         expl = await explain.explain_job(nc.jetstream(), job_id)
     assert expl.status == "completed"
+    assert expl.cause_class == "receipt_reused" and expl.ended_by is None
     assert expl.cause == (
-        f"repeated side effect prevented: git.patch of proposal {pid} was already applied "
-        "(its receipt was found), so the retry recorded it instead of applying it again"
+        f"contained: repeated side effect prevented: git.patch of proposal {pid} was already applied "
+        "(its receipt was found), so the retry recorded it instead of doing it again"
     )
     (story,) = expl.proposals
     assert [(e.what, e.receipt, e.reused_receipt) for e in story.effects] == [("applied", receipt, True)]
