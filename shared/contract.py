@@ -12,6 +12,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct, field
 
+from shared.paths import glob_problem
+
 EFFECT_KINDS = ("git.patch", "file.write", "webhook", "none")
 
 PositiveSeconds = Annotated[float, Meta(gt=0, le=86_400 * 7)]
@@ -77,9 +79,29 @@ class Contract(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     approval_required: bool = False
 
 
-def semantic_errors(contract: Contract, now: datetime) -> list[tuple[str, str]]:
-    """Rules across fields that a type cannot express: (field path, message) pairs."""
-    errors: list[tuple[str, str]] = []
+def scope_errors(scope: Scope) -> list[tuple[str, str]]:
+    """Every glob that the scope invariant could not match, or that names unsafe paths."""
+    return [
+        (f"$.contract.scope.paths[{i}]", f"glob {glob!r} {problem}")
+        for i, glob in enumerate(scope.paths)
+        if (problem := glob_problem(glob))
+    ]
+
+
+def semantic_errors(contract: Contract, now: datetime, *, max_level: int) -> list[tuple[str, str]]:
+    """Rules a type cannot express, all of them: (field path, message) pairs.
+
+    `max_level` is the policy's highest level: a job requiring more could never be granted.
+    """
+    errors = scope_errors(contract.scope)
+    if contract.required_level > max_level:
+        errors.append(
+            (
+                "$.contract.required_level",
+                f"level {contract.required_level} is above the policy's highest level {max_level}: "
+                "no agent can ever hold it",
+            )
+        )
     stop = contract.stopping
     if stop.heartbeat_interval_s >= stop.lease_ttl_s:
         errors.append(

@@ -88,6 +88,9 @@ class JobRequested(Event, frozen=True, tag="job.requested"):
     contract: Contract
     submitter: str = ""
     input_seq: int = 0
+    # sha256 of the request's canonical body (shared.messages.request_digest): what the key is
+    # bound to. "" on events recorded before it was kept.
+    request_digest: str = ""
 
 
 class LeaseGranted(Event, frozen=True, tag="lease.granted"):

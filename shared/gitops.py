@@ -12,14 +12,13 @@ Everything here is synchronous (subprocesses); async callers run it in a worker 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 ZERO = "0" * 40
 TRAILER_JOB = "Warden-Job"
@@ -139,68 +138,6 @@ def numstat_paths(patch: str) -> list[str]:
         if name and name not in paths:
             paths.append(name)
     return paths
-
-
-def unsafe_path(path: str) -> str:
-    """Why `path` may not be written relative to a root (absolute, `..`, .git), or ""."""
-    pure = PurePosixPath(path)
-    if not path or pure.is_absolute() or path.startswith("\\"):
-        return "absolute path"
-    if ".." in pure.parts:
-        return "path climbs out with '..'"
-    if ".git" in pure.parts:
-        return "path inside .git"
-    return ""
-
-
-_GLOB_CACHE: dict[str, re.Pattern[str]] = {}
-
-
-def glob_regex(pattern: str) -> re.Pattern[str]:
-    """`**` crosses directories (`src/**`, `**/*.py`); `*`, `?` and `[...]` stay in one segment."""
-    cached = _GLOB_CACHE.get(pattern)
-    if cached is not None:
-        return cached
-    out_: list[str] = []
-    i, n = 0, len(pattern)
-    while i < n:
-        c = pattern[i]
-        if pattern.startswith("**/", i):
-            out_.append("(?:.*/)?")
-            i += 3
-        elif pattern.startswith("/**", i) and i + 3 == n:
-            out_.append("(?:/.*)?")
-            i += 3
-        elif pattern.startswith("**", i):
-            out_.append(".*")
-            i += 2
-        elif c == "*":
-            out_.append("[^/]*")
-            i += 1
-        elif c == "?":
-            out_.append("[^/]")
-            i += 1
-        elif c == "[":
-            j = pattern.find("]", i + 2)
-            if j == -1:
-                out_.append(re.escape(c))
-                i += 1
-            else:
-                body = pattern[i + 1 : j]
-                if body.startswith("!"):
-                    body = "^" + body[1:]
-                out_.append(f"(?!/)[{body}]")
-                i = j + 1
-        else:
-            out_.append(re.escape(c))
-            i += 1
-    compiled = re.compile("".join(out_) + r"\Z", re.DOTALL)
-    _GLOB_CACHE[pattern] = compiled
-    return compiled
-
-
-def glob_match(pattern: str, path: str) -> bool:
-    return glob_regex(pattern.lstrip("/")).match(path) is not None
 
 
 # --- building commits without a working tree ------------------------------------------------

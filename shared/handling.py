@@ -24,8 +24,13 @@ def input_seq(msg: Msg) -> int:
     return int(msg.metadata.sequence.stream)
 
 
-async def reject_input(ctx: Context, msg: Msg, errors: list[FieldError], sender: str = "") -> None:
-    """Record why an input was refused, and tell the sender if it waits for an answer."""
+async def reject_input(
+    ctx: Context, msg: Msg, errors: list[FieldError], sender: str = "", *, job_id: UUID | None = None
+) -> None:
+    """Record why an input was refused, and tell the sender if it waits for an answer.
+
+    `job_id` names the job the refusal is about when the sender needs it (an idempotency conflict).
+    """
     seq = input_seq(msg)
     rejection_id = rejection_id_for(topology.INPUT_STREAM, seq)
     event = InputRejected(
@@ -41,7 +46,7 @@ async def reject_input(ctx: Context, msg: Msg, errors: list[FieldError], sender:
     with contextlib.suppress(IntegrityError):  # a redelivery: its rejection is already recorded
         await ctx.save(event)
     telemetry.instruments().rejected_inputs.add(1, {"subject": msg.subject.rsplit(".", 1)[-1]})
-    await bus.reply(ctx.nc, msg, Rejected(errors=errors, rejection_id=rejection_id))
+    await bus.reply(ctx.nc, msg, Rejected(errors=errors, rejection_id=rejection_id, job_id=job_id))
 
 
 InputT = TypeVar("InputT", bound=Input)

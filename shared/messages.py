@@ -6,6 +6,7 @@ and append events. Each input subject has one typed decoder (`decode_input`).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from uuid import UUID
@@ -33,6 +34,40 @@ class JobRequest(Input, frozen=True, tag="job.request"):
     kind: Annotated[str, Meta(min_length=1, max_length=128)]
     contract: Contract = field(default_factory=Contract)
     submitter: Annotated[str, Meta(max_length=256)] = ""
+
+
+def _canonical(value: Any) -> Any:
+    """A Struct as builtins without the fields at their default, recursively."""
+    if isinstance(value, Struct):
+        out: dict[str, Any] = {}
+        for f in msgspec.structs.fields(value):
+            item = getattr(value, f.name)
+            if f.default is not msgspec.NODEFAULT:
+                default = f.default
+            elif f.default_factory is not msgspec.NODEFAULT:
+                default = f.default_factory()
+            else:
+                default = msgspec.NODEFAULT
+            if item != default:
+                out[f.encode_name] = _canonical(item)
+        return out
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _canonical(v) for k, v in value.items()}
+    return value
+
+
+def request_digest(request: JobRequest) -> str:
+    """sha256 of the request's canonical body: what "the same request" means for one idempotency key.
+
+    Canonical: the decoded request (so `1` and `1.0` for a float agree), without the fields at
+    their default (so an explicit default equals an omitted one, and a field added later with a
+    default changes no earlier digest), keys sorted. The `type` tag, like any transport detail
+    (headers, reply address), is not part of the body.
+    """
+    encoded = msgspec.json.encode(_canonical(request), order="sorted")
+    return hashlib.sha256(encoded).hexdigest()
 
 
 class Register(Input, frozen=True, tag="agent.register"):
@@ -114,7 +149,11 @@ def agent_input_type(verb: str) -> type[Input]:
 
 
 def decode_input(data: bytes, tp: type[InputT], max_bytes: int | None = None) -> InputT:
-    """Decode one input of the subject's declared type; the `type` tag may be omitted."""
+    """Decode one input of the subject's declared type; the `type` tag may be omitted.
+
+    The subject already says which type it is, so `type` is optional in the published schemas
+    too (shared/schemas.py); when present it must name the subject's type.
+    """
     return decode(data, tp, max_bytes=max_bytes)
 
 
@@ -136,6 +175,8 @@ class Accepted(Reply, frozen=True, tag="accepted"):
 class Rejected(Reply, frozen=True, tag="rejected"):
     errors: list[FieldError]
     rejection_id: UUID | None = None
+    # A request refused because its idempotency key already names a job: that job.
+    job_id: UUID | None = None
 
 
 class LeaseGrant(Reply, frozen=True, tag="lease.grant"):

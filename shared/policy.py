@@ -58,6 +58,27 @@ class Policy(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     revocation: Revocation = field(default_factory=Revocation)
     rollback: Rollback = field(default_factory=Rollback)
 
+    @property
+    def top_level(self) -> int:
+        """The highest declared level: no agent can hold more, so no job may require more."""
+        return max(lv.level for lv in self.levels)
+
+    @property
+    def bottom_level(self) -> int:
+        return min(lv.level for lv in self.levels)
+
+    def level_refusal(self, level: int) -> str | None:
+        """Why an agent may not be put at `level` (it is not one the policy declares), or None."""
+        declared = sorted(lv.level for lv in self.levels)
+        if level in declared:
+            return None
+        listed = ", ".join(map(str, declared))
+        if level > self.top_level:
+            return f"level {level} is above the policy's highest level {self.top_level} (levels {listed})"
+        if level < self.bottom_level:
+            return f"level {level} is below the policy's lowest level {self.bottom_level} (levels {listed})"
+        return f"level {level} is not a level of the policy (levels {listed})"
+
     def at(self, level: int) -> Level:
         """The rules of `level` (levels above the highest declared use the highest)."""
         ordered = sorted(self.levels, key=lambda lv: lv.level)
@@ -104,4 +125,9 @@ def _load(path: Path) -> Policy:
         raise PolicyError(f"invalid autonomy policy {path}: {exc}") from exc
     if not policy.levels:
         raise PolicyError(f"autonomy policy {path} declares no levels")
+    if policy.promotion.max_level > policy.top_level:
+        raise PolicyError(
+            f"autonomy policy {path}: promotion.max_level {policy.promotion.max_level} is above "
+            f"the highest declared level {policy.top_level}"
+        )
     return policy

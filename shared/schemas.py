@@ -7,12 +7,16 @@ disagree, so a field change cannot ship without its schema.
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import msgspec
 
 from shared import events, messages
+from shared.contract import Budgets, CiGate, Contract, Scope, Stopping, Target
+from shared.validation import FieldError
 
 GROUPS: dict[str, tuple[type[msgspec.Struct], ...]] = {
     "events": events.EVENT_TYPES,
@@ -30,14 +34,122 @@ GROUPS: dict[str, tuple[type[msgspec.Struct], ...]] = {
 }
 
 
+_JOB = UUID("4f7b7c1e-2a0d-5c3e-9d8b-1a2b3c4d5e6f")
+_AT = datetime(2099, 1, 1, 12, 0, tzinfo=UTC)
+_PATCH = "diff --git a/src/a.py b/src/a.py\n--- a/src/a.py\n+++ b/src/a.py\n@@ -1 +1 @@\n-x = 1\n+x = 2\n"
+
+# What a client writes and reads, published in each schema's `examples` (tests decode every one,
+# and variations of it, through the server's decoder and through the schema).
+EXAMPLES: dict[str, list[msgspec.Struct]] = {
+    "job.request": [
+        messages.JobRequest(idempotency_key="issue-42", kind="refactor"),
+        messages.JobRequest(
+            idempotency_key="issue-43",
+            kind="feature",
+            submitter="ci-bot",
+            contract=Contract(
+                scope=Scope(paths=["src/**", "tests/**/test_*.py"], effects=["git.patch"]),
+                authorities=["repo:write"],
+                inputs={"issue": 43, "title": "add a feature with a test"},
+                output_schema={"type": "object", "required": ["summary"]},
+                required_level=1,
+                stopping=Stopping(
+                    deadline=_AT,
+                    max_attempts=3,
+                    lease_ttl_s=60.0,
+                    heartbeat_interval_s=15.0,
+                    budgets=Budgets(steps=50, tokens=200_000, cost=2.5, wall_clock_s=1800.0),
+                ),
+                target=Target(repo="/srv/git/app.git", branch="main"),
+                ci=CiGate(command=["python", "-m", "unittest"], timeout_s=300.0),
+                invariants=["no_secrets"],
+                approval_required=True,
+            ),
+        ),
+    ],
+    "agent.register": [messages.Register(max_concurrent=2, kinds=["refactor", "feature"])],
+    "agent.claim": [messages.Claim(), messages.Claim(kinds=["refactor"], wait_s=10.0, sent_at=_AT)],
+    "agent.heartbeat": [
+        messages.Heartbeat(
+            job_id=_JOB,
+            epoch=1,
+            progress=0.5,
+            usage=events.Usage(steps=3, tokens=1200, cost=0.02),
+            note="tests written",
+        )
+    ],
+    "agent.propose": [
+        messages.Propose(
+            job_id=_JOB,
+            epoch=1,
+            effect="git.patch",
+            patch=_PATCH,
+            base="0" * 40,
+            output={"summary": "x is 2 now"},
+            usage=events.Usage(steps=9, tokens=5000, cost=0.1),
+            evidence={"tests": "ok"},
+        ),
+        messages.Propose(job_id=_JOB, epoch=2, effect="file.write", files={"docs/x.md": "# x\n"}),
+    ],
+    "agent.proposal_payload": [messages.ProposalPayload(patch=_PATCH, output={"summary": "x is 2 now"})],
+    "agent.release": [messages.Release(job_id=_JOB, epoch=1, reason="cannot reproduce")],
+    "operator.command": [
+        messages.OperatorCommand(operator="alice", reason="reviewed the history", agent="fixer", level=1),
+        messages.OperatorCommand(operator="alice", reason="network fixed", job_id=_JOB),
+    ],
+    "accepted": [messages.Accepted(job_id=_JOB), messages.Accepted(job_id=_JOB, duplicate=True)],
+    "rejected": [
+        messages.Rejected(
+            errors=[
+                FieldError(
+                    path="$.contract.scope.paths[0]",
+                    message="glob '../**' is refused: path climbs out with '..'",
+                ),
+                FieldError(
+                    path="$.contract.required_level",
+                    message="level 5 is above the policy's highest level 2: no agent can ever hold it",
+                ),
+            ],
+            rejection_id=UUID("0b9d3a4c-5e6f-5a1b-8c2d-3e4f5a6b7c8d"),
+        ),
+        messages.Rejected(
+            errors=[
+                FieldError(path="$.idempotency_key", message="idempotency key 'issue-42' already names ...")
+            ],
+            job_id=_JOB,
+        ),
+    ],
+    "lease.grant": [
+        messages.LeaseGrant(
+            job_id=_JOB,
+            kind="refactor",
+            epoch=1,
+            expires_at=_AT,
+            ttl_s=30.0,
+            heartbeat_interval_s=10.0,
+            contract=Contract(),
+        )
+    ],
+    "no.work": [messages.NoWork(detail="no runnable job for this agent")],
+    "heartbeat.ack": [messages.HeartbeatAck(standing="extended", expires_at=_AT)],
+}
+
+
 def render() -> dict[str, str]:
     """Relative path -> file text for every schema."""
     files: dict[str, str] = {}
     for group, types in GROUPS.items():
         for tp in types:
             tag = tp.__struct_config__.tag
+            assert isinstance(tag, str)
             schema: dict[str, Any] = msgspec.json.schema(tp)
             schema["$id"] = f"https://warden.dev/schemas/{group}/{tag}.json"
+            if group == "inputs":
+                # An input subject has one decoder that knows the type, so the server takes a
+                # body without `type` (when present it must match): the schema says the same.
+                schema["$defs"][tp.__name__]["required"].remove("type")
+            if tag in EXAMPLES:
+                schema["examples"] = [msgspec.to_builtins(e) for e in EXAMPLES[tag]]
             files[f"{group}/{tag}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"
     return files
 

@@ -89,7 +89,7 @@ async def test_a_change_touching_a_file_outside_the_scope_globs_is_rejected_and_
         scope = (await checks_of(nc, ctx.job_id))["scope"]
         assert scope.verdict == "fail"
         assert scope.evidence["outside"] == ["check.py"]
-        assert scope.version == "1"
+        assert scope.version == "2"
         requeued = await wait_for_event(nc, lambda e: isinstance(e, JobRequeued))
         assert requeued.originator_id == ctx.job_id
     assert gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid)) == []

@@ -40,7 +40,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.js.errors import ObjectNotFoundError
 
-from shared import faults, gitops, proposals, telemetry, topology
+from shared import faults, gitops, paths, proposals, telemetry, topology
 from shared.aggregates import Job, ProposalState
 from shared.events import (
     EffectApplied,
@@ -498,7 +498,7 @@ def _targets(root: Path, files: dict[str, str]) -> dict[str, Path]:
     """Where each relative path lands; refuses any that would escape the root (.., symlinks)."""
     targets: dict[str, Path] = {}
     for rel in files:
-        why = gitops.unsafe_path(rel)
+        why = paths.unsafe_path(rel)
         if why:
             raise EffectError(f"refusing to write {rel!r}: {why}")
         dest = (root / rel).resolve()

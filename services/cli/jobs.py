@@ -174,9 +174,11 @@ def submit(
                 if as_json:
                     click.echo(msgspec.json.encode(reply).decode())
                 else:
-                    click.echo("rejected:", err=True)
+                    click.echo(f"rejected ({len(reply.errors)} problem(s)):", err=True)
                     for err in reply.errors:
                         click.echo(f"  {err.path}: {err.message}", err=True)
+                    if reply.job_id is not None:
+                        click.echo(f"  the key names job {reply.job_id}", err=True)
                 return 1
             assert isinstance(reply, Accepted) and reply.job_id is not None
             if as_json and not wait:

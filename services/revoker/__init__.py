@@ -276,13 +276,15 @@ class Revoker:
             )
         elif verb in ("promote", "demote"):
             level = cmd.level if cmd.level is not None else agent.level + (1 if verb == "promote" else -1)
-            if (
-                level < 0
-                or (verb == "promote" and level <= agent.level)
-                or (verb == "demote" and level >= agent.level)
+            refusal = self.book.policy.level_refusal(level)
+            if refusal is None and (
+                (verb == "promote" and level <= agent.level) or (verb == "demote" and level >= agent.level)
             ):
+                refusal = f"a {verb} must go {'up' if verb == 'promote' else 'down'}"
+            if refusal is not None:
                 return FieldError(
-                    path="$.level", message=f"cannot {verb} {cmd.agent} from level {agent.level} to {level}"
+                    path="$.level",
+                    message=f"cannot {verb} {cmd.agent} from level {agent.level} to {level}: {refusal}",
                 )
             event = AgentLevelChanged(
                 originator_id=agent.id,

@@ -41,6 +41,7 @@ from shared.messages import (
     NoWork,
     OperatorCommand,
     Register,
+    request_digest,
 )
 from shared.policy import load_policy
 from shared.runtime import Context
@@ -109,31 +110,59 @@ class Scheduler:
         request = await decode_or_reject(self.ctx, msg, JobRequest)
         if request is None:
             return
-        errors = [FieldError(path=p, message=m) for p, m in semantic_errors(request.contract, now())]
+        errors = [
+            FieldError(path=p, message=m)
+            for p, m in semantic_errors(request.contract, now(), max_level=self.policy.top_level)
+        ]
         if errors:
             await reject_input(self.ctx, msg, errors, sender=request.submitter)
             return
         job_id = job_id_for(request.idempotency_key)
-        if job_id in self.ctx.views.jobs:
-            await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id, duplicate=True))
-            return
-        event = JobRequested(
-            originator_id=job_id,
-            originator_version=1,
-            idempotency_key=request.idempotency_key,
-            kind=request.kind,
-            contract=request.contract,
-            submitter=request.submitter,
-            input_seq=input_seq(msg),
-            trace=telemetry.current_traceparent(),
+        digest = request_digest(request)
+        if job_id not in self.ctx.views.jobs:
+            event = JobRequested(
+                originator_id=job_id,
+                originator_version=1,
+                idempotency_key=request.idempotency_key,
+                kind=request.kind,
+                contract=request.contract,
+                submitter=request.submitter,
+                input_seq=input_seq(msg),
+                request_digest=digest,
+                trace=telemetry.current_traceparent(),
+            )
+            try:
+                await self.ctx.save(event)
+            except IntegrityError:  # the same key raced in through another replica or a redelivery
+                await self.ctx.reload_job(job_id)
+            else:
+                telemetry.instruments().jobs.add(1, {"state": "requested"})
+                await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id))
+                return
+        await self._repeated_key(msg, request, digest, self.ctx.views.jobs[job_id])
+
+    async def _repeated_key(self, msg: Msg, request: JobRequest, digest: str, first: Job) -> None:
+        """The same key and body is the same job (a retry); the same key with another body is refused."""
+        # Recomputed from the job as recorded, so events from before digests were kept compare too.
+        recorded = request_digest(
+            JobRequest(
+                idempotency_key=first.idempotency_key,
+                kind=first.kind,
+                contract=first.contract,
+                submitter=first.submitter,
+            )
         )
-        try:
-            await self.ctx.save(event)
-        except IntegrityError:  # the same key raced in through another replica or a redelivery
-            await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id, duplicate=True))
+        if recorded == digest:
+            await bus.reply(self.ctx.nc, msg, Accepted(job_id=first.id, duplicate=True))
             return
-        telemetry.instruments().jobs.add(1, {"state": "requested"})
-        await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id))
+        error = FieldError(
+            path="$.idempotency_key",
+            message=(
+                f"idempotency key {request.idempotency_key!r} already names job {first.id}, "
+                f"requested with a different body (sha256 {recorded[:16]}, this one {digest[:16]})"
+            ),
+        )
+        await reject_input(self.ctx, msg, [error], sender=request.submitter, job_id=first.id)
 
     async def on_register(self, msg: Msg, name: str) -> None:
         reg = await decode_or_reject(self.ctx, msg, Register, sender=name)

@@ -26,6 +26,7 @@ from jsonschema.validators import validator_for
 from shared import gitops
 from shared.invariants import Invariant, Subject, Verdict, errored, failed, not_applicable, passed
 from shared.lifecycle import budget_breach
+from shared.paths import GlobError, compile_glob, unsafe_path
 
 TAIL_CHARS = 4000
 MAX_LISTED = 200
@@ -52,7 +53,8 @@ class Scope:
     """
 
     name = "scope"
-    version = "1"
+    # 2: globs through shared.paths (a leading `/` is no longer stripped; `\\` separates too).
+    version = "2"
 
     async def check(self, subject: Subject) -> Verdict:
         return await anyio.to_thread.run_sync(self._check, subject)
@@ -67,10 +69,12 @@ class Scope:
             paths = touched_paths(subject)
         except gitops.GitError as exc:
             return failed(f"the patch does not parse: {exc.stderr.strip()}", effect=effect)
-        unsafe = {p: why for p in paths if (why := gitops.unsafe_path(p))}
-        outside = [
-            p for p in paths if p not in unsafe and not any(gitops.glob_match(g, p) for g in scope.paths)
-        ]
+        try:
+            globs = [compile_glob(g) for g in scope.paths]
+        except GlobError as exc:  # accepted before submission checked globs: cannot be enforced
+            return errored(f"scope.paths holds a glob that does not compile: {exc}", globs=scope.paths)
+        unsafe = {p: why for p in paths if (why := unsafe_path(p))}
+        outside = [p for p in paths if p not in unsafe and not any(g.matches(p) for g in globs)]
         if unsafe:
             problems.append("unsafe paths: " + ", ".join(f"{p} ({why})" for p, why in unsafe.items()))
         if outside:
@@ -304,7 +308,7 @@ class CiGate:
             def prepare() -> str:
                 shutil.copytree(directory, tree, symlinks=True)
                 for rel, content in subject.proposal.files.items():
-                    if gitops.unsafe_path(rel):
+                    if unsafe_path(rel):
                         return f"unsafe path {rel}"
                     dest = tree / rel
                     dest.parent.mkdir(parents=True, exist_ok=True)
