@@ -135,6 +135,17 @@ EXAMPLES: dict[str, list[msgspec.Struct]] = {
 }
 
 
+def tag_optional(defs: dict[str, Any], tp: type[msgspec.Struct]) -> None:
+    """Make an input's `type` optional in its schema definitions, as the server has it.
+
+    An input subject (or HTTP endpoint) has one decoder that knows the type, so a body without
+    `type` is taken (and one naming another type refused): the published schema says the same.
+    """
+    required = defs[tp.__name__]["required"]
+    if "type" in required:
+        required.remove("type")
+
+
 def render() -> dict[str, str]:
     """Relative path -> file text for every schema."""
     files: dict[str, str] = {}
@@ -145,9 +156,7 @@ def render() -> dict[str, str]:
             schema: dict[str, Any] = msgspec.json.schema(tp)
             schema["$id"] = f"https://warden.dev/schemas/{group}/{tag}.json"
             if group == "inputs":
-                # An input subject has one decoder that knows the type, so the server takes a
-                # body without `type` (when present it must match): the schema says the same.
-                schema["$defs"][tp.__name__]["required"].remove("type")
+                tag_optional(schema["$defs"], tp)
             if tag in EXAMPLES:
                 schema["examples"] = [msgspec.to_builtins(e) for e in EXAMPLES[tag]]
             files[f"{group}/{tag}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

@@ -15,6 +15,7 @@ import pytest
 from jsonschema import FormatChecker
 from jsonschema.validators import validator_for
 
+from services.api import spec
 from shared import events, messages, schemas
 from shared.validation import InvalidInput
 
@@ -246,3 +247,11 @@ def test_inputs_may_omit_their_type_since_the_subject_names_it_but_may_not_name_
     wrong = {**body, "type": "agent.claim"}
     assert not validator.is_valid(wrong)
     assert not _server_accepts("inputs", messages.JobRequest, json.dumps(wrong).encode())
+
+
+def test_the_openapi_document_requires_what_the_published_input_schemas_require() -> None:
+    components = spec.openapi("test")["components"]["schemas"]
+    for tp in (messages.JobRequest, messages.OperatorCommand):
+        published = json.loads((ROOT / "inputs" / f"{tp.__struct_config__.tag}.json").read_text())
+        assert components[tp.__name__]["required"] == published["$defs"][tp.__name__]["required"]
+        assert "type" not in components[tp.__name__]["required"]

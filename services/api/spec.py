@@ -27,6 +27,7 @@ from shared.readmodel.tables import (
     RevocationRow,
     TimelineRow,
 )
+from shared.schemas import tag_optional
 from shared.topology import OPERATOR_VERBS
 
 # --- responses ------------------------------------------------------------------------------
@@ -473,6 +474,8 @@ def openapi(version: str, auth: str = "operators") -> dict[str, Any]:
         [OperatorCommand, AnyReply, JobRequest], ref_template="#/components/schemas/{name}"
     )
     components.update(extra)
+    for tp in (OperatorCommand, JobRequest):
+        tag_optional(components, tp)
     reply = {"application/json": {"schema": reply_schema}}
     too_large = {"description": "The body is over 1 MB (MAX_INPUT_BYTES)", "content": error}
     paths["/api/jobs"]["post"] = {
@@ -497,7 +500,8 @@ def openapi(version: str, auth: str = "operators") -> dict[str, Any]:
             "401": _unauthorized(error),
             "413": too_large,
             "422": {
-                "description": "Rejected: the reply lists every error (and is recorded)",
+                "description": "Rejected: the reply lists every error (and is recorded); an "
+                "idempotency key already used for another body names the first job in `job_id`",
                 "content": reply,
             },
             "503": {"description": "No service answered, or nothing could be stored", "content": error},
