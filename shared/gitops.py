@@ -229,23 +229,36 @@ def commits_with_trailer(repo: Path | str, branch: str, key: str, value: str) ->
     """Commits reachable from `branch` whose trailer `key` is exactly `value`, newest first."""
     if branch_head(repo, branch) is None:
         return []
+    return [sha for sha, _ in _trailer_log(repo, key, value, f"refs/heads/{branch}")]
+
+
+def branches_with_trailer(repo: Path | str, key: str, value: str) -> list[tuple[str, str]]:
+    """(commit, branch) for every commit on any local branch whose trailer `key` is `value`."""
+    return [
+        (sha, ref.removeprefix("refs/heads/")) for sha, ref in _trailer_log(repo, key, value, "--branches")
+    ]
+
+
+def _trailer_log(repo: Path | str, key: str, value: str, revs: str) -> list[tuple[str, str]]:
     raw = out(
         repo,
         "log",
+        "--source",
         "--fixed-strings",
         f"--grep={key}: {value}",
-        f"--format=%H%x00%(trailers:key={key},valueonly,separator=%x01)%x1e",
-        f"refs/heads/{branch}",
+        f"--format=%H%x00%S%x00%(trailers:key={key},valueonly,separator=%x01)%x1e",
+        revs,
         "--",
     )
-    found: list[str] = []
+    found: list[tuple[str, str]] = []
     for record in raw.split("\x1e"):
         record = record.strip()
         if not record:
             continue
-        sha, _, values = record.partition("\x00")
+        sha, _, rest = record.partition("\x00")
+        ref, _, values = rest.partition("\x00")
         if value in [v.strip() for v in values.split("\x01")]:
-            found.append(sha.strip())
+            found.append((sha.strip(), ref.strip()))
     return found
 
 

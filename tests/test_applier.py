@@ -7,6 +7,7 @@ process and SIGKILL it between the effect and its record (WARDEN_FAULT).
 from __future__ import annotations
 
 import os
+import random
 import signal
 import sys
 import threading
@@ -23,8 +24,10 @@ from shared import gitops, topology
 from shared.contract import Contract, Scope, Stopping, Target
 from shared.events import (
     EffectApplied,
+    EffectFailed,
     EffectRolledBack,
     JobCompleted,
+    JobRequeued,
     LeaseExpired,
     MessageRejected,
     ProposalAccepted,
@@ -46,6 +49,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def applied(pid: uuid.UUID) -> Any:
     return lambda e: isinstance(e, EffectApplied) and e.proposal_id == pid
+
+
+def settled(pid: uuid.UUID) -> Any:
+    return lambda e: isinstance(e, EffectApplied | EffectFailed) and e.proposal_id == pid
 
 
 def count(events: list[Any], kind: type) -> int:
@@ -189,6 +196,74 @@ async def test_two_appliers_racing_on_the_same_proposals_land_each_commit_once(
         assert len(gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid))) == 1
     assert count(events, EffectApplied) == len(pids)
     assert count(events, JobCompleted) == len(pids)
+
+
+@pytest.mark.slow
+async def test_three_applier_processes_killed_at_random_land_every_proposal_and_every_job_exactly_once(
+    nats_server: EmbeddedServer, tmp_path: Path, permissive_policy: Path
+) -> None:
+    # Every change lands on main (permissive policy), so the appliers race on one branch: a
+    # replica that lost finds the patch no longer applies on a head that already holds it.
+    repo = gitrepo.make_repo(tmp_path)
+    rng = random.Random(13)
+    proposals = 40
+    appliers: list[anyio.abc.Process] = []
+    kills = 0
+
+    async def start_applier() -> None:
+        log = tmp_path / f"applier-{len(appliers)}.log"
+        appliers.append(await applier_process(nats_server.url, log, ""))
+
+    async def killer() -> None:
+        nonlocal kills
+        while True:
+            await anyio.sleep(rng.uniform(0.3, 1.2))
+            live = [p for p in appliers if p.returncode is None]
+            victim = rng.choice(live)
+            victim.kill()
+            await victim.wait()
+            kills += 1
+            await start_applier()
+
+    async with running(nats_server.url, DECIDERS, name="deciders"), client(nats_server.url) as nc:
+        for _ in range(3):
+            await start_applier()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(killer)
+                leased = []
+                for i in range(proposals):
+                    contract = gitrepo.git_contract(repo, ci=False, ttl=120)
+                    leased.append(await lease(nc, f"racer{i}", contract))
+                pids: list[uuid.UUID] = []
+
+                async def propose_one(i: int) -> None:
+                    patch, base = gitrepo.patch_for(repo, {f"app/extra_{i}.py": f"VALUE = {i}\n"})
+                    agent, ctx = leased[i]
+                    pids.append(
+                        await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base))
+                    )
+
+                async with anyio.create_task_group() as proposers:
+                    for i in range(proposals):
+                        proposers.start_soon(propose_one, i)
+                for pid in pids:
+                    outcome = await wait_for_event(nc, settled(pid), timeout=90)
+                    assert isinstance(outcome, EffectApplied), outcome
+                tg.cancel_scope.cancel()
+        finally:
+            for process in appliers:
+                if process.returncode is None:
+                    process.kill()
+                await process.wait()
+        events = await events_of(nc)
+    assert kills >= 1
+    for pid in pids:
+        assert len(gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid))) == 1
+    for _, ctx in leased:
+        assert len(gitrepo.commits_carrying(repo, "Warden-Job", str(ctx.job_id))) == 1
+    assert count(events, EffectFailed) == 0 and count(events, JobRequeued) == 0
+    assert count(events, EffectApplied) == proposals and count(events, JobCompleted) == proposals
 
 
 @pytest.mark.slow

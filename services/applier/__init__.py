@@ -161,19 +161,26 @@ class Applier:
         key = (state.id, "apply")
         done = self._unrecorded.get(key)
         if done is None:
+            proposal: Propose | None = None
             try:
                 proposal = await proposals.read_stored(self.ctx.js, state)
-                if job.terminal:
-                    # Cancelled or dead after the decision: only record an effect already made.
-                    found = await self._find_receipt(job, state, proposal)
-                    if found is None:
-                        raise EffectError(f"job became {job.status} before the effect: {job.reason}")
+                found = await self._find_receipt(job, state, proposal)
+                if found is not None:
                     done = (found, True)
+                elif job.terminal:
+                    # Cancelled or dead after the decision: only record an effect already made.
+                    raise EffectError(f"job became {job.status} before the effect: {job.reason}")
                 else:
                     done = await self._perform(job, state, proposal)
             except (EffectError, proposals.PayloadProblem) as exc:
-                await self._fail(job, state, "apply", exc)
-                return
+                # A replica may have landed this very effect while ours failed (its patch no
+                # longer applies on a head that already holds it): look for the receipt exactly
+                # as before acting, so a landed effect is never recorded as a failure.
+                found = await self._find_receipt(job, state, proposal)
+                if found is None:
+                    await self._fail(job, state, "apply", exc)
+                    return
+                done = (found, True)
             if not done[1]:
                 faults.crash_if_armed("applier", "after-effect")
             self._unrecorded[key] = done
@@ -205,27 +212,53 @@ class Applier:
         log.info("applied %s for job %s%s", state.effect, job.id, " (receipt found)" if reused else "")
 
     async def _perform(self, job: Job, state: ProposalState, proposal: Propose) -> tuple[Receipt, bool]:
+        """The effect, once `_find_receipt` found none: (receipt, found landed by a replica)."""
         match state.effect:
             case "none":
                 return {"kind": "none"}, False
             case "git.patch":
                 return await anyio.to_thread.run_sync(_git_apply, job, state, proposal)
             case "file.write":
-                return await self._files_apply(job, state, proposal)
+                return await self._files_apply(job, state, proposal), False
             case "webhook":
-                return await _webhook(job, state, proposal), False
+                receipt = await _webhook(job, state, proposal)
+                await self._record_webhook(state, receipt)
+                return receipt, False
         raise EffectError(f"unknown effect kind {state.effect}")
 
-    async def _find_receipt(self, job: Job, state: ProposalState, proposal: Propose) -> Receipt | None:
+    async def _find_receipt(self, job: Job, state: ProposalState, proposal: Propose | None) -> Receipt | None:
+        """The proof that this proposal's effect already happened (by us, a replica, a crashed
+        run), or None. Consulted before acting and again before recording a failure."""
         if state.effect == "git.patch":
             return await anyio.to_thread.run_sync(_git_find, job, state)
-        if state.effect == "file.write":
-            root = _root(job)
-            targets = _targets(root, proposal.files)
+        if state.effect == "file.write" and proposal is not None:
+            try:
+                root = _root(job)
+                targets = _targets(root, proposal.files)
+            except EffectError:
+                return None  # no such target: nothing could have been written there
             current = await anyio.to_thread.run_sync(_hashes, targets)
             if current == _new_hashes(proposal.files):
                 return await self._file_receipt(root, state, proposal, current)
+        if state.effect == "webhook":
+            recorded = await self._recorded_webhook(state)
+            if recorded is not None and 200 <= int(recorded.get("status", 0)) < 300:
+                return recorded
         return None
+
+    async def _record_webhook(self, state: ProposalState, receipt: Receipt) -> None:
+        """The receiver's answer, kept before the event: a re-drive after a crash finds it."""
+        store = await self.ctx.js.object_store(topology.PAYLOAD_BUCKET)
+        await store.put(_webhook_name(state.id), json.dumps(receipt).encode())
+
+    async def _recorded_webhook(self, state: ProposalState) -> Receipt | None:
+        store = await self.ctx.js.object_store(topology.PAYLOAD_BUCKET)
+        try:
+            raw = (await store.get(_webhook_name(state.id))).data or b""
+        except ObjectNotFoundError:
+            return None
+        recorded: Receipt = json.loads(raw)
+        return recorded
 
     async def _fail(self, job: Job, state: ProposalState, phase: str, exc: Exception) -> None:
         reason = exc.reason if isinstance(exc, EffectError) else str(exc)
@@ -259,12 +292,10 @@ class Applier:
         stored: dict[str, str | None] = json.loads(raw)
         return {rel: None if b64 is None else base64.b64decode(b64) for rel, b64 in stored.items()}
 
-    async def _files_apply(self, job: Job, state: ProposalState, proposal: Propose) -> tuple[Receipt, bool]:
+    async def _files_apply(self, job: Job, state: ProposalState, proposal: Propose) -> Receipt:
         root = _root(job)
         targets = _targets(root, proposal.files)
         current = await anyio.to_thread.run_sync(_hashes, targets)
-        if current == _new_hashes(proposal.files):
-            return await self._file_receipt(root, state, proposal, current), True
         if await self._journal(state) is None:
             # Write-ahead: what the files held before, kept durably before any of them changes,
             # so a crash halfway through a multi-file write still knows what to restore.
@@ -279,7 +310,7 @@ class Applier:
             rel: (targets[rel], content.encode()) for rel, content in proposal.files.items()
         }
         await anyio.to_thread.run_sync(_write_all, writes)
-        return await self._file_receipt(root, state, proposal, current), False
+        return await self._file_receipt(root, state, proposal, current)
 
     async def _file_receipt(
         self, root: Path, state: ProposalState, proposal: Propose, before: dict[str, str | None]
@@ -401,12 +432,21 @@ def _commit_message(job: Job, state: ProposalState, proposal: Propose) -> str:
 
 
 def _git_find(job: Job, state: ProposalState) -> Receipt | None:
+    """The commit whose trailer names the proposal: on its branch, else on any branch of the
+    repository (wherever it landed, it landed; it must not land a second time)."""
     target = job.contract.target
     if not target.repo or not gitops.is_repo(target.repo):
         return None
     branch = state.branch or target.branch
-    found = gitops.commits_with_trailer(target.repo, branch, gitops.TRAILER_PROPOSAL, str(state.id))
-    return _git_receipt(target.repo, branch, found[0]) if found else None
+    pid = str(state.id)
+    found = gitops.commits_with_trailer(target.repo, branch, gitops.TRAILER_PROPOSAL, pid)
+    if found:
+        return _git_receipt(target.repo, branch, found[0])
+    elsewhere = gitops.branches_with_trailer(target.repo, gitops.TRAILER_PROPOSAL, pid)
+    if elsewhere:
+        commit, on = elsewhere[0]
+        return _git_receipt(target.repo, on, commit)
+    return None
 
 
 def _git_apply(job: Job, state: ProposalState, proposal: Propose) -> tuple[Receipt, bool]:
@@ -416,9 +456,6 @@ def _git_apply(job: Job, state: ProposalState, proposal: Propose) -> tuple[Recei
         raise EffectError(f"target.repo {repo!r} is not a git repository")
     branch = state.branch or target.branch
     pid = str(state.id)
-    found = gitops.commits_with_trailer(repo, branch, gitops.TRAILER_PROPOSAL, pid)
-    if found:
-        return _git_receipt(repo, branch, found[0]), True
     message = _commit_message(job, state, proposal)
     author = gitops.Identity(state.agent, f"{state.agent}@agents.warden")
     for _ in range(_RETRIES):
@@ -463,6 +500,10 @@ def _git_revert(job: Job, state: ProposalState, receipt: Receipt) -> tuple[Recei
         try:
             new = gitops.commit_patch(repo, head, patch, message, gitops.WARDEN, reverse=True)
         except gitops.GitError as exc:
+            # The revert may not apply because a replica's revert is already there.
+            found = gitops.commits_with_trailer(repo, branch, gitops.TRAILER_ROLLBACK, pid)
+            if found:
+                return {**_git_receipt(repo, branch, found[0]), "reverted": commit}, True
             raise EffectError(
                 f"the revert of {commit[:12]} does not apply on {branch} at {head[:12]}: "
                 "later commits changed the same lines",
@@ -477,6 +518,10 @@ def _git_revert(job: Job, state: ProposalState, receipt: Receipt) -> tuple[Recei
 
 
 # --- files -----------------------------------------------------------------------------------
+
+
+def _webhook_name(proposal_id: UUID) -> str:
+    return f"@webhook/{proposal_id}"
 
 
 def _journal_name(proposal_id: UUID) -> str:
