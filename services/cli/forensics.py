@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -25,8 +25,8 @@ from shared.events import agent_id_for
 from shared.forensics import backtest as backtests
 from shared.forensics import dossier as dossiers
 from shared.forensics import explain as explains
+from shared.forensics import ids, log, timetravel
 from shared.forensics import ledger as ledgers
-from shared.forensics import log, timetravel
 
 T = TypeVar("T")
 
@@ -36,27 +36,40 @@ def _die(message: str) -> NoReturn:
     raise SystemExit(2)  # fail exits; this tells the type checker so
 
 
-def _read(url: str, name: str, work: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+def _read(
+    url: str,
+    name: str,
+    work: Callable[[JetStreamContext], Awaitable[T]],
+    *,
+    jobs: Sequence[str] = (),
+    resolved: list[UUID] | None = None,
+) -> T:
+    """Connect, check the log is there, resolve `jobs` (ids or unique prefixes) into `resolved`,
+    then run `work`."""
+
     async def go() -> T:
         nc = await bus.connect(url, name)
         try:
             js = nc.jetstream()
             await log.check_streams(js)
+            for text in jobs:
+                found = await ids.resolve_job(nc, text)
+                if resolved is not None:
+                    resolved.append(found)
             return await work(js)
         finally:
             await nc.close()
 
     try:
         return anyio.run(go)
-    except (log.LogUnavailable, explains.JobNotFound, backtests.BacktestError) as exc:
+    except (log.LogUnavailable, explains.JobNotFound, backtests.BacktestError, ids.IdNotFound) as exc:
         _die(str(exc))
 
 
-def _job(text: str) -> UUID:
-    try:
-        return UUID(text)
-    except ValueError:
-        _die(f"{text!r} is not a job id")
+def _read_job(url: str, name: str, text: str, work: Callable[[JetStreamContext, UUID], Awaitable[T]]) -> T:
+    """`work` on the job `text` names (a full id or a unique prefix of 8+ characters)."""
+    resolved: list[UUID] = []
+    return _read(url, name, lambda js: work(js, resolved[0]), jobs=[text], resolved=resolved)
 
 
 def _print(data: msgspec.Struct | object) -> None:
@@ -110,9 +123,12 @@ def ledger_verify(
         else:
             report = ledgers.verify(entries, f"file {path}")
     else:
-        aggregate = _job(job) if job else (agent_id_for(agent) if agent else None)
         url = resolve_url(nats_url, data_dir)
-        report = _read(url, "warden-ledger", lambda js: ledgers.verify_log(js, aggregate))
+        if job:
+            report = _read_job(url, "warden-ledger", job, ledgers.verify_log)
+        else:
+            aggregate = agent_id_for(agent) if agent else None
+            report = _read(url, "warden-ledger", lambda js: ledgers.verify_log(js, aggregate))
     if as_json:
         _print(report)
     else:
@@ -127,13 +143,12 @@ def ledger_verify(
 @json_option
 def ledger_show(job: str, nats_url: str | None, data_dir: Path, as_json: bool) -> None:
     """JOB's phase ledger: every transition, its hash link, and the evidence behind it."""
-    job_id = _job(job)
     url = resolve_url(nats_url, data_dir)
 
-    async def work(js: JetStreamContext) -> list[explains.Phase]:
+    async def work(js: JetStreamContext, job_id: UUID) -> list[explains.Phase]:
         return explains.phases(await explains.collect(js, job_id))
 
-    items = _read(url, "warden-ledger", work)
+    items = _read_job(url, "warden-ledger", job, work)
     if as_json:
         _print(items)
     else:
@@ -147,9 +162,8 @@ def ledger_show(job: str, nats_url: str | None, data_dir: Path, as_json: bool) -
 @json_option
 def explain(job: str, nats_url: str | None, data_dir: Path, as_json: bool) -> None:
     """How JOB went, request to outcome, with the cause when it failed."""
-    job_id = _job(job)
     url = resolve_url(nats_url, data_dir)
-    expl = _read(url, "warden-explain", lambda js: explains.explain_job(js, job_id))
+    expl = _read_job(url, "warden-explain", job, explains.explain_job)
     if as_json:
         _print(expl)
     else:
@@ -183,9 +197,15 @@ def at_command(
     if (time is None) == (seq is None):
         _die("give a TIME or --seq N (one of them)")
     when = _parse_time(time) if time is not None else None
-    detail = [_job(j) for j in jobs]
+    detail: list[UUID] = []
     url = resolve_url(nats_url, data_dir)
-    world = _read(url, "warden-at", lambda js: timetravel.state_at(js, seq=seq, time=when, detail=detail))
+    world = _read(
+        url,
+        "warden-at",
+        lambda js: timetravel.state_at(js, seq=seq, time=when, detail=detail),
+        jobs=jobs,
+        resolved=detail,
+    )
     if as_json:
         _print(world)
         return
@@ -221,15 +241,15 @@ def backtest_command(
         named = backtests.load(spec)
     except backtests.BacktestError as exc:
         _die(str(exc))
-    job_id = _job(job) if job else None
     start = _parse_time(since) if since else None
     url = resolve_url(nats_url, data_dir)
+    chosen: list[UUID] = []
 
     async def work(js: JetStreamContext) -> backtests.BacktestReport:
-        cases = await backtests.past_cases(js, job=job_id, since=start)
+        cases = await backtests.past_cases(js, job=chosen[0] if chosen else None, since=start)
         return await backtests.run(named, cases)
 
-    report = _read(url, "warden-backtest", work)
+    report = _read(url, "warden-backtest", work, jobs=[job] if job else [], resolved=chosen)
     if as_json:
         _print(report)
     else:
@@ -248,12 +268,11 @@ def backtest_command(
 @data_dir_option
 def dossier_command(job: str, out: Path | None, nats_url: str | None, data_dir: Path) -> None:
     """Everything about JOB in one JSON bundle, to attach to an incident."""
-    job_id = _job(job)
     url = resolve_url(nats_url, data_dir)
-    bundle = _read(url, "warden-dossier", lambda js: dossiers.dossier(js, job_id))
+    bundle = _read_job(url, "warden-dossier", job, dossiers.dossier)
     data = dossiers.encode(bundle)
     if out is not None:
         out.write_bytes(data + b"\n")
-        click.echo(f"dossier of {job_id} written to {out} ({len(data)} bytes)", err=True)
+        click.echo(f"dossier of {bundle.job_id} written to {out} ({len(data)} bytes)", err=True)
     else:
         click.echo(data.decode())

@@ -17,11 +17,12 @@ import yaml
 from nats.aio.client import Client
 from nats.js import api as js_api
 
-from services.cli.main import cli, data_dir_option, fail, json_option, nats_option, resolve_url
+from services.cli.main import cli, data_dir_option, json_option, nats_option, resolve_url
 from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
 from shared.contract import Contract
 from shared.events import AnyEvent, decode, tag_of
+from shared.forensics import ids
 from shared.messages import Accepted, JobRequest, OperatorCommand, Rejected
 from shared.validation import InvalidInput
 from shared.validation import decode as decode_checked
@@ -238,23 +239,22 @@ def operator_command(verb: str, *, needs: str) -> None:
         as_json: bool,
     ) -> None:
         fields: dict[str, Any] = {"operator": operator, "reason": reason, "level": level}
-        if needs == "job":
-            try:
-                fields["job_id"] = UUID(target)
-            except ValueError:
-                fail(f"{target!r} is not a job id")
-        elif needs == "proposal":
-            try:
-                fields["proposal_id"] = UUID(target)
-            except ValueError:
-                fail(f"{target!r} is not a proposal id")
-        else:
+        if needs == "agent":
             fields["agent"] = target
         url = resolve_url(nats_url, data_dir)
 
         async def go() -> int:
             nc = await bus.connect(url, "warden-operator")
             try:
+                if needs in ("job", "proposal"):
+                    # A full id or a unique prefix (8+ characters), resolved from the log.
+                    try:
+                        fields[f"{needs}_id"] = await ids.resolve(
+                            nc, "job" if needs == "job" else "proposal", target
+                        )
+                    except ids.IdNotFound as exc:
+                        click.echo(f"error: {exc}", err=True)
+                        return 2
                 reply = await bus.request(nc, topology.operator_subject(verb), OperatorCommand(**fields))
             finally:
                 await nc.close()

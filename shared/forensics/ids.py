@@ -1,0 +1,129 @@
+"""A unique id prefix (8+ characters) resolved to the full id, from the log alone.
+
+Every id-taking command (explain, dossier, ledger show, approve, deny, rollback, requeue, cancel)
+resolves its argument here, so a prefix means the same thing everywhere and an ambiguous one
+always lists what it matches. A full id is taken as given, without reading anything.
+
+Jobs are found from the event stream's subject list (one subject per aggregate, which the
+server lists without reading messages); proposals have no subject of their own, so a proposal
+prefix reads the `proposal.submitted` events (a full proposal id never does).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from typing import Literal
+from uuid import UUID
+
+import msgspec
+from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
+
+from shared import topology
+from shared.aggregates import is_job_event
+from shared.events import decode as decode_event
+from shared.forensics import log
+
+MIN_PREFIX = 8
+SHOWN = 10
+_HEX = frozenset(string.hexdigits.lower() + "-")
+Kind = Literal["job", "proposal"]
+
+
+class IdNotFound(LookupError):
+    """The text names no id (too short, not hex, no match, or several matches): the message says which."""
+
+
+def _prefix(text: str, kind: Kind) -> UUID | str:
+    """The full id when `text` is one, else the normalised prefix (checked, never trusted)."""
+    try:
+        return UUID(text)
+    except ValueError:
+        pass
+    cleaned = text.strip().lower()
+    if not cleaned or not set(cleaned) <= _HEX:
+        raise IdNotFound(f"{text!r} is not a {kind} id (nor the start of one: ids are hexadecimal)")
+    if len(cleaned.replace("-", "")) < MIN_PREFIX:
+        raise IdNotFound(f"{text!r} is too short: give at least {MIN_PREFIX} characters of the {kind} id")
+    return cleaned
+
+
+def choose(text: str, kind: Kind, candidates: list[UUID]) -> UUID:
+    """The one candidate `text` starts, or IdNotFound naming none or every match."""
+    prefix = text.strip().lower()
+    matches = sorted({c for c in candidates if str(c).startswith(prefix)}, key=str)
+    if not matches:
+        raise IdNotFound(f"no {kind} id starts with {text!r}")
+    if len(matches) > 1:
+        listed = ", ".join(str(m) for m in matches[:SHOWN])
+        more = f" and {len(matches) - SHOWN} more" if len(matches) > SHOWN else ""
+        raise IdNotFound(f"{text!r} is ambiguous: it starts {len(matches)} {kind} ids: {listed}{more}")
+    return matches[0]
+
+
+async def aggregate_ids(nc: Client, stream: str = topology.EVENT_STREAM) -> list[UUID]:
+    """Every aggregate id with events, from the stream's subject list (paged by the server)."""
+    found: list[UUID] = []
+    offset = 0
+    root = topology.EVENT_ROOT + "."
+    while True:
+        request = {"subjects_filter": log.EVENT_SUBJECTS, "offset": offset}
+        reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", json.dumps(request).encode(), timeout=30)
+        body = json.loads(reply.data)
+        if "error" in body:
+            raise log.LogUnavailable(f"cannot list the subjects of {stream}: {body['error']}")
+        subjects = (body.get("state") or {}).get("subjects") or {}
+        for subject in subjects:
+            try:
+                found.append(UUID(subject.removeprefix(root)))
+            except ValueError:
+                continue
+        offset += len(subjects)
+        total = int(body.get("total") or 0)
+        if not subjects or offset >= total:
+            return found
+
+
+async def _is_job(js: JetStreamContext, aggregate: UUID) -> bool:
+    try:
+        raw = await js.get_last_msg(topology.EVENT_STREAM, topology.event_subject(aggregate), direct=True)
+        event = decode_event(raw.data or b"")
+    except (NotFoundError, msgspec.DecodeError):
+        return False
+    return is_job_event(event)
+
+
+async def resolve_job(nc: Client, text: str) -> UUID:
+    """The job id `text` is, or is the unique start of."""
+    given = _prefix(text, "job")
+    if isinstance(given, UUID):
+        return given
+    js = nc.jetstream()
+    candidates = [c for c in await aggregate_ids(nc) if str(c).startswith(given)]
+    # Agents and rejections have subjects too: only a job's counts as a match.
+    jobs = [c for c in candidates if await _is_job(js, c)]
+    return choose(given, "job", jobs)
+
+
+async def resolve_proposal(nc: Client, text: str) -> UUID:
+    """The proposal id `text` is, or is the unique start of (reads the proposals' events)."""
+    given = _prefix(text, "proposal")
+    if isinstance(given, UUID):
+        return given
+    marker = b'"proposal.submitted"'
+    found: list[UUID] = []
+
+    def keep(record: log.Stored) -> bool:
+        return marker in record.data
+
+    for record in await log.scan(nc.jetstream(), topology.EVENT_STREAM, log.EVENT_SUBJECTS, keep=keep):
+        pid = getattr(log.as_event(record).event, "proposal_id", None)
+        if isinstance(pid, UUID) and str(pid).startswith(given):
+            found.append(pid)
+    return choose(given, "proposal", found)
+
+
+async def resolve(nc: Client, kind: Kind, text: str) -> UUID:
+    return await (resolve_job(nc, text) if kind == "job" else resolve_proposal(nc, text))
