@@ -7,7 +7,7 @@ outside scope, a budget exceeded, a deadline passed) is a failure signal, never 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct, field
@@ -28,6 +28,9 @@ class Scope(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
 
     paths: list[Glob] = field(default_factory=lambda: ["**"])
     effects: list[EffectKind] = field(default_factory=lambda: ["git.patch"])
+    # What the agent's sandbox holds: tracked files matching these globs (`warden agent exec`
+    # leaves every other file out of the job's workspace, history included).
+    read: list[Glob] = field(default_factory=lambda: ["**"])
 
 
 class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -47,6 +50,9 @@ class Stopping(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     lease_ttl_s: PositiveSeconds = 30.0
     heartbeat_interval_s: PositiveSeconds = 10.0
     budgets: Budgets = field(default_factory=Budgets)
+    # A wrapped command that shows no sign of progress (no output, no change in its workspace,
+    # no usage report) for this long is stalled: `warden agent exec` stops heartbeating for it.
+    stall_s: PositiveSeconds | None = None
 
 
 class CiGate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -77,6 +83,9 @@ class Contract(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     ci: CiGate | None = None
     invariants: list[str] = field(default_factory=list)
     approval_required: bool = False
+    # An attempt that changes nothing (effect "none") is a result when "accept", a failed
+    # attempt when "fail" (the empty_change invariant decides); never a scope breach.
+    on_empty: Literal["accept", "fail"] = "accept"
 
 
 def scope_errors(scope: Scope) -> list[tuple[str, str]]:

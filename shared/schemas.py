@@ -14,7 +14,7 @@ from uuid import UUID
 
 import msgspec
 
-from shared import events, messages
+from shared import events, messages, task
 from shared.contract import Budgets, CiGate, Contract, Scope, Stopping, Target
 from shared.validation import FieldError
 
@@ -31,6 +31,8 @@ GROUPS: dict[str, tuple[type[msgspec.Struct], ...]] = {
         messages.OperatorCommand,
     ),
     "replies": messages.AnyReply.__args__,
+    # What `warden agent exec` writes for the command it runs, and what the command writes back.
+    "agent": (task.TaskFile, task.UsageLine),
 }
 
 
@@ -151,7 +153,7 @@ def render() -> dict[str, str]:
     files: dict[str, str] = {}
     for group, types in GROUPS.items():
         for tp in types:
-            tag = tp.__struct_config__.tag
+            tag = tp.__struct_config__.tag or getattr(tp, "__schema_name__", tp.__name__)
             assert isinstance(tag, str)
             schema: dict[str, Any] = msgspec.json.schema(tp)
             schema["$id"] = f"https://warden.dev/schemas/{group}/{tag}.json"

@@ -70,7 +70,15 @@ async def test_a_job_whose_sdk_agent_proposes_no_effect_completes(nats_server: E
         done = await wait_for_event(nc, lambda e: isinstance(e, JobCompleted))
         assert isinstance(done, JobCompleted) and done.originator_id == job_id and done.agent == "helper"
         checks = await checks_of(nc, job_id)
-        assert set(checks) == {"scope", "budget", "output_shape", "base_drift", "ci_gate"}
+        assert set(checks) == {
+            "scope",
+            "budget",
+            "output_shape",
+            "base_drift",
+            "ci_gate",
+            "exit_status",
+            "empty_change",
+        }
         assert all(c.verdict == "pass" for c in checks.values())
         assert checks["ci_gate"].evidence["applicable"] is False
 
@@ -347,7 +355,7 @@ async def test_a_checker_killed_mid_check_resumes_without_recording_anything_twi
         assert code == -signal.SIGKILL, log.read_text()
         assert marker.exists()
         before = await events_of(nc, topology.event_subject(ctx.job_id))
-        assert _count(before, InvariantChecked) == 5  # the policy's five, recorded before the crash
+        assert _count(before, InvariantChecked) == 7  # the policy's seven, recorded before the crash
         assert _count(before, ProposalAccepted) + _count(before, ProposalRejected) == 0
 
         # A new checker gets the unacked proposal again and finishes it.
@@ -358,7 +366,8 @@ async def test_a_checker_killed_mid_check_resumes_without_recording_anything_twi
         after = await events_of(nc, topology.event_subject(ctx.job_id))
     assert _count(after, ProposalSubmitted) == 1
     names = [e.invariant for e in after if isinstance(e, InvariantChecked)]
-    assert sorted(names) == sorted(["scope", "budget", "output_shape", "base_drift", "ci_gate", "crash_once"])
+    policy = ["scope", "budget", "output_shape", "base_drift", "ci_gate", "exit_status", "empty_change"]
+    assert sorted(names) == sorted([*policy, "crash_once"])
     assert _count(after, ProposalAccepted) == 1 and _count(after, JobCompleted) == 1
 
 

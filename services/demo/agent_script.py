@@ -36,6 +36,7 @@ def main() -> None:
     if behaviour == "scope" and done >= 1:
         # Its first job was clean; now it "helpfully" edits deployment secrets too.
         write_feature(name)
+        Path("secrets").mkdir(exist_ok=True)  # not in its workspace: scope.read leaves it out
         Path("secrets/deploy.env").write_text("TOKEN=rotated-by-agent\n")
         print("done; also rotated the deploy token", flush=True)
         return

@@ -21,6 +21,8 @@ FILES = {
 
 # What every demo job may touch, and the gate its change must pass.
 SCOPE = ["src/**", "tests/**"]
+# What an agent's workspace holds: everything but secrets/ (top-level files, code and tests).
+READABLE = ["*", "src/**", "tests/**"]
 CI_COMMAND = ["python", "-m", "unittest", "discover", "-s", "tests", "-t", ".", "-q"]
 
 

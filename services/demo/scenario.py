@@ -109,7 +109,7 @@ def _free_http() -> str:
 
 def _contract(repo: Path, name: str, ttl: float) -> Contract:
     return Contract(
-        scope=Scope(paths=demo_repo.SCOPE, effects=["git.patch"]),
+        scope=Scope(paths=demo_repo.SCOPE, effects=["git.patch"], read=demo_repo.READABLE),
         inputs={"feature": name},
         target=Target(repo=str(repo), branch="main"),
         ci=CiGate(command=demo_repo.CI_COMMAND, timeout_s=60),
@@ -148,6 +148,11 @@ class Fleet:
                 "feature",
                 "--grace",
                 "1",
+                # The command's environment is an allow-list: the demo's stand-ins need these two.
+                "--env",
+                "WARDEN_DEMO_BEHAVIOUR",
+                "--env",
+                "WARDEN_DEMO_STATE",
                 "--",
                 sys.executable,
                 "-m",

@@ -1,4 +1,4 @@
-"""The built-in invariants: scope, output_shape, base_drift, ci_gate, budget.
+"""The built-in invariants: scope, output_shape, base_drift, ci_gate, budget, exit_status, empty_change.
 
 Each fails with evidence an operator can act on without re-running anything: the paths outside
 the globs, the schema errors, the commits that landed since the proposal's base, the tail of
@@ -367,4 +367,58 @@ class Budget:
         return passed(**evidence)
 
 
-BUILTINS: tuple[Invariant, ...] = (Scope(), Budget(), OutputShape(), BaseDrift(), CiGate())
+class ExitStatus:
+    """A proposal from a wrapped command (`warden agent exec`) names its exit status: 0 or it fails.
+
+    A command that failed (or was killed) never has its change applied, whatever it left behind;
+    the tails of its output are the evidence. A proposal naming no exit status (an SDK agent's
+    own) is not judged here.
+    """
+
+    name = "exit_status"
+    version = "1"
+
+    async def check(self, subject: Subject) -> Verdict:
+        evidence = subject.proposal.evidence
+        if "exit_code" not in evidence:
+            return not_applicable("the proposal names no exit_code (no wrapped command)")
+        code = evidence["exit_code"]
+        tails = {
+            f"{name}_tail": text[-TAIL_CHARS:]
+            for name in ("stdout", "stderr")
+            if isinstance(text := evidence.get(name), str)
+        }
+        if not isinstance(code, int) or isinstance(code, bool):
+            return failed(f"exit_code {code!r} is not an integer", **tails)
+        if code != 0:
+            how = f"was killed by signal {-code}" if code < 0 else f"exited {code}"
+            return failed(f"the command {how}", exit_code=code, **tails)
+        return passed(exit_code=0)
+
+
+class EmptyChange:
+    """A proposal that changes nothing (effect "none") is decided by contract.on_empty."""
+
+    name = "empty_change"
+    version = "1"
+
+    async def check(self, subject: Subject) -> Verdict:
+        if subject.proposal.effect != "none":
+            return not_applicable(f"effect {subject.proposal.effect} changes something")
+        on_empty = subject.job.contract.on_empty
+        if on_empty == "fail":
+            return failed(
+                "the attempt changed nothing and the contract says on_empty: fail", on_empty=on_empty
+            )
+        return passed(on_empty=on_empty)
+
+
+BUILTINS: tuple[Invariant, ...] = (
+    Scope(),
+    Budget(),
+    OutputShape(),
+    BaseDrift(),
+    CiGate(),
+    ExitStatus(),
+    EmptyChange(),
+)
