@@ -94,6 +94,10 @@ def scope_errors(scope: Scope) -> list[tuple[str, str]]:
         (f"$.contract.scope.paths[{i}]", f"glob {glob!r} {problem}")
         for i, glob in enumerate(scope.paths)
         if (problem := glob_problem(glob))
+    ] + [
+        (f"$.contract.scope.read[{i}]", f"glob {glob!r} {problem}")
+        for i, glob in enumerate(scope.read)
+        if (problem := glob_problem(glob))
     ]
 
 

@@ -148,16 +148,22 @@ def tag_optional(defs: dict[str, Any], tp: type[msgspec.Struct]) -> None:
         required.remove("type")
 
 
+def schema_name(tp: type[msgspec.Struct]) -> str:
+    """A type's schema file name: its tag, or `__schema_name__` for an untagged one (usage lines)."""
+    name = tp.__struct_config__.tag or getattr(tp, "__schema_name__", tp.__name__)
+    assert isinstance(name, str)
+    return name
+
+
 def render() -> dict[str, str]:
     """Relative path -> file text for every schema."""
     files: dict[str, str] = {}
     for group, types in GROUPS.items():
         for tp in types:
-            tag = tp.__struct_config__.tag or getattr(tp, "__schema_name__", tp.__name__)
-            assert isinstance(tag, str)
+            tag = schema_name(tp)
             schema: dict[str, Any] = msgspec.json.schema(tp)
             schema["$id"] = f"https://warden.dev/schemas/{group}/{tag}.json"
-            if group == "inputs":
+            if group in ("inputs", "agent"):  # read as one known type: "type" may be left out
                 tag_optional(schema["$defs"], tp)
             if tag in EXAMPLES:
                 schema["examples"] = [msgspec.to_builtins(e) for e in EXAMPLES[tag]]

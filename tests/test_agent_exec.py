@@ -19,7 +19,7 @@ import msgspec
 
 from services.cli.agent import WORKSPACES
 from shared import bus, topology
-from shared.contract import Budgets, CiGate, Contract, Scope, Stopping, Target
+from shared.contract import Budgets, CiGate, Contract, Scope, Stopping, Target, scope_errors
 from shared.events import (
     AgentRevoked,
     EffectApplied,
@@ -583,3 +583,9 @@ async def test_a_stand_in_agent_reads_its_task_reports_usage_and_fixes_what_its_
     assert "fixing: ci_gate" in retry["evidence"]["stdout"]  # it read why the first attempt failed
     assert retry["usage"] == {"steps": 2, "tokens": 300, "cost": 0.03}
     assert _git(repo, "show", f"warden/learner/{job_id}:src/greet.py") == "def greet():\n    return 5\n"
+
+
+def test_a_read_glob_warden_cannot_match_or_that_names_unsafe_paths_is_refused_at_submission() -> None:
+    errors = dict(scope_errors(Scope(read=["src/**", "/etc/**", "src/[z-a].py"])))
+    assert set(errors) == {"$.contract.scope.read[1]", "$.contract.scope.read[2]"}
+    assert "absolute" in errors["$.contract.scope.read[1]"]

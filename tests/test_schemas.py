@@ -202,6 +202,8 @@ def _server_accepts(group: str, tp: type[msgspec.Struct], data: bytes) -> bool:
             messages.decode_input(data, tp)  # type: ignore[type-var]
         elif group == "events":
             assert type(events.decode(data)) is tp
+        elif group == "agent":  # files exec and its command exchange: each read as its own type
+            msgspec.json.decode(data, type=tp)
         else:
             assert type(messages.reply_decoder.decode(data)) is tp
     except (InvalidInput, msgspec.ValidationError):
@@ -213,12 +215,12 @@ SCHEMA_CASES = [(group, tp) for group, types in schemas.GROUPS.items() for tp in
 
 
 @pytest.mark.parametrize(
-    ("group", "tp"), SCHEMA_CASES, ids=[f"{g}/{t.__struct_config__.tag}" for g, t in SCHEMA_CASES]
+    ("group", "tp"), SCHEMA_CASES, ids=[f"{g}/{schemas.schema_name(t)}" for g, t in SCHEMA_CASES]
 )
 def test_the_server_and_the_published_schema_accept_and_refuse_the_same_messages(
     group: str, tp: type[msgspec.Struct]
 ) -> None:
-    schema = json.loads((ROOT / group / f"{tp.__struct_config__.tag}.json").read_text())
+    schema = json.loads((ROOT / group / f"{schemas.schema_name(tp)}.json").read_text())
     validator = validator_for(schema)(schema, format_checker=FormatChecker())
     examples = schema.get("examples") or [_generated(msgspec.inspect.type_info(tp))]
     disagreements = []
