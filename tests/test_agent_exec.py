@@ -476,6 +476,9 @@ async def test_a_command_without_any_sign_of_progress_for_stall_s_is_a_stall(
     assert time.monotonic() - started < 60
     assert code == 0, out
     assert "no output, no change in its workspace and no usage report" in out
+    # The expiry's evidence says the command had been idle at its last heartbeat.
+    assert expired.last_heartbeat is not None
+    assert "[no sign of progress for" in expired.last_heartbeat.note
 
 
 SPENDER = (
@@ -589,3 +592,53 @@ def test_a_read_glob_warden_cannot_match_or_that_names_unsafe_paths_is_refused_a
     errors = dict(scope_errors(Scope(read=["src/**", "/etc/**", "src/[z-a].py"])))
     assert set(errors) == {"$.contract.scope.read[1]", "$.contract.scope.read[2]"}
     assert "absolute" in errors["$.contract.scope.read[1]"]
+
+
+RENDEZVOUS = (
+    "import os, pathlib, sys, time\n"
+    "here = pathlib.Path(os.environ['RENDEZVOUS'])\n"
+    "(here / os.environ['WARDEN_JOB_ID']).touch()\n"
+    "deadline = time.monotonic() + 30\n"
+    "while len(list(here.iterdir())) < 2:\n"
+    "    if time.monotonic() > deadline:\n"
+    "        sys.exit('alone: the other job never ran beside this one')\n"
+    "    time.sleep(0.05)\n"
+    "pathlib.Path('met.txt').write_text('met\\n')\n"
+)
+
+
+async def test_concurrency_2_runs_two_jobs_at_once_each_in_its_own_workspace(
+    nats_server: EmbeddedServer, tmp_path: Path, permissive_policy: Path
+) -> None:
+    rendezvous = tmp_path / "rendezvous"
+    rendezvous.mkdir()
+    repo = _repo(tmp_path / "repo")
+    contract = Contract(target=Target(repo=str(repo)), stopping=_quick(lease_ttl_s=10.0))
+    async with (
+        running(nats_server.url, ["scheduler", "reconciler", "checker"]),
+        client(nats_server.url) as nc,
+    ):
+        jobs = {
+            await submit(nc, JobRequest(idempotency_key=str(uuid.uuid4()), kind="edit", contract=contract))
+            for _ in range(2)
+        }
+        log = tmp_path / "pair.log"
+        proc = _exec(
+            nats_server.url,
+            "pair",
+            sys.executable,
+            "-c",
+            RENDEZVOUS,
+            log=log,
+            options=("--concurrency", "2", "--max-jobs", "2", "--env", "RENDEZVOUS"),
+            env={"RENDEZVOUS": str(rendezvous)},
+        )
+        code, out = await anyio.to_thread.run_sync(_ended, proc, log, 90)
+        submitted = [e for e in await events_of(nc) if isinstance(e, ProposalSubmitted)]
+        proposals = [await _proposal(nc, e) for e in submitted]
+    assert code == 0, out
+    assert {e.originator_id for e in submitted} == jobs
+    assert [p["evidence"]["exit_code"] for p in proposals] == [0, 0], [
+        p["evidence"]["stderr"] for p in proposals
+    ]
+    assert all("+met" in p["patch"] for p in proposals)

@@ -304,9 +304,20 @@ class Progress:
         self.partial = b""
         self.bad_usage_lines = 0
         self.fingerprint = ""
+        self.note = ""  # the command's own latest note (stdout line or usage report)
 
     def seen(self) -> None:
         self.last = time.monotonic()
+
+    def say(self, note: str | None) -> None:
+        if note is not None:
+            self.note = note[:500]
+            self.ctx.report(note=self.note)
+
+    def idle_for(self, idle: float) -> None:
+        """Heartbeats carry how long the command has shown no sign of progress, so the
+        reconciler's `lease.expired` (its last heartbeat) records it when the command stalls."""
+        self.ctx.report(note=f"{self.note} [no sign of progress for {idle:.1f}s]".strip())
 
     def read_usage(self) -> None:
         """Take the usage lines appended since the last read; a bad line is counted, not trusted."""
@@ -327,9 +338,8 @@ class Progress:
                 self.bad_usage_lines += 1
                 log.warning("job %s: usage line ignored (%s): %r", self.ctx.job_id, exc, raw[:200])
                 continue
-            self.ctx.report(
-                usage=task.merge_usage(self.ctx.usage, line), progress=line.progress, note=line.note
-            )
+            self.ctx.report(usage=task.merge_usage(self.ctx.usage, line), progress=line.progress)
+            self.say(line.note)
 
     async def changed_tree(self) -> bool:
         fingerprint = await anyio.to_thread.run_sync(tree_fingerprint, self.workspace.path)
@@ -367,7 +377,7 @@ async def run_command(
             del buf[: -TAIL * 4]
             if name == "stdout":
                 lines = bytes(buf).decode("utf-8", "replace").strip().splitlines()
-                ctx.report(note=lines[-1][:200] if lines else "")
+                progress.say(lines[-1][:200] if lines else "")
 
     async def watch(scope: anyio.CancelScope) -> None:
         stopped_polls = 0
@@ -379,6 +389,11 @@ async def run_command(
             if stall_s is not None and await progress.changed_tree():
                 progress.seen()
             idle = time.monotonic() - progress.last
+            # Without stall_s the workspace is not watched, so idleness is not known.
+            if stall_s is not None and idle >= 2 * poll_s:
+                progress.idle_for(idle)
+            elif stall_s is not None:
+                progress.say(progress.note)
             if stopped_polls >= 2:  # seen stopped twice in a row: not a passing debugger stop
                 stalled.append(
                     f"the command is stopped (state T), {idle:.1f}s since its last sign of progress"
@@ -416,7 +431,8 @@ async def run_command(
                 await _kill_group(process.pid, grace_s, process)
             with contextlib.suppress(ProcessLookupError):  # what it left running in its group
                 os.killpg(process.pid, signal.SIGKILL)
-            watchdog.kill()
+            with contextlib.suppress(ProcessLookupError):  # it may have ended on its own
+                watchdog.kill()
             await watchdog.wait()
             await process.aclose()
             await watchdog.aclose()
