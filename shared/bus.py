@@ -13,6 +13,7 @@ import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
@@ -53,6 +54,39 @@ class PermissionDenied(RuntimeError):
     """Raised when the server refused a publish or subscribe for this connection's credentials."""
 
 
+class Unreachable(ConnectionError):
+    """Raised when a bounded first connection (see CONNECT_BOUND) reaches no server in time."""
+
+
+class BadServerURL(ValueError):
+    """Raised when a NATS URL names a scheme nats-py cannot speak (an http:// URL, say)."""
+
+
+# How long a first connection may take before `connect` raises Unreachable. None (services):
+# keep trying, a service may start before its server. The CLI bounds its client commands.
+CONNECT_BOUND: ContextVar[float | None] = ContextVar("warden_connect_bound", default=None)
+NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def server_urls(url: str) -> list[str]:
+    """The servers a URL lists (comma-separated for a cluster), each checked for its scheme."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise BadServerURL("no NATS server URL given")
+    for server in servers:
+        scheme, sep, _rest = server.partition("://")
+        if sep and scheme.lower() not in NATS_SCHEMES:
+            hint = (
+                " (that is an HTTP address; the NATS URL is nats://HOST:4222)"
+                if scheme.startswith("http")
+                else ""
+            )
+            raise BadServerURL(
+                f"{server} is not a NATS URL: use {', '.join(s + '://' for s in NATS_SCHEMES)}{hint}"
+            )
+    return servers
+
+
 _DENIAL = re.compile(r'permissions violation for (publish|subscription) to "([^"]+)"', re.IGNORECASE)
 
 
@@ -81,13 +115,19 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
     `url` may list several servers separated by commas (a cluster). Credentials come from
     kwargs (`user`, `password`) or else WARDEN_NATS_USER / WARDEN_NATS_PASSWORD.
     """
+    servers = server_urls(url)
+    bound = CONNECT_BOUND.get()
     errors: list[Exception] = []
     watches: list[_DenialWatch] = []
+    holder: list[Client] = []
 
     async def error_cb(exc: Exception) -> None:
         errors.append(exc)
         del errors[:-100]  # recent ones are what explain a failure; keep memory bounded
-        if match := _DENIAL.search(str(exc)):
+        if bound is not None and not holder:
+            # A bounded first connection reports once, as Unreachable, not every 250 ms.
+            log.debug("NATS error on %s while connecting: %s", name, exc)
+        elif match := _DENIAL.search(str(exc)):
             log.error("NATS refused an operation for %s: %s", name, exc)
             for watch in watches:
                 if watch.error is None and watch.matches(match.group(1), match.group(2)):
@@ -95,8 +135,6 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
                     watch.scope.cancel()
         else:
             log.warning("NATS error on %s: %s", name, exc)
-
-    holder: list[Client] = []
 
     async def disconnected_cb() -> None:
         if holder and (holder[0].is_closed or holder[0].is_draining):
@@ -119,8 +157,19 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
     if "user" not in kwargs and "password" not in kwargs:
         options.update(credentials.client_credentials())
     options.update(kwargs)
-    servers = [u.strip() for u in url.split(",") if u.strip()]
-    nc = await nats.connect(servers, **options)
+    nc: Client | None = None
+    if bound is None:
+        nc = await nats.connect(servers, **options)
+    else:
+        options["connect_timeout"] = min(float(options["connect_timeout"]), bound)
+        with anyio.move_on_after(bound):
+            nc = await nats.connect(servers, **options)
+        if nc is None:
+            last = f" ({errors[-1]})" if errors else ""
+            raise Unreachable(
+                f"cannot reach NATS at {url} within {bound:g}s{last}: check the URL (--nats, "
+                "WARDEN_NATS_URL) and that the server is running (`warden up`), or raise --timeout"
+            )
     holder.append(nc)
     nc._warden_errors = errors  # type: ignore[attr-defined]
     nc._warden_watches = watches  # type: ignore[attr-defined]

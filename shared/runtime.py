@@ -143,16 +143,19 @@ async def until_signal(
     main: Callable[..., Coroutine[Any, Any, None]],
     on_ready: Callable[[], None] | None = None,
 ) -> None:
-    """Run `main` until SIGINT or SIGTERM, then cancel it (draining in-flight work)."""
-    async with anyio.create_task_group() as tg:
-        await tg.start(main)
-        if on_ready:
-            on_ready()
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    """Run `main` until SIGINT or SIGTERM, then cancel it (draining in-flight work).
+
+    The signals are caught from before `main` starts: a SIGTERM sent as soon as it reports
+    ready (or while it starts) drains it instead of killing it with the default handler."""
+    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(main)
+            if on_ready:
+                on_ready()
             async for signum in signals:
                 log.info("received %s: draining", signal.Signals(signum).name)
                 break
-        tg.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
 
 
 async def retry_on_conflict(

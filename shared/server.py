@@ -106,6 +106,7 @@ class EmbeddedServer:
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
         self.log_path = self.store_dir / "nats-server.log"
+        self.pid_path = self.store_dir / "nats-server.pid"
 
     @property
     def url(self) -> str:
@@ -124,6 +125,7 @@ class EmbeddedServer:
                 f'server_name: "{self.name}"',
                 f'listen: "127.0.0.1:{self.port}"',
                 f'http: "127.0.0.1:{self.monitor_port}"',
+                f'pid_file: "{self.pid_path.resolve()}"',
                 "max_payload: 8MB",
                 "jetstream {",
                 f'  store_dir: "{store}"',
@@ -142,6 +144,7 @@ class EmbeddedServer:
                 pass
         except OSError as exc:
             raise StoreUnusable(f"store directory {self.store_dir} is not writable: {exc}") from exc
+        self._stop_orphan()
         if self.port and _port_taken(self.port):
             raise PortInUse(f"port {self.port} on 127.0.0.1 is already in use")
         if not self.port:
@@ -159,6 +162,25 @@ class EmbeddedServer:
         )
         self._await_ready()
         return self
+
+    def _stop_orphan(self) -> None:
+        """Stop a nats-server still running on this store after its owner was killed (kill -9
+        reaches only the owner: the server runs in its own session). Two servers on one JetStream
+        store would corrupt it. Callers own the store (shared/datadir.py), so any server still
+        named by its pid file is an orphan."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return  # no pid file, or its process is gone
+        if b"nats-server" not in cmdline:
+            return  # the pid was reused by something else
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10.0
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # not our child: poll its /proc entry, with a deadline
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
 
     def _await_ready(self) -> None:
         assert self.process is not None and self.process.stderr is not None

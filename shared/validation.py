@@ -22,6 +22,19 @@ class FieldError(Struct, frozen=True, kw_only=True):
     message: str
 
 
+MISSING_SUFFIX = " in the record"
+
+
+def missing(path: str, what: str) -> FieldError:
+    """The answer to an input naming a job, agent or proposal Warden has no record of (so a
+    client can tell "no such thing", exit 3 in the CLI, from "refused")."""
+    return FieldError(path=path, message=f"no {what}{MISSING_SUFFIX}")
+
+
+def names_missing(errors: list[FieldError]) -> bool:
+    return any(e.message.startswith("no ") and e.message.endswith(MISSING_SUFFIX) for e in errors)
+
+
 class InvalidInput(ValueError):
     """Raised when input cannot be decoded into its declared type; carries every field error."""
 

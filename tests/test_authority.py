@@ -284,7 +284,7 @@ async def test_every_operator_command_works_from_the_cli_and_names_who_and_why(
         assert result.returncode == 1
         assert "already active" in result.stderr
         unknown = await anyio.to_thread.run_sync(lambda: warden("revoke", "nobody"))
-        assert unknown.returncode == 1 and "not registered" in unknown.stderr
+        assert unknown.returncode == 3 and "no agent nobody in the record" in unknown.stderr
 
 
 async def test_a_rollback_request_names_the_operator(nats_server: EmbeddedServer) -> None:

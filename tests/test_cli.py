@@ -6,17 +6,23 @@ code, the lines printed, the files left behind.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 
+from services.cli.main import cli, main
 from shared.server import free_port
 
 NOBODY = 65534
@@ -109,3 +115,215 @@ def test_a_non_root_user_runs_warden_up_with_a_relative_data_dir_and_every_file_
     assert (workdir / "d" / "nats" / "jetstream").is_dir()
     # Nothing written beside the data directories (the working directory holds only d and e).
     assert sorted(p.name for p in workdir.iterdir()) == ["d", "e"]
+
+
+def warden(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *args],
+        cwd=cwd,
+        env=env or warden_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def one_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """One `warden up` for the tests that only talk to it: (its data dir, its NATS URL)."""
+    data_dir = tmp_path_factory.mktemp("deployment") / "d"
+    proc = start_up([], data_dir.parent, "d", free_port(), warden_env())
+    try:
+        yield data_dir, json.loads((data_dir / "server.json").read_text())["url"]
+    finally:
+        assert stop(proc) == 0
+
+
+UNREACHABLE = "nats://127.0.0.1:1"
+A_JOB = "6b0e6d0e-0000-4000-8000-000000000000"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["submit", "--kind", "x"],
+        ["explain", A_JOB],
+        ["revocations"],
+        ["cancel", A_JOB, "--reason", "r"],
+        ["agent", "exec", "--name", "fixer", "--nats", UNREACHABLE, "--timeout", "1", "--", "true"],
+    ],
+    ids=lambda c: c[0] if c[0] != "agent" else "agent exec",
+)
+def test_a_client_command_gives_up_on_an_unreachable_server_in_one_line_with_exit_4(
+    command: list[str],
+) -> None:
+    if "--nats" not in command:
+        command = [*command, "--nats", UNREACHABLE, "--timeout", "1"]
+    started = time.monotonic()
+    result = warden(*command, timeout=60)  # before: never exited, a warning every 250 ms
+    elapsed = time.monotonic() - started
+    assert result.returncode == 4, result.stderr
+    line = one_line(result.stderr)
+    assert UNREACHABLE in line and "within 1s" in line and "--nats" in line
+    assert elapsed < 30  # 1 s of trying plus interpreter start-up, with a loaded machine's slack
+
+
+def test_warden_timeout_comes_from_the_environment_too() -> None:
+    result = warden("revocations", "--nats", UNREACHABLE, env=warden_env(WARDEN_TIMEOUT="0.5"))
+    assert result.returncode == 4
+    assert "within 0.5s" in one_line(result.stderr)
+
+
+def test_an_http_url_given_as_the_nats_server_is_a_usage_error_naming_the_fix() -> None:
+    result = warden("submit", "--kind", "x", "--nats", "http://127.0.0.1:8765")
+    assert result.returncode == 2
+    assert "nats://" in one_line(result.stderr)
+
+
+def test_a_job_agent_or_proposal_that_is_not_in_the_record_exits_3(deployment: tuple[Path, str]) -> None:
+    data_dir, _url = deployment
+    for command in (
+        ["explain", A_JOB],
+        ["cancel", A_JOB, "--reason", "typo"],
+        ["requeue", A_JOB, "--reason", "typo"],
+        ["revoke", "ghost", "--reason", "typo"],
+        ["rollback", str(uuid.uuid4()), "--reason", "typo"],
+    ):
+        result = warden(*command, "--data-dir", str(data_dir))
+        assert result.returncode == 3, (command, result.stdout, result.stderr)
+        assert "traceback" not in result.stderr.lower()
+
+
+def test_a_refused_operator_command_exits_1_and_a_bad_id_exits_2(deployment: tuple[Path, str]) -> None:
+    data_dir, _url = deployment
+    submitted = warden("submit", "--kind", "noop", "--json", "--data-dir", str(data_dir))
+    assert submitted.returncode == 0, submitted.stderr
+    job = json.loads(submitted.stdout)["job_id"]
+    assert warden("requeue", job, "--reason", "not dead", "--data-dir", str(data_dir)).returncode == 1
+    bad = warden("cancel", "not-a-uuid", "--reason", "r", "--data-dir", str(data_dir))
+    assert bad.returncode == 2 and "not a job id" in one_line(bad.stderr)
+
+
+def test_a_busy_http_port_is_one_line_and_exit_1_and_a_traceback_only_with_v(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = warden("up", "--data-dir", str(tmp_path / "d"), "--http", f"127.0.0.1:{port}")
+        assert result.returncode == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in one_line(result.stderr)
+        verbose = warden("-v", "up", "--data-dir", str(tmp_path / "d"), "--http", f"127.0.0.1:{port}")
+        assert verbose.returncode == 1 and "Traceback" in verbose.stderr
+    assert not (tmp_path / "d" / "server.json").exists()  # and the owner's lock was let go:
+    assert warden("up", "--data-dir", str(tmp_path / "d"), "--http", "nonsense").returncode == 2
+
+
+def test_an_unknown_telemetry_exporter_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    result = warden(
+        "up",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--http",
+        "127.0.0.1:0",
+        env=warden_env(WARDEN_OTEL_EXPORTER="bogus"),
+    )
+    assert result.returncode == 2
+    assert "WARDEN_OTEL_EXPORTER 'bogus'" in one_line(result.stderr)
+
+
+def test_a_bad_agent_name_is_one_line_and_exit_2() -> None:
+    result = warden("agent", "exec", "--name", "bad name", "--nats", UNREACHABLE, "--", "true")
+    assert result.returncode == 2
+    assert "agent name 'bad name'" in one_line(result.stderr)
+
+
+def _commands(group: click.Group, path: str = "warden") -> Iterator[tuple[str, click.Command]]:
+    for name, command in group.commands.items():
+        yield f"{path} {name}", command
+        if isinstance(command, click.Group):
+            yield from _commands(command, f"{path} {name}")
+
+
+def test_every_option_of_every_command_has_help_and_only_promote_and_demote_take_a_level() -> None:
+    main  # noqa: B018 - importing main's module registers every command's module below
+    from services.cli import agent, authority, bench, creds, demo, doctor, forensics, jobs, replay, schemas  # noqa: F401
+
+    missing_help = [
+        f"{path} {option.opts[0]}"
+        for path, command in _commands(cli)
+        for option in command.params
+        if isinstance(option, click.Option) and not option.help
+    ]
+    assert missing_help == []
+    with_level = sorted(
+        path
+        for path, command in _commands(cli)
+        if any("--level" in p.opts for p in command.params if isinstance(p, click.Option))
+    )
+    assert with_level == ["warden demote", "warden promote", "warden submit"]
+
+
+def test_warden_version_names_the_installed_version() -> None:
+    from importlib.metadata import version
+
+    result = warden("--version")
+    assert result.returncode == 0 and version("warden") in result.stdout
+
+
+def test_one_warden_up_owns_a_data_dir_and_a_kill_9_of_it_frees_the_lock(tmp_path: Path) -> None:
+    env = warden_env()
+    owner = start_up([], tmp_path, "d", free_port(), env)
+    data_dir = tmp_path / "d"
+    try:
+        state = json.loads((data_dir / "server.json").read_text())
+        config = (data_dir / "nats" / "nats-server.conf").read_text()
+        assert (data_dir / "warden.lock").read_text().strip() == str(owner.pid)
+
+        second = warden("up", "--data-dir", str(data_dir), "--http", "127.0.0.1:0", env=env)
+        assert second.returncode == 1
+        assert f"in use by warden pid {owner.pid}" in one_line(second.stderr)
+
+        joined = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "run", "revoker", "--data-dir", str(data_dir)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        try:
+            assert joined.stdout is not None
+            ready = joined.stdout.readline()  # bounded by the pytest timeout
+            assert f"revoker on {state['url']} (joined warden pid {owner.pid}" in ready
+        finally:
+            assert stop(joined) == 0
+        # The owner's server, its config and its server.json are untouched by the joiner.
+        assert json.loads((data_dir / "server.json").read_text()) == state
+        assert (data_dir / "nats" / "nats-server.conf").read_text() == config
+        orphan = int((data_dir / "nats" / "nats-server.pid").read_text())
+
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(timeout=10)
+        successor = start_up([], tmp_path, "d", free_port(), env)
+        try:
+            assert (data_dir / "warden.lock").read_text().strip() == str(successor.pid)
+            fresh = json.loads((data_dir / "server.json").read_text())
+            assert fresh["pid"] == successor.pid
+            # The killed owner's nats-server was stopped before a new one opened the store.
+            assert not Path(f"/proc/{orphan}").exists()
+            assert int((data_dir / "nats" / "nats-server.pid").read_text()) != orphan
+        finally:
+            assert stop(successor) == 0
+    finally:
+        if owner.poll() is None:
+            stop(owner)
+    assert not (data_dir / "server.json").exists()

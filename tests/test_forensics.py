@@ -679,7 +679,7 @@ def test_warden_explain_prints_the_story_and_the_same_as_json(nats_server: Embed
 
 def test_forensic_commands_refuse_a_server_without_a_warden_log(nats_server: EmbeddedServer) -> None:
     result = cli_run("explain", str(uuid.uuid4()), "--nats", nats_server.url)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "has no stream WARDEN_EVENTS" in result.output
 
 
@@ -688,7 +688,7 @@ def test_explaining_an_unknown_job_says_so(nats_server: EmbeddedServer) -> None:
     anyio.run(run_a_few_jobs, url)
     missing = uuid.uuid4()
     result = cli_run("explain", str(missing), "--nats", url)
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # not found (README, "Exit codes")
     assert f"no events for job {missing}" in result.output
 
 

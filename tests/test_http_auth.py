@@ -163,7 +163,7 @@ async def test_a_client_token_submits_and_reads_but_may_not_command_and_a_remove
         assert after.status_code == 401
         assert 'error="invalid_token"' in after.headers["www-authenticate"]
         again = CliRunner().invoke(creds, ["remove-client", "billing", "--data-dir", str(data_dir)])
-        assert again.exit_code == 1 and "no client token named billing" in again.output
+        assert again.exit_code == 3 and "no client token named billing" in again.output
 
 
 async def test_with_auth_all_every_read_needs_a_token_and_the_document_says_so(

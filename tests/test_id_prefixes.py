@@ -89,11 +89,12 @@ async def test_explain_dossier_ledger_deny_cancel_and_requeue_take_a_unique_pref
         assert requeued.returncode == 0, requeued.stderr
         await wait_for_event(nc, lambda e: isinstance(e, JobRequeued) and e.originator_id == ctx.job_id)
 
-        # A prefix naming nothing, or too short, is refused with the reason, and nothing is sent.
+        # A prefix naming nothing (exit 3, not found), or too short (2, usage), is refused with
+        # the reason, and nothing is sent.
         nothing = await run("approve", "00000000", "--reason", "x", "--operator", "dora")
-        assert nothing.returncode == 2 and "no proposal id starts with '00000000'" in nothing.stderr
+        assert nothing.returncode == 3 and "no proposal id starts with '00000000'" in nothing.stderr
         too_short = await run("explain", short[:7])
         assert too_short.returncode == 2 and "too short" in too_short.stderr
         # An agent's aggregate id is not a job id, even though it has events of its own.
         not_a_job = await run("explain", str(agent_id_for("careful"))[:13])
-        assert not_a_job.returncode == 2 and "no job id starts with" in not_a_job.stderr
+        assert not_a_job.returncode == 3 and "no job id starts with" in not_a_job.stderr

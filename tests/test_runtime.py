@@ -119,6 +119,6 @@ def test_client_commands_refuse_to_guess_a_server(tmp_path: Path) -> None:
         timeout=60,
         env={**os.environ, "WARDEN_NATS_URL": ""},
     )
-    assert result.returncode == 2
+    assert result.returncode == 4  # no server to reach (README, "Exit codes")
     assert "no NATS server named" in result.stderr
     assert str(uuid.UUID(int=0)) not in result.stdout

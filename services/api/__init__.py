@@ -37,6 +37,10 @@ HTTP_ENV = "WARDEN_HTTP"
 DEFAULT_HTTP = "127.0.0.1:8765"
 
 
+class ListenError(OSError):
+    """Raised when the api service cannot bind its address (taken, or not this host's)."""
+
+
 class BadAddress(ValueError):
     """Raised when an HTTP address is not HOST:PORT."""
 
@@ -88,7 +92,9 @@ class Api:
             family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.create_server((host, port), family=family)
         except OSError as exc:
-            raise OSError(f"the api service cannot listen on {host}:{port}: {exc.strerror or exc}") from exc
+            raise ListenError(
+                f"the api service cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from exc
         store = await anyio.to_thread.run_sync(open_read_model, self.store_url)
         hub = self.hub = Hub(store)
 

@@ -45,7 +45,7 @@ from shared.lifecycle import after_attempt, fence
 from shared.messages import Accepted, OperatorCommand, Propose, Rejected
 from shared.policy import Policy, load_policy
 from shared.runtime import Context
-from shared.validation import FieldError
+from shared.validation import FieldError, missing
 
 log = logging.getLogger("warden.checker")
 
@@ -384,7 +384,7 @@ class Checker:
             await reject_input(
                 self.ctx,
                 msg,
-                [FieldError(path="$.proposal_id", message=f"no proposal {cmd.proposal_id}")],
+                [missing("$.proposal_id", f"proposal {cmd.proposal_id}")],
                 cmd.operator,
             )
             return

@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from services.cli.main import cli, data_dir_option, fail, json_option
+from services.cli.main import Exit, cli, data_dir_option, fail, json_option
 from shared import credentials, tokens, topology
 
 
@@ -113,7 +113,7 @@ def remove_agent(name: str, users_file: Path | None, reload_pids: tuple[int, ...
     """Delete agent NAME's user; after the reload its connections are closed."""
     path = credentials.users_file_from_env(users_file)
     if not credentials.remove_agent(path, name):
-        fail(f"no agent {name} in {path}", code=1)
+        fail(f"no agent {name} in {path}", code=Exit.NOT_FOUND)
     if not _reload(reload_pids):
         click.echo(RELOAD_HINT)
     click.echo(f"agent {name} removed from {path}")
@@ -223,7 +223,7 @@ def _remove(name: str, role: tokens.Role, data_dir: Path) -> None:
     except (tokens.TokenStoreError, OSError) as exc:
         fail(str(exc), code=1)
     if not removed:
-        fail(f"no {role} token named {name} in {store.path}", code=1)
+        fail(f"no {role} token named {name} in {store.path}", code=Exit.NOT_FOUND)
     click.echo(f"{role} {name}: token removed from {store.path}; a running API refuses it now")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,14 @@ import yaml
 from nats.aio.client import Client
 from nats.js import api as js_api
 
-from services.cli.main import cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
 from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
 from shared.contract import Contract
 from shared.events import AnyEvent, decode, tag_of
 from shared.forensics import ids
 from shared.messages import Accepted, JobRequest, OperatorCommand, Rejected
-from shared.validation import InvalidInput
+from shared.validation import InvalidInput, names_missing
 from shared.validation import decode as decode_checked
 
 
@@ -102,15 +103,20 @@ async def follow_job(nc: Client, job_id: UUID, *, quiet: bool, timeout: float | 
 @click.option("--effect", "effects", multiple=True, help="Scope: an allowed effect kind.")
 @click.option("--input", "inputs", multiple=True, metavar="KEY=VALUE", help="A job input.")
 @click.option("--level", type=int, default=None, help="Autonomy level the job requires.")
-@click.option("--max-attempts", type=int, default=None)
+@click.option("--max-attempts", type=int, default=None, help="Attempts before the job is tombstoned.")
 @click.option("--ttl", "lease_ttl_s", type=float, default=None, help="Lease TTL in seconds.")
 @click.option("--heartbeat", "heartbeat_interval_s", type=float, default=None, help="Heartbeat interval (s).")
 @click.option("--deadline", type=click.DateTime(), default=None, help="Deadline (UTC unless offset given).")
 @click.option("--repo", default=None, help="Target git repository for git.patch effects.")
 @click.option("--branch", default=None, help="Target branch.")
-@click.option("--submitter", default="cli", show_default=True)
+@click.option("--submitter", default="cli", show_default=True, help="Who submits (recorded on the job).")
 @click.option("--wait", is_flag=True, help="Follow the job to its end; exit 1 unless it completes.")
-@click.option("--timeout", type=float, default=None, help="With --wait: give up after this many seconds.")
+@click.option(
+    "--wait-timeout",
+    type=float,
+    default=None,
+    help="With --wait: stop following after this many seconds (exit 1).",
+)
 @nats_option
 @data_dir_option
 @json_option
@@ -130,7 +136,7 @@ def submit(
     branch: str | None,
     submitter: str,
     wait: bool,
-    timeout: float | None,
+    wait_timeout: float | None,
     nats_url: str | None,
     data_dir: Path,
     as_json: bool,
@@ -180,7 +186,7 @@ def submit(
                         click.echo(f"  {err.path}: {err.message}", err=True)
                     if reply.job_id is not None:
                         click.echo(f"  the key names job {reply.job_id}", err=True)
-                return 1
+                return Exit.FAILED
             assert isinstance(reply, Accepted) and reply.job_id is not None
             if as_json and not wait:
                 click.echo(msgspec.json.encode(reply).decode())
@@ -188,11 +194,11 @@ def submit(
                 click.echo(f"job {reply.job_id}" + (" (already submitted)" if reply.duplicate else ""))
             if not wait:
                 return 0
-            job = await follow_job(nc, reply.job_id, quiet=as_json, timeout=timeout)
+            job = await follow_job(nc, reply.job_id, quiet=as_json, timeout=wait_timeout)
             if as_json:
                 click.echo(msgspec.json.encode(job).decode())
             elif job is None or job.status not in TERMINAL:
-                click.echo(f"still {job.status if job else 'unknown'} after {timeout}s", err=True)
+                click.echo(f"still {job.status if job else 'unknown'} after {wait_timeout}s", err=True)
             else:
                 click.echo(f"job {job.id} {job.status}" + (f": {job.reason}" if job.reason else ""))
             return 0 if job is not None and job.status == "completed" else 1
@@ -216,16 +222,29 @@ OPERATOR_HELP = {
 }
 
 
+def level_option(verb: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--level, only on the commands that set one."""
+    if verb not in ("promote", "demote"):
+        return lambda f: f
+    return click.option("--level", type=int, default=None, help=f"The new level (default: one step; {verb}).")
+
+
 def operator_command(verb: str, *, needs: str) -> None:
     @cli.command(
         verb,
         help=f"Operator: {OPERATOR_HELP.get(verb, verb)} TARGET is the {needs}"
-        f"{' name' if needs == 'agent' else ' id'}. Recorded as an event naming who and why.",
+        f"{' name' if needs == 'agent' else ' id'}. Recorded as an event naming who and why. "
+        "Exit 1 when refused, 3 when TARGET is not in the record.",
     )
     @click.argument("target")
     @click.option("--reason", required=True, help="Why (recorded).")
-    @click.option("--operator", default=lambda: __import__("getpass").getuser(), show_default="$USER")
-    @click.option("--level", type=int, default=None, help="For promote/demote: the new level.")
+    @click.option(
+        "--operator",
+        default=lambda: __import__("getpass").getuser(),
+        show_default="$USER",
+        help="Who is acting (recorded with the command).",
+    )
+    @level_option(verb)
     @nats_option
     @data_dir_option
     @json_option
@@ -233,10 +252,10 @@ def operator_command(verb: str, *, needs: str) -> None:
         target: str,
         reason: str,
         operator: str,
-        level: int | None,
         nats_url: str | None,
         data_dir: Path,
         as_json: bool,
+        level: int | None = None,
     ) -> None:
         fields: dict[str, Any] = {"operator": operator, "reason": reason, "level": level}
         if needs == "agent":
@@ -247,14 +266,11 @@ def operator_command(verb: str, *, needs: str) -> None:
             nc = await bus.connect(url, "warden-operator")
             try:
                 if needs in ("job", "proposal"):
-                    # A full id or a unique prefix (8+ characters), resolved from the log.
-                    try:
-                        fields[f"{needs}_id"] = await ids.resolve(
-                            nc, "job" if needs == "job" else "proposal", target
-                        )
-                    except ids.IdNotFound as exc:
-                        click.echo(f"error: {exc}", err=True)
-                        return 2
+                    # A full id or a unique prefix (8+ characters), resolved from the log
+                    # (ids.BadId exits 2, ids.IdNotFound 3: the CLI group reports them).
+                    fields[f"{needs}_id"] = await ids.resolve(
+                        nc, "job" if needs == "job" else "proposal", target
+                    )
                 reply = await bus.request(nc, topology.operator_subject(verb), OperatorCommand(**fields))
             finally:
                 await nc.close()
@@ -265,7 +281,9 @@ def operator_command(verb: str, *, needs: str) -> None:
                     click.echo(f"refused: {err.path}: {err.message}", err=True)
             else:
                 click.echo(f"{verb}: {getattr(reply, 'detail', '') or 'recorded'}")
-            return 1 if isinstance(reply, Rejected) else 0
+            if isinstance(reply, Rejected):
+                return Exit.NOT_FOUND if names_missing(reply.errors) else Exit.FAILED
+            return Exit.OK
 
         sys.exit(anyio.run(go))
 

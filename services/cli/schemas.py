@@ -18,7 +18,11 @@ def schemas_group() -> None:
 
 @schemas_group.command("export")
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("schemas"), show_default=True
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("schemas"),
+    show_default=True,
+    help="The folder of JSON Schema files.",
 )
 def export(out: Path) -> None:
     """Write a schema file per event, input and reply type."""
@@ -28,7 +32,11 @@ def export(out: Path) -> None:
 
 @schemas_group.command("check")
 @click.option(
-    "--out", type=click.Path(file_okay=False, path_type=Path), default=Path("schemas"), show_default=True
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("schemas"),
+    show_default=True,
+    help="The folder of JSON Schema files.",
 )
 def check(out: Path) -> None:
     """Exit 1 when the files under --out disagree with the code."""

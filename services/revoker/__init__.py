@@ -36,7 +36,7 @@ from shared.lifecycle import after_attempt
 from shared.messages import Accepted, OperatorCommand
 from shared.policy import load_policy
 from shared.runtime import Context
-from shared.validation import FieldError
+from shared.validation import FieldError, missing
 
 log = logging.getLogger("warden.revoker")
 
@@ -223,7 +223,7 @@ class Revoker:
             if cmd.proposal_id is None:
                 return FieldError(path="$.proposal_id", message="rollback needs a proposal_id")
             if cmd.proposal_id not in self.book.proposal_job:
-                return FieldError(path="$.proposal_id", message=f"no proposal {cmd.proposal_id}")
+                return missing("$.proposal_id", f"proposal {cmd.proposal_id}")
             await self._request_rollback(
                 Action(
                     kind="rollback",
@@ -240,7 +240,7 @@ class Revoker:
             return FieldError(path="$.agent", message=f"{verb} needs an agent")
         agent = self.ctx.views.agents.get(cmd.agent)
         if agent is None:
-            return FieldError(path="$.agent", message=f"agent {cmd.agent} is not registered")
+            return missing("$.agent", f"agent {cmd.agent}")
         version = agent.version + 1
         event: Event
         if verb == "revoke":

@@ -45,7 +45,7 @@ from shared.messages import (
 )
 from shared.policy import load_policy
 from shared.runtime import Context
-from shared.validation import FieldError
+from shared.validation import FieldError, missing
 
 log = logging.getLogger("warden.scheduler")
 # An agent that claimed within this window counts as present when choosing who retries a job.
@@ -315,9 +315,7 @@ class Scheduler:
         for _ in range(5):
             job = self.ctx.views.jobs.get(cmd.job_id)
             if job is None:
-                await reject_input(
-                    self.ctx, msg, [FieldError(path="$.job_id", message=f"no job {cmd.job_id}")]
-                )
+                await reject_input(self.ctx, msg, [missing("$.job_id", f"job {cmd.job_id}")])
                 return
             event: Event
             if verb == "requeue":

@@ -36,6 +36,10 @@ class IdNotFound(LookupError):
     """The text names no id (too short, not hex, no match, or several matches): the message says which."""
 
 
+class BadId(IdNotFound):
+    """The text cannot be an id or a prefix of one (too short, not hex): a usage error."""
+
+
 def _prefix(text: str, kind: Kind) -> UUID | str:
     """The full id when `text` is one, else the normalised prefix (checked, never trusted)."""
     try:
@@ -44,9 +48,9 @@ def _prefix(text: str, kind: Kind) -> UUID | str:
         pass
     cleaned = text.strip().lower()
     if not cleaned or not set(cleaned) <= _HEX:
-        raise IdNotFound(f"{text!r} is not a {kind} id (nor the start of one: ids are hexadecimal)")
+        raise BadId(f"{text!r} is not a {kind} id (nor the start of one: ids are hexadecimal)")
     if len(cleaned.replace("-", "")) < MIN_PREFIX:
-        raise IdNotFound(f"{text!r} is too short: give at least {MIN_PREFIX} characters of the {kind} id")
+        raise BadId(f"{text!r} is too short: give at least {MIN_PREFIX} characters of the {kind} id")
     return cleaned
 
 
