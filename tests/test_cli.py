@@ -6,6 +6,7 @@ code, the lines printed, the files left behind.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import shutil
@@ -22,10 +23,24 @@ import click
 import httpx
 import pytest
 
-from services.cli.main import cli, main
+from services.cli.main import cli
 from shared.server import free_port
+from tests.gitrepo import make_repo
 
 NOBODY = 65534
+COMMAND_MODULES = (
+    "agent",
+    "authority",
+    "bench",
+    "creds",
+    "demo",
+    "doctor",
+    "finding",
+    "forensics",
+    "jobs",
+    "replay",
+    "schemas",
+)
 
 
 @pytest.fixture
@@ -138,13 +153,35 @@ def one_line(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
-    """One `warden up` for the tests that only talk to it: (its data dir, its NATS URL)."""
+    """One `warden up` for the tests that only talk to it: (its data dir, its API's base URL)."""
     data_dir = tmp_path_factory.mktemp("deployment") / "d"
-    proc = start_up([], data_dir.parent, "d", free_port(), warden_env())
+    port = free_port()
+    proc = start_up([], data_dir.parent, "d", port, warden_env())
     try:
-        yield data_dir, json.loads((data_dir / "server.json").read_text())["url"]
+        yield data_dir, f"http://127.0.0.1:{port}"
     finally:
         assert stop(proc) == 0
+
+
+def projected(api: str) -> None:
+    """Wait (with a deadline) until the read model holds every event stored so far."""
+    with httpx.Client(base_url=api, timeout=30) as http:
+        last = http.get("/api/status").json()["stream_last_event"]
+        status = http.get("/api/status", params={"at_least": last, "timeout": 20}).json()
+    assert status["position"] >= last, status
+
+
+def run_one_job(data_dir: Path, tmp_path: Path, kind: str, *command: str) -> str:
+    """Submit a job and let `warden agent exec` run `command` for it; returns the job id."""
+    repo = make_repo(tmp_path)
+    submitted = warden("submit", "--kind", kind, "--repo", str(repo), "--json", "--data-dir", str(data_dir))
+    assert submitted.returncode == 0, submitted.stderr
+    ran = warden(
+        "agent", "exec", "--name", f"agent-{kind}", "--kind", kind, "--jobs", "1", "--data-dir", str(data_dir),
+        "--", *command,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    return str(json.loads(submitted.stdout)["job_id"])
 
 
 UNREACHABLE = "nats://127.0.0.1:1"
@@ -255,9 +292,11 @@ def _commands(group: click.Group, path: str = "warden") -> Iterator[tuple[str, c
 
 
 def test_every_option_of_every_command_has_help_and_only_promote_and_demote_take_a_level() -> None:
-    main  # noqa: B018 - importing main's module registers every command's module below
-    from services.cli import agent, authority, bench, creds, demo, doctor, forensics, jobs, replay, schemas  # noqa: F401
-
+    for module in COMMAND_MODULES:  # registers their commands, as `main()` does
+        importlib.import_module(f"services.cli.{module}")
+    assert {"warden jobs", "warden agent exec", "warden status", "warden cancel"} <= {
+        p for p, _ in _commands(cli)
+    }
     missing_help = [
         f"{path} {option.opts[0]}"
         for path, command in _commands(cli)
@@ -270,7 +309,8 @@ def test_every_option_of_every_command_has_help_and_only_promote_and_demote_take
         for path, command in _commands(cli)
         if any("--level" in p.opts for p in command.params if isinstance(p, click.Option))
     )
-    assert with_level == ["warden demote", "warden promote", "warden submit"]
+    # (agents filters by level, submit requires one; of the operator commands only these two set one)
+    assert with_level == ["warden agents", "warden demote", "warden promote", "warden submit"]
 
 
 def test_warden_version_names_the_installed_version() -> None:
@@ -327,3 +367,127 @@ def test_one_warden_up_owns_a_data_dir_and_a_kill_9_of_it_frees_the_lock(tmp_pat
         if owner.poll() is None:
             stop(owner)
     assert not (data_dir / "server.json").exists()
+
+
+def test_warden_jobs_lists_filters_and_pages_from_the_read_model(deployment: tuple[Path, str]) -> None:
+    data_dir, api = deployment
+    kind = f"listed-{uuid.uuid4().hex[:6]}"
+    made = []
+    for _ in range(3):
+        submitted = warden("submit", "--kind", kind, "--json", "--data-dir", str(data_dir))
+        made.append(json.loads(submitted.stdout)["job_id"])
+    projected(api)
+    listed = warden("jobs", "--kind", kind, "--state", "queued", "--json", "--data-dir", str(data_dir))
+    assert listed.returncode == 0, listed.stderr
+    body = json.loads(listed.stdout)
+    assert body["total"] == 3 and sorted(j["job_id"] for j in body["items"]) == sorted(made)
+    second = json.loads(
+        warden(
+            "jobs", "--kind", kind, "--limit", "2", "--page", "2", "--json", "--data-dir", str(data_dir)
+        ).stdout
+    )
+    assert len(second["items"]) == 1 and second["offset"] == 2
+    assert (
+        json.loads(
+            warden(
+                "jobs", "--kind", kind, "--state", "completed", "--json", "--data-dir", str(data_dir)
+            ).stdout
+        )["total"]
+        == 0
+    )
+    future = json.loads(
+        warden(
+            "jobs", "--kind", kind, "--since", "2999-01-01T00:00:00", "--json", "--data-dir", str(data_dir)
+        ).stdout
+    )
+    recent = json.loads(
+        warden("jobs", "--kind", kind, "--since", "1h", "--json", "--data-dir", str(data_dir)).stdout
+    )
+    assert future["total"] == 0 and recent["total"] == 3
+    text = warden("jobs", "--kind", kind, "--data-dir", str(data_dir))
+    lines = text.stdout.splitlines()
+    assert lines[0].split()[:3] == ["JOB", "KIND", "STATE"] and len(lines) == 4
+    assert "{" not in text.stdout  # a table, not reprs
+    bad = warden("jobs", "--since", "yesterday-ish", "--data-dir", str(data_dir))
+    assert bad.returncode == 2
+
+
+def test_warden_logs_shows_each_attempts_output_and_agents_lists_the_agent(
+    deployment: tuple[Path, str], tmp_path: Path
+) -> None:
+    data_dir, api = deployment
+    job = run_one_job(
+        data_dir,
+        tmp_path,
+        "echo",
+        sys.executable,
+        "-c",
+        "print('hello from the agent'); import sys; sys.stderr.write('a warning'); sys.exit(3)",
+    )
+    shown = warden("logs", job[:8], "--data-dir", str(data_dir))
+    assert shown.returncode == 0, shown.stderr
+    assert "attempt 1 by agent-echo" in shown.stdout and "exited 3" in shown.stdout
+    assert "hello from the agent" in shown.stdout and "a warning" in shown.stdout
+    as_json = json.loads(warden("logs", job, "--json", "--data-dir", str(data_dir)).stdout)
+    assert as_json["attempts"][0]["outputs"][0]["stdout"] == "hello from the agent\n"
+    missing = warden("logs", str(uuid.uuid4()), "--data-dir", str(data_dir))
+    assert missing.returncode == 3 and "no events for job" in one_line(missing.stderr)
+
+    projected(api)
+    agents = json.loads(warden("agents", "--json", "--data-dir", str(data_dir)).stdout)
+    row = next(a for a in agents["items"] if a["name"] == "agent-echo")
+    assert row["leases"] == 1 and row["standing"] == "active"
+    assert "agent-echo" in warden("agents", "--data-dir", str(data_dir)).stdout
+    # Shell completion offers job ids from the read model.
+    completion = subprocess.run(
+        [sys.executable, "-m", "services.cli"],
+        env={**warden_env(WARDEN_DATA_DIR=str(data_dir)), "_WARDEN_COMPLETE": "bash_complete", "COMP_WORDS": f"warden logs {job[:6]}", "COMP_CWORD": "2"},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert f"plain,{job}" in completion.stdout.splitlines()
+
+
+def test_warden_status_reports_each_service_its_backlog_and_the_read_model(
+    deployment: tuple[Path, str],
+) -> None:
+    data_dir, api = deployment
+    warden("submit", "--kind", "status-probe", "--data-dir", str(data_dir))
+    projected(api)
+    result = warden("status", "--json", "--data-dir", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert all(s["alive"] for s in report["services"].values())
+    assert set(report["services"]) >= {
+        "scheduler",
+        "reconciler",
+        "checker",
+        "revoker",
+        "applier",
+        "projector",
+        "api",
+    }
+    assert {c["durable"] for c in report["consumers"]} == {"scheduler", "reconciler", "checker", "revoker"}
+    model = report["read_model"]
+    assert model["queued_jobs"] >= 1 and model["oldest_queued"]["state"] == "queued"
+    assert str(data_dir / "projections.sqlite") in model["store"]
+    text = warden("status", "--data-dir", str(data_dir)).stdout
+    assert (
+        "service   scheduler   alive" in text and "consumer  scheduler" in text and "queued; oldest" in text
+    )
+
+
+def test_warden_status_on_a_server_without_services_says_which_are_down_and_exits_1(tmp_path: Path) -> None:
+    from shared.server import EmbeddedServer
+
+    with EmbeddedServer(store_dir=tmp_path / "bare") as server:
+        result = warden("status", "--nats", server.url, "--data-dir", str(tmp_path / "none"))
+    assert result.returncode == 1
+    assert "service   scheduler   down   NO ANSWER" in result.stdout
+    assert "no read model at" in result.stdout
+
+
+def test_lists_without_a_read_model_say_where_they_looked_and_exit_4(tmp_path: Path) -> None:
+    result = warden("jobs", "--data-dir", str(tmp_path / "nothing-here"))
+    assert result.returncode == 4
+    assert str(tmp_path / "nothing-here" / "projections.sqlite") in one_line(result.stderr)
+    assert not (tmp_path / "nothing-here").exists()  # reading created nothing

@@ -18,6 +18,7 @@ import yaml
 from nats.aio.client import Client
 from nats.js import api as js_api
 
+from services.cli.finding import complete_job_ids
 from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
 from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
@@ -236,7 +237,7 @@ def operator_command(verb: str, *, needs: str) -> None:
         f"{' name' if needs == 'agent' else ' id'}. Recorded as an event naming who and why. "
         "Exit 1 when refused, 3 when TARGET is not in the record.",
     )
-    @click.argument("target")
+    @click.argument("target", shell_complete=complete_job_ids if needs == "job" else None)
     @click.option("--reason", required=True, help="Why (recorded).")
     @click.option(
         "--operator",

@@ -30,7 +30,7 @@ from shared.forensics.explain import JobNotFound
 from shared.forensics.log import LogUnavailable
 from shared.invariants import InvariantConfigError
 from shared.policy import PolicyError
-from shared.readmodel.store import StoreURLError
+from shared.readmodel.store import ReadModelMissing, StoreURLError
 from shared.server import ServerError
 from shared.telemetry import TelemetryError
 from shared.tokens import BadTokenName, TokenStoreError
@@ -61,6 +61,7 @@ KNOWN_ERRORS: tuple[tuple[type[BaseException], Exit], ...] = (
     (bus.Unreachable, Exit.UNREACHABLE),
     (NoServerNamed, Exit.UNREACHABLE),
     (datadir.StaleState, Exit.UNREACHABLE),
+    (ReadModelMissing, Exit.UNREACHABLE),
     (bus.ReplyTimeout, Exit.UNREACHABLE),
     (bus.NotStored, Exit.UNREACHABLE),
     (bus.BadServerURL, Exit.USAGE),
@@ -293,6 +294,18 @@ def run_service(service: str, nats_url: str | None, data_dir: Path, replicas: in
 
 
 def main() -> None:
-    from services.cli import agent, authority, bench, creds, demo, doctor, forensics, jobs, replay, schemas  # noqa: F401 - registers their commands
+    from services.cli import (  # noqa: F401 - registers their commands
+        agent,
+        authority,
+        bench,
+        creds,
+        demo,
+        doctor,
+        finding,
+        forensics,
+        jobs,
+        replay,
+        schemas,
+    )
 
-    cli(standalone_mode=True)
+    cli(prog_name="warden", standalone_mode=True)  # also names the completion variable: _WARDEN_COMPLETE

@@ -51,8 +51,24 @@ def _select(db: Db, table: Table, where: str, params: Sequence[Any], tail: str =
     return [decode_json_columns(table, r) for r in rows]
 
 
-def page(store: ReadModel, table: Table, filters: dict[str, Any], limit: int, offset: int) -> Page:
+def page(
+    store: ReadModel,
+    table: Table,
+    filters: dict[str, Any],
+    limit: int,
+    offset: int,
+    *,
+    since: tuple[str, str] | None = None,
+) -> Page:
+    """One page of `table`'s rows matching `filters` (column = value), and `since` (column, ts):
+    rows whose timestamp column is at or after a stored-format timestamp."""
     where, params = _where(filters)
+    if since is not None:
+        column, moment = since
+        if column not in table.public_names:
+            raise ValueError(f"{table.name} has no column {column}")
+        where += (" AND " if where else " WHERE ") + f"{column} >= ?"
+        params.append(moment)
     with store.reading() as db:
         total = int(db.scalar(f"SELECT COUNT(*) FROM {table.name}{where}", params))
         items = _select(
@@ -237,3 +253,29 @@ __all__ = [
     "summary",
     "timeline_after",
 ]
+
+
+def operations(store: ReadModel) -> dict[str, Any]:
+    """What `warden status` reports from the read model: its position, live leases (and the
+    soonest to expire), queued jobs and the oldest of them."""
+    with store.reading() as db:
+        live = db.one(f"SELECT COUNT(*), MIN(expires_at) FROM {LEASES.name} WHERE ended = ''") or (0, None)
+        queued = int(db.scalar(f"SELECT COUNT(*) FROM {JOBS.name} WHERE state = 'queued'"))
+        oldest = _select(db, JOBS, " WHERE state = 'queued'", (), " ORDER BY created_at, job_id LIMIT 1")
+        return {
+            "position": store._tracked(db, lock=False) or 0,
+            "live_leases": int(live[0] or 0),
+            "next_lease_expiry": live[1],
+            "queued_jobs": queued,
+            "oldest_queued": oldest[0] if oldest else None,
+        }
+
+
+def job_ids_starting(store: ReadModel, prefix: str, limit: int = 50) -> list[str]:
+    """Job ids beginning with `prefix` (shell completion), newest first."""
+    with store.reading() as db:
+        rows = db.all(
+            f"SELECT job_id FROM {JOBS.name} WHERE job_id LIKE ? ORDER BY created_at DESC LIMIT {int(limit)}",
+            (prefix.replace("%", "").replace("_", "") + "%",),
+        )
+    return [str(r[0]) for r in rows]

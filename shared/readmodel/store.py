@@ -43,6 +43,10 @@ class StoreURLError(ValueError):
     """Raised when a projections URL names no backend Warden supports."""
 
 
+class ReadModelMissing(LookupError):
+    """Raised when a reader asks for a SQLite read model that no projector has built."""
+
+
 class ReadModel(TrackingRecorder):
     """What both backends share: the batch write protocol and read transactions."""
 
@@ -197,6 +201,22 @@ def configured_url(url: str | None = None, data_dir: Path | str | None = None) -
     return url or os.environ.get(URL_ENV) or default_url(data_dir)
 
 
+def sqlite_path(url: str) -> str | None:
+    """The file a SQLite URL names (None for another backend).
+
+    SQLAlchemy's convention: what follows `sqlite:///` is the path as written, so `sqlite:///d/x`
+    is relative (./d/x) and `sqlite:////d/x` is absolute (/d/x)."""
+    scheme = urlparse(url).scheme
+    if scheme not in ("sqlite", ""):
+        return None
+    path = url
+    if scheme:
+        path = url.split("?", 1)[0].removeprefix("sqlite:").removeprefix("///").removeprefix("//")
+    if not path:
+        raise StoreURLError(f"{url!r} names no SQLite file")
+    return path
+
+
 def store_env(url: str) -> dict[str, str]:
     """The eventsourcing environment that selects the backend a URL names."""
     parsed = urlparse(url)
@@ -216,14 +236,8 @@ def store_env(url: str) -> dict[str, str]:
             "POSTGRES_CONNECT_TIMEOUT": "5",
         }
         return env
-    if parsed.scheme in ("sqlite", ""):
-        # SQLAlchemy's convention: what follows `sqlite:///` is the path as written, so
-        # `sqlite:///d/x` is relative (./d/x) and `sqlite:////d/x` is absolute (/d/x).
-        path = url
-        if parsed.scheme:
-            path = url.split("?", 1)[0].removeprefix("sqlite:").removeprefix("///").removeprefix("//")
-        if not path:
-            raise StoreURLError(f"{url!r} names no SQLite file")
+    path = sqlite_path(url)
+    if path is not None:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path}
