@@ -427,11 +427,13 @@ class AgentClient:
         once: bool = False,
         poll_s: float = 0.2,
         idle_exit_s: float | None = None,
+        on_outcome: Callable[[Outcome], None] | None = None,
     ) -> ServeResult:
         """Register, then claim and work jobs (`concurrency` at a time) until told to stop.
 
         Ends when `max_jobs` were taken, when idle for `idle_exit_s`, after one claim round per
-        worker with `once`, on `stop()`, or when the agent is revoked. A refused or unanswered
+        worker with `once`, on `stop()`, or when the agent is revoked; `on_outcome` hears of
+        each job as it ends. A refused or unanswered
         request is retried with backoff; refused credentials raise bus.PermissionDenied."""
         result = ServeResult(reason="")
         fatal: list[BaseException] = []
@@ -474,13 +476,15 @@ class AgentClient:
                     await self._pause(poll_s)
                     continue
                 if self.stopping:  # granted as we were told to stop: hand it back at once
-                    ctx = JobContext(grant=grant)
-                    released = await self._release_retrying(ctx, f"agent stopping: {self.stop_reason}")
-                    result.outcomes.append(
-                        Outcome(grant.job_id, grant.epoch, "released", f"agent stopping: {released!r}")
-                    )
-                    return
-                result.outcomes.append(await self.work(grant, handler))
+                    why = f"agent stopping: {self.stop_reason}"
+                    released = await self._release_retrying(JobContext(grant=grant), why)
+                    detail = f"{why}; {released}" if isinstance(released, str) else why
+                    outcome = Outcome(grant.job_id, grant.epoch, "released", detail)
+                else:
+                    outcome = await self.work(grant, handler)
+                result.outcomes.append(outcome)
+                if on_outcome is not None:
+                    on_outcome(outcome)
                 idle_since = anyio.current_time()
                 if once:
                     return

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,10 @@ from shared.events import (
     ProposalSubmitted,
     agent_id_for,
 )
-from shared.messages import Accepted, Heartbeat, JobRequest, OperatorCommand
+from shared.messages import Accepted, Heartbeat, JobRequest, LeaseGrant, OperatorCommand
 from shared.sdk import AgentClient
 from shared.server import EmbeddedServer
-from tests.harness import client, events_of, running, submit, wait_for_event
+from tests.harness import SlowHandler, client, events_of, running, submit, wait_for_event
 
 ROOT = Path(__file__).resolve().parent.parent
 EDIT = (
@@ -642,3 +642,27 @@ async def test_concurrency_2_runs_two_jobs_at_once_each_in_its_own_workspace(
         p["evidence"]["stderr"] for p in proposals
     ]
     assert all("+met" in p["patch"] for p in proposals)
+
+
+async def test_a_refused_heartbeat_keeps_the_work_going_until_the_lease_itself_would_expire(
+    nats_server: EmbeddedServer,
+) -> None:
+    # A reconciler whose view lags answers "no job": the SDK neither crashes nor drops the work
+    # at once; it stops when the lease's own expiry has passed, as with no answer at all.
+    async with running(nats_server.url, ["scheduler", "reconciler"]), client(nats_server.url) as nc:
+        agent = AgentClient(nc, "lagged")
+        await agent.register()
+        grant = LeaseGrant(
+            job_id=uuid.uuid4(),
+            kind="x",
+            epoch=1,
+            expires_at=datetime.now(UTC) + timedelta(seconds=2),
+            ttl_s=2.0,
+            heartbeat_interval_s=0.3,
+            contract=Contract(),
+        )
+        handler = SlowHandler()
+        outcome = await agent.work(grant, handler)
+    assert outcome.status == "expired"
+    assert "no job" in outcome.detail
+    assert handler.cancelled == [True]

@@ -11,7 +11,7 @@ diff becomes a proposal, with its exit status and output tails as evidence: the 
 applies anything itself, and the `exit_status` invariant fails a command that exited non-zero.
 
 Exit codes: 0 stopped as asked (job limit, --once, idle, SIGINT/SIGTERM), 3 the agent is
-revoked, 4 its credentials were refused, 2 a usage error.
+revoked, 4 its credentials (or its registration) were refused, 2 a usage error.
 """
 
 from __future__ import annotations
@@ -42,7 +42,16 @@ from shared import paths, task
 from shared.bus import PermissionDenied
 from shared.forensics import log as eventlog
 from shared.messages import LeaseGrant
-from shared.sdk import AgentClient, JobContext, Outcome, Proposal, ServeResult, Stalled, connect_agent
+from shared.sdk import (
+    AgentClient,
+    AgentError,
+    JobContext,
+    Outcome,
+    Proposal,
+    ServeResult,
+    Stalled,
+    connect_agent,
+)
 
 log = logging.getLogger("warden.exec")
 
@@ -154,7 +163,19 @@ class Workspace:
     def diff(self) -> str:
         """The command's change: every file it created, changed or deleted (.warden/ excluded)."""
         git(self.path, "add", "-A")
-        return git(self.path, "diff", "--cached", "--binary", self.local_base)
+        # A plain patch whatever the user's git config says (prefixes, external diff, textconv).
+        return git(
+            self.path,
+            "diff",
+            "--cached",
+            "--binary",
+            "--no-ext-diff",
+            "--no-textconv",
+            "--no-color",
+            "--src-prefix=a/",
+            "--dst-prefix=b/",
+            self.local_base,
+        )
 
     def cleanup(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -586,7 +607,12 @@ def exec_command(
                 workspace = Workspace(name, ctx.grant)
                 try:
                     await anyio.to_thread.run_sync(workspace.prepare)
-                    attempts, why_not = await previous_attempts(nc, ctx.grant)
+                    if user is None:
+                        attempts, why_not = await previous_attempts(nc, ctx.grant)
+                    elif ctx.grant.epoch > 1:  # an agent's own credentials may not read the log
+                        attempts, why_not = [], "previous attempts not readable with agent credentials"
+                    else:
+                        attempts, why_not = [], ""
                     if why_not:
                         log.warning("job %s: %s", ctx.job_id, why_not)
                     task_file = workspace.write_task(task_file_for(ctx.grant, workspace, attempts))
@@ -604,7 +630,12 @@ def exec_command(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(on_signals)
                 result = await client.serve(
-                    handler, max_jobs=max_jobs, concurrency=concurrency, once=once, idle_exit_s=idle_exit
+                    handler,
+                    max_jobs=max_jobs,
+                    concurrency=concurrency,
+                    once=once,
+                    idle_exit_s=idle_exit,
+                    on_outcome=lambda outcome: click.echo(outcome_line(outcome, as_json)),
                 )
                 tg.cancel_scope.cancel()
             return result
@@ -614,10 +645,8 @@ def exec_command(
 
     try:
         result = anyio.run(go)
-    except PermissionDenied as exc:  # its credentials do not fit its name: say so, not a traceback
+    except (PermissionDenied, AgentError) as exc:  # credentials or registration refused: one line
         click.echo(f"agent {name} stopped: {exc}", err=True)
         sys.exit(EXIT_REFUSED)
-    for outcome in result.outcomes:
-        click.echo(outcome_line(outcome, as_json))
     click.echo(f"agent {name} stopped: {result.reason}; {result.summary()}", err=True)
     sys.exit(EXIT_REVOKED if result.revoked else 0)

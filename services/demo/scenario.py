@@ -33,6 +33,7 @@ from shared.events import (
     EffectApplied,
     EffectRolledBack,
     InvariantChecked,
+    JobCompleted,
     LeaseExpired,
     LeaseGranted,
     MessageRejected,
@@ -250,6 +251,7 @@ async def _run(
 
     zombie_expired = anyio.Event()
     hanger_done = anyio.Event()
+    scoper_clean = anyio.Event()
 
     def watch(event: Any, _job: Any, _agent: Any) -> None:
         if isinstance(event, LeaseGranted) and event.agent == "hanger" and not hanger_done.is_set():
@@ -259,13 +261,21 @@ async def _run(
             hanger_done.set()
         if isinstance(event, LeaseExpired) and event.agent == "zombie":
             zombie_expired.set()
+        if isinstance(event, JobCompleted) and event.agent == "scoper":
+            scoper_clean.set()
 
     ctx.views.listeners.append(watch)
     async with anyio.create_task_group() as tg:
         zombie_conn = await bus.connect(url, "zombie")
         tg.start_soon(_zombie, zombie_conn, zombie_expired)
+        # The scoper's breach needs a clean job first: it starts alone, and the rest of the fleet
+        # once that job is done, so its second job does not hinge on winning a claim race.
+        fleet.start("scoper", FLEET["scoper"])
+        with anyio.move_on_after(30):
+            await scoper_clean.wait()
         for name, behaviour in FLEET.items():
-            fleet.start(name, behaviour)
+            if name != "scoper":
+                fleet.start(name, behaviour)
         with anyio.move_on_after(options.timeout):
             while True:
                 counts: Counter[str] = Counter(
