@@ -289,7 +289,7 @@ async def test_exec_keeps_serving_through_unanswered_claims_and_a_broker_restart
     assert "stopped: did the 1 job(s) asked for; 1 job(s): 1 proposed" in out
 
 
-async def test_a_revoked_agent_exits_3_with_the_reason(nats_server: EmbeddedServer, tmp_path: Path) -> None:
+async def test_a_revoked_agent_exits_1_with_the_reason(nats_server: EmbeddedServer, tmp_path: Path) -> None:
     log = tmp_path / "rogue.log"
     async with (
         running(nats_server.url, ["scheduler", "reconciler", "revoker"]),
@@ -304,7 +304,7 @@ async def test_a_revoked_agent_exits_3_with_the_reason(nats_server: EmbeddedServ
         )
         assert isinstance(reply, Accepted), reply
         code, out = await anyio.to_thread.run_sync(_ended, proc, log)
-    assert code == 3, out
+    assert code == 1, out
     assert "agent rogue stopped: revoked:" in out and "caught exfiltrating" in out
     assert "Traceback" not in out
 

@@ -10,8 +10,9 @@ its whole process group is killed, also when exec itself is killed (a watchdog d
 diff becomes a proposal, with its exit status and output tails as evidence: the command never
 applies anything itself, and the `exit_status` invariant fails a command that exited non-zero.
 
-Exit codes: 0 stopped as asked (job limit, --once, idle, SIGINT/SIGTERM), 3 the agent is
-revoked, 4 its credentials (or its registration) were refused, 2 a usage error.
+Exit codes (Warden's own, see README): 0 stopped as asked (job limit, --once, idle,
+SIGINT/SIGTERM), 1 the agent is revoked or its credentials or registration were refused (the
+last line says which), 2 a usage error, 4 no server answered at start.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ import click
 import msgspec
 import nats.errors
 
-from services.cli.main import cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
 from shared import paths, task
 from shared.bus import PermissionDenied
 from shared.forensics import log as eventlog
@@ -56,8 +57,6 @@ from shared.sdk import (
 log = logging.getLogger("warden.exec")
 
 TAIL = 4000
-EXIT_REVOKED = 3
-EXIT_REFUSED = 4
 # What the command's environment keeps from exec's own; everything else only by --env NAME.
 ENV_ALLOWED = (
     "PATH",
@@ -583,8 +582,8 @@ def exec_command(
 
     Example: warden agent exec --name fixer --kind refactor --env ANTHROPIC_API_KEY -- ./my-agent.sh
 
-    Exit codes: 0 stopped as asked (job limit, --once, idle, SIGINT/SIGTERM), 3 revoked,
-    4 credentials refused, 2 usage error.
+    Exit codes: 0 stopped as asked (job limit, --once, idle, SIGINT/SIGTERM), 1 revoked or
+    credentials refused, 2 usage error, 4 no server answered.
     """
     forbidden = [n for n in env_names if n.startswith(ENV_FORBIDDEN_PREFIX)]
     if forbidden:
@@ -599,7 +598,7 @@ def exec_command(
             nc = await connect_agent(url, name, user=user, password=password)
         except nats.errors.Error as exc:  # e.g. 'Authorization Violation': wrong user or password
             click.echo(f"agent {name} could not connect to {url}: {exc}", err=True)
-            sys.exit(EXIT_REFUSED)
+            sys.exit(Exit.FAILED if "authorization" in str(exc).lower() else Exit.UNREACHABLE)
         try:
             client = AgentClient(nc, name, kinds=list(kinds), max_concurrent=concurrency)
 
@@ -647,6 +646,6 @@ def exec_command(
         result = anyio.run(go)
     except (PermissionDenied, AgentError) as exc:  # credentials or registration refused: one line
         click.echo(f"agent {name} stopped: {exc}", err=True)
-        sys.exit(EXIT_REFUSED)
+        sys.exit(Exit.FAILED)
     click.echo(f"agent {name} stopped: {result.reason}; {result.summary()}", err=True)
-    sys.exit(EXIT_REVOKED if result.revoked else 0)
+    sys.exit(Exit.FAILED if result.revoked else Exit.OK)
