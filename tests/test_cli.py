@@ -491,3 +491,66 @@ def test_lists_without_a_read_model_say_where_they_looked_and_exit_4(tmp_path: P
     assert result.returncode == 4
     assert str(tmp_path / "nothing-here" / "projections.sqlite") in one_line(result.stderr)
     assert not (tmp_path / "nothing-here").exists()  # reading created nothing
+
+
+def test_warden_demo_without_keep_prints_plain_text_no_dead_url_and_removes_its_folder(
+    tmp_path: Path,
+) -> None:
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    env = warden_env(TMPDIR=str(scratch))
+    result = warden("demo", "--http", f"127.0.0.1:{free_port()}", env=env, timeout=300)
+    assert result.returncode in (0, 1), result.stderr
+    assert "{'" not in result.stdout and "': " not in result.stdout  # no Python reprs
+    assert "http://" not in result.stdout  # the dashboard is gone when this prints
+    assert "guarantees" in result.stdout and "jobs: " in result.stdout
+    if result.returncode == 0:
+        assert list(scratch.iterdir()) == []  # the demo's folder, agents' workspaces included
+    else:  # a failed guarantee keeps the evidence, and says where
+        (kept,) = list(scratch.iterdir())
+        assert f"data kept in {kept / 'warden'}" in result.stdout
+
+
+def test_warden_demo_keep_prints_its_urls_and_other_commands_find_its_server(tmp_path: Path) -> None:
+    env = warden_env(TMPDIR=str(tmp_path))
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "services.cli",
+            "demo",
+            "--jobs",
+            "3",
+            "--keep",
+            "--http",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        printed: dict[str, str] = {}
+        for line in proc.stdout:  # bounded by the pytest timeout
+            name, sep, value = line.partition(":")
+            if sep and name in ("NATS", "dashboard", "data dir"):
+                printed[name] = value.split()[0]
+            if line.startswith("--keep:"):
+                break
+        assert printed["dashboard"] == f"http://127.0.0.1:{port}/"
+        data_dir = Path(printed["data dir"])
+        state = json.loads((data_dir / "server.json").read_text())
+        assert state["url"] == printed["NATS"] and state["pid"] == proc.pid
+        with httpx.Client(timeout=10) as http:
+            assert http.get(printed["dashboard"]).status_code == 200
+        listed = warden("jobs", "--json", "--data-dir", str(data_dir), env=env)
+        assert listed.returncode == 0 and json.loads(listed.stdout)["total"] == 3
+        assert warden("status", "--data-dir", str(data_dir), env=env).returncode == 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert code in (0, 1)  # stopped cleanly (1: a guarantee failed, as three jobs may not exercise all)
+    assert not (data_dir / "server.json").exists()

@@ -7,6 +7,7 @@ assumed: the exit code is non-zero when any of them fails.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import msgspec
 
 from services import registry
 from services.demo import repo as demo_repo
-from shared import bus, runtime, topology
+from shared import bus, datadir, runtime, topology
 from shared.aggregates import TERMINAL
 from shared.contract import CiGate, Contract, Scope, Stopping, Target
 from shared.events import (
@@ -42,6 +43,7 @@ from shared.events import (
 )
 from shared.events import decode as decode_event
 from shared.messages import Accepted, JobRequest
+from shared.readmodel.store import URL_ENV, default_url
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, Proposal
 
@@ -82,7 +84,8 @@ class Summary:
     ledger: dict[str, Any] = field(default_factory=dict)
     checks: list[Check] = field(default_factory=list)
     dashboard: str = ""
-    data_dir: str = ""
+    nats_url: str = ""
+    data_dir: str = ""  # "" once removed
 
     @property
     def ok(self) -> bool:
@@ -127,6 +130,8 @@ class Fleet:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.logs = state / "agents"
         self.logs.mkdir(parents=True, exist_ok=True)
+        self.tmp = state / "tmp"
+        self.tmp.mkdir(exist_ok=True)
 
     def start(self, name: str, behaviour: str) -> None:
         env = {
@@ -134,6 +139,8 @@ class Fleet:
             "WARDEN_NATS_URL": self.url,
             "WARDEN_DEMO_BEHAVIOUR": behaviour,
             "WARDEN_DEMO_STATE": str(self.state),
+            # Their workspaces (a killed agent's included) live in the demo's folder, removed with it.
+            "TMPDIR": str(self.tmp),
         }
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
         self.procs[name] = subprocess.Popen(
@@ -208,15 +215,46 @@ async def read_log(nc: Any) -> list[AnyEvent]:
 async def run_demo(
     options: DemoOptions, progress: Progress, *, keep: Callable[[Summary], Any] | None = None
 ) -> Summary:
+    """Run the scenario in a fresh temporary folder. With `keep`, everything stays up while it
+    runs (server.json lets other commands find the server); without, the folder is removed
+    when every guarantee held (and left for inspection when one did not)."""
     tmp = Path(tempfile.mkdtemp(prefix="warden-demo-"))
+    data_dir = tmp / "warden"
     repo = demo_repo.make_repo(tmp / "repo")
     http = options.http or _free_http()
     os.environ["WARDEN_HTTP"] = http
-    summary = Summary(dashboard=f"http://{http}/", data_dir=str(tmp))
+    # The demo's own read model, inside its own data dir: never another run's (or ./.warden's).
+    os.environ[URL_ENV] = default_url(data_dir)
+    summary = Summary(dashboard=f"http://{http}/", data_dir=str(data_dir))
+    ownership = datadir.try_own(data_dir) if options.nats_url is None else None
+    try:
+        await _deploy(options, progress, keep, repo, data_dir, ownership, summary)
+    finally:
+        if ownership is not None:
+            ownership.release()
+    if keep is None and summary.ok:
+        shutil.rmtree(tmp, ignore_errors=True)
+        summary.data_dir = ""
+    return summary
+
+
+async def _deploy(
+    options: DemoOptions,
+    progress: Progress,
+    keep: Callable[[Summary], Any] | None,
+    repo: Path,
+    data_dir: Path,
+    ownership: datadir.Ownership | None,
+    summary: Summary,
+) -> None:
+    tmp = data_dir.parent
     async with (
-        runtime.deployment(options.nats_url, tmp / "warden", name="demo") as (ctx, url),
+        runtime.deployment(options.nats_url, data_dir, name="demo") as (ctx, url),
         anyio.create_task_group() as tg,
     ):
+        summary.nats_url = url
+        if ownership is not None:
+            ownership.publish(url, ctx.monitor_url)
         await tg.start(runtime.run_services, ctx, registry.build())
         fleet = Fleet(url, tmp)
         try:
@@ -227,7 +265,6 @@ async def run_demo(
         if keep is not None:
             await keep(summary)
         tg.cancel_scope.cancel()
-    return summary
 
 
 async def _run(
@@ -372,7 +409,7 @@ async def _summarise(ctx: Context, repo: Path, options: DemoOptions, summary: Su
         Check(
             "every job terminal",
             len(jobs) == options.jobs and all(j.terminal for j in jobs),
-            f"{summary.jobs}",
+            ", ".join(f"{n} {state}" for state, n in sorted(summary.jobs.items())) or "no jobs",
         ),
         Check("crash detected", expired("crasher"), "crasher's lease expired after its process was killed"),
         Check("hang detected", expired("hanger"), "hanger's lease expired while its process was stopped"),
