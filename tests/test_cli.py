@@ -117,9 +117,31 @@ def test_a_non_root_user_runs_warden_up_with_a_relative_data_dir_and_every_file_
     try:
         second = start_up(prefix, workdir, "e", second_port, env)
         try:
+            # A job submitted to d (by the same user, from the same relative directory)...
+            submitted = warden(
+                "submit", "--kind", "only-in-d", "--data-dir", "d", cwd=workdir, env=env, prefix=prefix
+            )
+            assert submitted.returncode == 0, submitted.stderr
+            projected(f"http://127.0.0.1:{first_port}")
+            projected(f"http://127.0.0.1:{second_port}")
             with httpx.Client(timeout=10) as http:
                 first_status = http.get(f"http://127.0.0.1:{first_port}/api/status").json()
                 second_status = http.get(f"http://127.0.0.1:{second_port}/api/status").json()
+            # ...is in d's read model and not in e's.
+            for data_dir, expected in (("d", 1), ("e", 0)):
+                listed = warden(
+                    "jobs",
+                    "--kind",
+                    "only-in-d",
+                    "--json",
+                    "--data-dir",
+                    data_dir,
+                    cwd=workdir,
+                    env=env,
+                    prefix=prefix,
+                )
+                assert listed.returncode == 0, listed.stderr
+                assert json.loads(listed.stdout)["total"] == expected, data_dir
         finally:
             assert stop(second) == 0
     finally:
@@ -133,10 +155,14 @@ def test_a_non_root_user_runs_warden_up_with_a_relative_data_dir_and_every_file_
 
 
 def warden(
-    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 60
+    *args: str,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+    prefix: list[str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "services.cli", *args],
+        [*(prefix or []), sys.executable, "-m", "services.cli", *args],
         cwd=cwd,
         env=env or warden_env(),
         capture_output=True,
