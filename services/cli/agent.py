@@ -387,6 +387,7 @@ async def run_command(
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # a terminal's Ctrl-C reaches exec (which stops cleanly), not it
     )
 
     async def drain(name: str, stream: Any) -> None:
