@@ -134,6 +134,25 @@ def semantic_errors(contract: Contract, now: datetime, *, max_level: int) -> lis
     return errors
 
 
+def partial_semantic_errors(raw: object, now: datetime, *, max_level: int) -> list[tuple[str, str]]:
+    """`semantic_errors` for a contract whose fields do not all have their types.
+
+    Each top-level part that has its type on its own (scope, required_level, stopping, ...) is
+    checked; a part with a type error is left to that error. So a submitter sees every problem
+    in one answer, not the type errors first and the rest on the next round trip.
+    """
+    if not isinstance(raw, dict):
+        return []
+    typed: dict[str, Any] = {}
+    for name, value in raw.items():
+        try:
+            msgspec.convert({name: value}, Contract)
+        except msgspec.ValidationError:
+            continue
+        typed[name] = value
+    return semantic_errors(msgspec.convert(typed, Contract), now, max_level=max_level)
+
+
 def to_builtins(contract: Contract) -> dict[str, Any]:
     result = msgspec.to_builtins(contract)
     assert isinstance(result, dict)

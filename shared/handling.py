@@ -7,6 +7,7 @@ stored message, so a redelivery records nothing new) and, where the sender waits
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TypeVar
 from uuid import UUID
 
@@ -52,12 +53,24 @@ async def reject_input(
 InputT = TypeVar("InputT", bound=Input)
 
 
-async def decode_or_reject(ctx: Context, msg: Msg, tp: type[InputT], sender: str = "") -> InputT | None:
-    """The input decoded as `tp`, or None once its rejection is recorded and answered."""
+async def decode_or_reject(
+    ctx: Context,
+    msg: Msg,
+    tp: type[InputT],
+    sender: str = "",
+    *,
+    also: Callable[[bytes, list[FieldError]], list[FieldError]] | None = None,
+) -> InputT | None:
+    """The input decoded as `tp`, or None once its rejection is recorded and answered.
+
+    `also` adds the problems a handler finds beyond the types (given the data and the type
+    errors), so a refusal lists everything wrong at once.
+    """
     try:
         return decode_input(msg.data, tp, topology.MAX_INPUT_BYTES)
     except InvalidInput as exc:
-        await reject_input(ctx, msg, exc.errors, sender=sender)
+        errors = exc.errors + (also(msg.data, exc.errors) if also else [])
+        await reject_input(ctx, msg, errors, sender=sender)
         return None
 
 

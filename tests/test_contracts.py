@@ -71,6 +71,36 @@ async def test_every_unenforceable_part_of_a_contract_is_refused_at_once_and_rec
         assert not [e for e in await events_of(nc) if isinstance(e, JobRequested)]
 
 
+async def test_a_request_with_type_errors_is_also_refused_for_every_rule_its_typed_parts_break(
+    nats_server: EmbeddedServer,
+) -> None:
+    body = json.dumps(
+        {
+            "kind": 5,
+            "contract": {
+                "scope": {"paths": ["../**", "/etc/**"]},
+                "required_level": 5,
+                "stopping": {"max_attempts": 0},
+                "colour": "red",
+            },
+        }
+    ).encode()
+    async with running(nats_server.url), client(nats_server.url) as nc:
+        reply = await bus.request(nc, topology.REQUEST_SUBJECT, body)
+        assert isinstance(reply, Rejected)
+        assert [e.path for e in reply.errors] == [
+            "$.idempotency_key",
+            "$.kind",
+            "$.contract.colour",
+            "$.contract.stopping.max_attempts",
+            "$.contract.scope.paths[0]",
+            "$.contract.scope.paths[1]",
+            "$.contract.required_level",
+        ]
+        rejection = await wait_for_event(nc, lambda e: isinstance(e, InputRejected))
+        assert isinstance(rejection, InputRejected) and rejection.errors == reply.errors
+
+
 async def test_warden_submit_prints_every_reason_a_contract_is_refused(nats_server: EmbeddedServer) -> None:
     async with running(nats_server.url):
         result = await _cli(

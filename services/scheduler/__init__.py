@@ -14,13 +14,14 @@ from functools import partial
 from uuid import UUID
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
 from shared import bus, telemetry, topology
 from shared.aggregates import Agent, Job
-from shared.contract import semantic_errors
+from shared.contract import partial_semantic_errors, semantic_errors
 from shared.events import (
     AgentRegistered,
     Event,
@@ -107,7 +108,7 @@ class Scheduler:
                     await self.on_claim(msg, agent)
 
     async def on_request(self, msg: Msg) -> None:
-        request = await decode_or_reject(self.ctx, msg, JobRequest)
+        request = await decode_or_reject(self.ctx, msg, JobRequest, also=self._contract_rules)
         if request is None:
             return
         errors = [
@@ -140,6 +141,17 @@ class Scheduler:
                 await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id))
                 return
         await self._repeated_key(msg, request, digest, self.ctx.views.jobs[job_id])
+
+    def _contract_rules(self, data: bytes, type_errors: list[FieldError]) -> list[FieldError]:
+        """The contract's rules on a request that has type errors, for the parts that have types."""
+        if any(e.path == "$" for e in type_errors):
+            return []  # not JSON, too large, or wrong as a whole: there are no parts to check
+        raw = msgspec.json.decode(data)  # decoded once already by the typed decode's fallback
+        contract = raw.get("contract") if isinstance(raw, dict) else None
+        return [
+            FieldError(path=p, message=m)
+            for p, m in partial_semantic_errors(contract, now(), max_level=self.policy.top_level)
+        ]
 
     async def _repeated_key(self, msg: Msg, request: JobRequest, digest: str, first: Job) -> None:
         """The same key and body is the same job (a retry); the same key with another body is refused."""
