@@ -8,6 +8,7 @@ follow the event stream with ordered push consumers (callbacks are 4-5x faster t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import uuid
@@ -346,27 +347,45 @@ async def patiently(call: Callable[[], Awaitable[T]], attempts: int = 6, first_w
 
 EventCallback = Callable[[int, AnyEvent], None]
 
+# How often `follow` looks for a reconnect: a broker restart costs a service at most this much
+# on top of the server's own recovery.
+_RECONNECT_POLL_S = 0.05
+
 
 async def follow(
     js: JetStreamContext,
     on_event: EventCallback,
     *,
     from_seq: int = 1,
+    on_position: Callable[[int], None] | None = None,
     task_status: anyio.abc.TaskStatus[int] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Fold every authoritative event into `on_event`, in stream order, forever.
 
     Start-up completes once the events that existed at start have been delivered, so a service
     never decides on a half-built view. Reports the stream sequence it caught up to.
+    `on_position` hears the sequence of every message delivered (events or not).
+
+    After a reconnect (a broker restart, a move to another node) the ordered consumer is
+    re-created at once from the next unseen sequence: the server held it in memory only, and
+    nats-py notices it gone only after two missed idle heartbeats (10 s), and does not retry a
+    re-creation that fails while JetStream is still recovering. That left services deciding on
+    a view frozen at the restart for 10-20 s.
     """
+    nc: Client = js._nc
     info = await patiently(lambda: js.stream_info(topology.EVENT_STREAM))
     target = info.state.last_seq
     caught_up = anyio.Event()
     if target < from_seq:
         caught_up.set()
+    next_seq = max(from_seq, 1)
 
     async def cb(msg: Msg) -> None:
+        nonlocal next_seq
         seq = msg.metadata.sequence.stream
+        if seq < next_seq:
+            return  # delivered already, by the consumer this one replaced
+        next_seq = seq + 1
         try:
             event = decode_event(msg.data)
         except msgspec.DecodeError:
@@ -374,24 +393,54 @@ async def follow(
             event = None
         if event is not None:
             on_event(seq, event)
+        if on_position is not None:
+            on_position(seq)
         if seq >= target:
             caught_up.set()
 
-    sub = await js.subscribe(
-        f"{topology.EVENT_ROOT}.>",
-        ordered_consumer=True,
-        cb=cb,
-        deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
-        config=js_api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
-        pending_msgs_limit=-1,
-        pending_bytes_limit=-1,
-    )
+    async def subscribe() -> Any:
+        return await js.subscribe(
+            f"{topology.EVENT_ROOT}.>",
+            ordered_consumer=True,
+            cb=cb,
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE,
+            config=js_api.ConsumerConfig(opt_start_seq=next_seq),
+            pending_msgs_limit=-1,
+            pending_bytes_limit=-1,
+        )
+
+    async def resubscribe() -> Any:
+        wait = 0.05
+        while True:
+            try:
+                return await subscribe()
+            except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+                log.info("event stream not followable yet (%s); retrying in %.2fs", exc, wait)
+                await anyio.sleep(wait)
+                wait = min(wait * 2, 1.0)
+
+    sub = await patiently(subscribe)
+
+    async def reestablish_on_reconnect() -> None:
+        nonlocal sub
+        seen = nc.stats["reconnects"]
+        while True:
+            await anyio.sleep(_RECONNECT_POLL_S)
+            if nc.stats["reconnects"] == seen or not nc.is_connected:
+                continue
+            seen = nc.stats["reconnects"]
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
+            sub = await resubscribe()
+            log.info("event stream followed again from sequence %d after a reconnect", next_seq)
+
     try:
-        await caught_up.wait()
-        task_status.started(target)
-        await anyio.sleep_forever()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(reestablish_on_reconnect)
+            await caught_up.wait()
+            task_status.started(target)
     finally:
-        with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True), contextlib.suppress(nats.errors.Error):
             await sub.unsubscribe()
 
 

@@ -13,18 +13,22 @@ import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
+from uuid import UUID
 
 import anyio
 from anyio.abc import TaskStatus
+from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shared import bus, liveness, telemetry, topology
+from shared.aggregates import Agent, Job
 from shared.app import WardenApp, open_app
-from shared.events import Event
+from shared.events import Event, agent_id_for
 from shared.persistence.bridge import NatsBridge
 from shared.server import EmbeddedServer
 from shared.views import Views
@@ -61,11 +65,45 @@ class Context:
         job = await anyio.to_thread.run_sync(self.app.job, job_id)
         self.views.replace_job(job)
 
+    # The view lags the store after an outage or while a replica writes: before refusing an
+    # input because the view lacks what it names, a service asks the store (by subject).
+
+    async def job_from_store(self, job_id: UUID) -> Job | None:
+        """The job as the store has it (adopted into the view), or None when it has no such job."""
+        try:
+            job = await anyio.to_thread.run_sync(self.app.job, job_id)
+        except AggregateNotFoundError:
+            return None
+        self.views.replace_job(job)
+        return self.views.jobs[job_id]
+
+    async def agent_from_store(self, name: str) -> Agent | None:
+        """The agent as the store has it (adopted into the view), or None when never registered."""
+        try:
+            agent = await anyio.to_thread.run_sync(self.app.agent, agent_id_for(name))
+        except AggregateNotFoundError:
+            return None
+        self.views.replace_agent(agent)
+        return self.views.agents[name]
+
     async def follow_events(self, tg: anyio.abc.TaskGroup) -> None:
         """Start folding the event stream into the view once per process."""
         if not self.followed:
             self.followed = True
-            await tg.start(bus.follow, self.js, self.views.on_stream_event)
+            await tg.start(
+                partial(bus.follow, on_position=self.views.advance), self.js, self.views.on_stream_event
+            )
+
+    async def view_current(self, timeout: float = 2.0) -> bool:
+        """Wait (bounded) until the view holds everything the store held when asked: the barrier
+        before an answer that only the absence of something justifies ("no work"). True when
+        the view had to catch up (the caller decides again), False when it already was current."""
+        info = await self.js.stream_info(topology.EVENT_STREAM)
+        if self.views.position >= info.state.last_seq:
+            return False
+        with anyio.move_on_after(timeout):
+            await self.views.reached(info.state.last_seq)
+        return True
 
 
 async def close_connection(nc: Client, grace_s: float = 5.0) -> None:

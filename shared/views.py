@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from uuid import UUID
 
+import anyio
 from msgspec.structs import replace
 
 from shared.aggregates import Agent, Job, evolve_agent, evolve_job, is_agent_event
@@ -23,12 +24,28 @@ class Views:
         self.jobs: dict[UUID, Job] = {}
         self.agents: dict[str, Agent] = {}
         self._agents_by_id: dict[UUID, str] = {}
-        self.position = 0
+        self.position = 0  # the last stream sequence folded (event or not)
         self.listeners: list[Listener] = []
+        self._waiters: list[tuple[int, anyio.Event]] = []
 
     def on_stream_event(self, seq: int, event: AnyEvent) -> None:
-        self.position = max(self.position, seq)
         self.apply(event)
+
+    def advance(self, seq: int) -> None:
+        self.position = max(self.position, seq)
+        if self._waiters:
+            for target, reached in self._waiters:
+                if target <= self.position:
+                    reached.set()
+            self._waiters = [(t, e) for t, e in self._waiters if not e.is_set()]
+
+    async def reached(self, seq: int) -> None:
+        """Returns once the view has folded the stream up to `seq`."""
+        if self.position >= seq:
+            return
+        reached = anyio.Event()
+        self._waiters.append((seq, reached))
+        await reached.wait()
 
     def apply(self, event: Event) -> bool:
         """Fold one event if it is the next version of its aggregate; False if already seen."""

@@ -203,7 +203,7 @@ class Checker:
         self, job: Job, state: ProposalState, proposal: Propose, received_at: datetime
     ) -> None:
         policy = load_policy()  # consulted at the moment of deciding: a demotion counts at once
-        agent = self.ctx.views.agents.get(state.agent)
+        agent = self.ctx.views.agents.get(state.agent) or await self.ctx.agent_from_store(state.agent)
         level = agent.level if agent else 0
         subject = Subject(
             proposal_id=state.id,
@@ -283,22 +283,13 @@ class Checker:
 
     # --- decisions -------------------------------------------------------------------------
 
-    def _authority_refusals(self, job: Job, state: ProposalState, policy: Policy) -> list[str]:
-        """What the agent's standing and level, at this moment, say against the effect."""
-        agent: Agent | None = self.ctx.views.agents.get(state.agent)
-        if agent is None:
-            return [f"authority: agent {state.agent} is not registered"]
-        refusals: list[str] = []
-        if agent.standing != "active":
-            refusals.append(f"authority: agent {agent.name} is {agent.standing}: {agent.standing_reason}")
-        refusal = policy.effect_refusal(agent.level, state.effect)
-        if refusal:
-            refusals.append(f"authority: {refusal}")
-        if job.contract.required_level > agent.level:
-            refusals.append(
-                f"authority: the job needs level {job.contract.required_level}, "
-                f"{agent.name} is at {agent.level}"
-            )
+    async def _authority_refusals(self, job: Job, state: ProposalState, policy: Policy) -> list[str]:
+        """What the agent's standing and level, at this moment, say against the effect.
+
+        A refusal is never read off a lagging view: before one, the agent is read from the store."""
+        refusals = _refusals(job, state, policy, self.ctx.views.agents.get(state.agent))
+        if refusals:
+            refusals = _refusals(job, state, policy, await self.ctx.agent_from_store(state.agent))
         return refusals
 
     async def _authorise(
@@ -314,7 +305,7 @@ class Checker:
         """Accept unless the agent's authority forbids it now; True when accepted. `prefix`
         (check verdicts not yet appended) goes in the same atomic write."""
         policy = load_policy()
-        refusals = self._authority_refusals(job, state, policy)
+        refusals = await self._authority_refusals(job, state, policy)
         if refusals:
             await self._reject(job, state, refusals, by=by, reason=reason, prefix=prefix)
             return False
@@ -435,6 +426,22 @@ class Checker:
 
 def _lease_of(job: Job, epoch: int) -> Lease | None:
     return next((lease for lease in job.leases if lease.epoch == epoch), None)
+
+
+def _refusals(job: Job, state: ProposalState, policy: Policy, agent: Agent | None) -> list[str]:
+    if agent is None:
+        return [f"authority: agent {state.agent} is not registered (the store has no such agent)"]
+    refusals: list[str] = []
+    if agent.standing != "active":
+        refusals.append(f"authority: agent {agent.name} is {agent.standing}: {agent.standing_reason}")
+    refusal = policy.effect_refusal(agent.level, state.effect)
+    if refusal:
+        refusals.append(f"authority: {refusal}")
+    if job.contract.required_level > agent.level:
+        refusals.append(
+            f"authority: the job needs level {job.contract.required_level}, {agent.name} is at {agent.level}"
+        )
+    return refusals
 
 
 def _branch(policy: Policy, level: int, agent: str, job: Job) -> str:

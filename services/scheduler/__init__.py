@@ -194,16 +194,8 @@ class Scheduler:
                 await self.ctx.save(event)
                 break
             except IntegrityError:
-                await self._reload_agent(name)
+                await self.ctx.agent_from_store(name)
         await bus.reply(self.ctx.nc, msg, Accepted(detail=f"agent {name} registered"))
-
-    async def _reload_agent(self, name: str) -> Agent | None:
-        try:
-            agent = await anyio.to_thread.run_sync(self.ctx.app.agent, agent_id_for(name))
-        except Exception:  # AggregateNotFoundError: not registered after all
-            return None
-        self.ctx.views.replace_agent(agent)
-        return agent
 
     async def on_claim(self, msg: Msg, name: str) -> None:
         claim = await decode_or_reject(self.ctx, msg, Claim, sender=name)
@@ -215,12 +207,15 @@ class Scheduler:
             await bus.reply(self.ctx.nc, msg, NoWork(detail="claim arrived after its wait"))
             return
         self._last_claim[name] = at
-        agent = self.ctx.views.agents.get(name)
+        agent = self.ctx.views.agents.get(name) or await self.ctx.agent_from_store(name)
         if agent is None:
-            await reject_input(
-                self.ctx, msg, [FieldError(path="$", message=f"agent {name} is not registered")], name
+            error = FieldError(
+                path="$", message=f"agent {name} is not registered (the store has no such agent)"
             )
+            await reject_input(self.ctx, msg, [error], name)
             return
+        if agent.standing != "active":
+            agent = await self.ctx.agent_from_store(name) or agent  # never refuse on a lagging view
         if agent.standing != "active":
             await reject_input(
                 self.ctx,
@@ -229,16 +224,21 @@ class Scheduler:
                 name,
             )
             return
+        answer = await self._lease_for(agent, claim, at, input_seq(msg))
+        if isinstance(answer, NoWork) and await self.ctx.view_current():
+            # "No work" rests on what the view lacks: decide again once it holds what the store
+            # held when the claim arrived (after an outage the view catches up first).
+            agent = self.ctx.views.agents.get(name) or agent
+            answer = await self._lease_for(agent, claim, at, input_seq(msg))
+        await bus.reply(self.ctx.nc, msg, answer)
+
+    async def _lease_for(self, agent: Agent, claim: Claim, at: datetime, seq: int) -> LeaseGrant | NoWork:
+        name = agent.name
         held = self.ctx.views.live_leases_of(name)
         # The agent's own limit, capped by what its autonomy level allows.
         limit = min(agent.max_concurrent, self.policy.at(agent.level).max_leases)
         if held >= limit:
-            await bus.reply(
-                self.ctx.nc,
-                msg,
-                NoWork(detail=f"agent {name} holds {held} of {limit} leases (level {agent.level})"),
-            )
-            return
+            return NoWork(detail=f"agent {name} holds {held} of {limit} leases (level {agent.level})")
         kinds = set(claim.kinds or agent.kinds)
         for _created, job_id in list(self._queue):
             job = self.ctx.views.jobs[job_id]
@@ -254,11 +254,10 @@ class Scheduler:
             deadline = job.contract.stopping.deadline
             if deadline is not None and deadline <= at:
                 continue  # the reconciler tombstones it
-            grant = await self._grant(job, name, at, input_seq(msg))
+            grant = await self._grant(job, name, at, seq)
             if grant is not None:
-                await bus.reply(self.ctx.nc, msg, grant)
-                return
-        await bus.reply(self.ctx.nc, msg, NoWork(detail="no runnable job for this agent"))
+                return grant
+        return NoWork(detail="no runnable job for this agent")
 
     @staticmethod
     def _failed_by(job: Job, name: str) -> bool:
@@ -325,7 +324,7 @@ class Scheduler:
             await reject_input(self.ctx, msg, [FieldError(path="$.job_id", message=f"{verb} needs a job_id")])
             return
         for _ in range(5):
-            job = self.ctx.views.jobs.get(cmd.job_id)
+            job = self.ctx.views.jobs.get(cmd.job_id) or await self.ctx.job_from_store(cmd.job_id)
             if job is None:
                 await reject_input(self.ctx, msg, [missing("$.job_id", f"job {cmd.job_id}")])
                 return
