@@ -14,6 +14,7 @@ through eventsourcing's own datastores and tracking tables, chosen by URL:
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -37,6 +38,7 @@ APPLICATION = "warden"
 PROJECTION_NAME = "warden_readmodel"
 URL_ENV = "WARDEN_PROJECTIONS_URL"
 DEFAULT_FILE = "projections.sqlite"
+SQLITE_BUSY_TIMEOUT_S = 30
 
 
 class StoreURLError(ValueError):
@@ -98,6 +100,27 @@ class ReadModel(TrackingRecorder):
 
 
 class SQLiteReadModel(ReadModel, SQLiteTrackingRecorder):
+    def create_table(self) -> None:
+        """Create or migrate the tables, one process at a time.
+
+        eventsourcing decides whether to record its tracking migration before it creates the
+        table, outside any lock: a projector and an API starting together on a fresh file both
+        decided to, and the second died (`Failed to record tracking for __migration__ 1`). An
+        exclusive lock on a file beside the database serialises the whole step, and the one
+        that waited then finds the table made.
+        """
+        pool = self.datastore.pool
+        db_name = str(pool.db_name)
+        if pool.is_sqlite_memory_mode or db_name.startswith("file:"):
+            super().create_table()
+            return
+        with open(f"{db_name}.create-lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                super().create_table()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def construct_create_table_statements(self) -> list[str]:
         statements = super().construct_create_table_statements()
         for table in TABLES:
@@ -240,7 +263,13 @@ def store_env(url: str) -> dict[str, str]:
     if path is not None:
         if path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": path}
+        # A projector writing and an API reading the same file wait for each other's locks
+        # (switching to WAL included) instead of failing with `database is locked`.
+        return {
+            "PERSISTENCE_MODULE": "eventsourcing.sqlite",
+            "SQLITE_DBNAME": path,
+            "SQLITE_LOCK_TIMEOUT": str(SQLITE_BUSY_TIMEOUT_S),
+        }
     raise StoreURLError(f"projections URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
 
 
