@@ -90,6 +90,18 @@ class Heartbeat(Input, frozen=True, tag="agent.heartbeat"):
     note: Text = ""
 
 
+class PayloadUpload(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A proposal payload uploaded in chunks on `warden.in.agent.<name>.payload`: the chunks'
+    stream sequences in order, and the whole payload's size and sha256. The checker reads those
+    sequences, refuses any chunk that is not on this agent's payload subject, and stores the
+    verified payload in the payload bucket itself."""
+
+    sha256: Annotated[str, Meta(pattern="^[0-9a-f]{64}$")]
+    size: Annotated[int, Meta(ge=1)]
+    # 4096 chunks of topology.PAYLOAD_CHUNK_BYTES is 1 GiB, past any payload limit.
+    chunks: Annotated[list[Annotated[int, Meta(ge=1)]], Meta(min_length=1, max_length=4096)]
+
+
 class Propose(Input, frozen=True, tag="agent.propose"):
     job_id: UUID
     epoch: Annotated[int, Meta(ge=1)]
@@ -101,8 +113,8 @@ class Propose(Input, frozen=True, tag="agent.propose"):
     output: Any = None
     usage: Usage = field(default_factory=Usage)
     evidence: dict[str, Any] = field(default_factory=dict)
-    # Large payloads are put in the object store first and named here.
-    payload_object: str = ""
+    # A large payload is uploaded in chunks on the agent's payload subject first and named here.
+    payload: PayloadUpload | None = None
 
 
 class ProposalPayload(Input, frozen=True, tag="agent.proposal_payload"):

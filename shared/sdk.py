@@ -297,8 +297,8 @@ class AgentClient:
         raise AgentError("heartbeat", reply)
 
     async def propose(self, ctx: JobContext, proposal: Proposal) -> AnyReply:
-        """Send the proposal; a payload too large for one message goes to the object store first
-        (see shared/proposals.py for the limits). The reply names the proposal's id."""
+        """Send the proposal; a payload too large for one message is uploaded in chunks on the
+        agent's payload subject first (see shared/proposals.py). The reply names the proposal's id."""
         body = Propose(
             job_id=ctx.job_id,
             epoch=ctx.epoch,
@@ -312,8 +312,8 @@ class AgentClient:
         )
         if len(msgspec.json.encode(body)) > topology.INLINE_PROPOSAL_BYTES:
             envelope, payload = proposals.split(body)
-            name = await proposals.put_payload(self.nc.jetstream(), self.name, ctx.job_id, ctx.epoch, payload)
-            body = msgspec.structs.replace(envelope, payload_object=name)
+            upload = await proposals.upload(self.nc.jetstream(), self.name, payload)
+            body = msgspec.structs.replace(envelope, payload=upload)
         return await self._send("propose", body)
 
     async def release(self, ctx: JobContext, reason: str = "") -> AnyReply:

@@ -21,7 +21,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js import JetStreamContext
 from nats.js import api as js_api
-from nats.js.errors import APIError, BucketNotFoundError, NotFoundError
+from nats.js.errors import APIError, NotFoundError
 
 log = logging.getLogger("warden.topology")
 
@@ -29,6 +29,7 @@ PREFIX = "warden"
 INPUT_STREAM = "WARDEN_INPUT"
 EVENT_STREAM = "WARDEN_EVENTS"
 PAYLOAD_BUCKET = "WARDEN_PAYLOADS"
+PAYLOAD_STREAM = f"OBJ_{PAYLOAD_BUCKET}"  # the stream behind the object store bucket
 
 INPUT_ROOT = f"{PREFIX}.in"
 EVENT_ROOT = f"{PREFIX}.evt"
@@ -40,6 +41,10 @@ REPLY_HEADER = "Warden-Reply-To"
 TRACE_HEADER = "traceparent"
 
 AGENT_VERBS = ("register", "claim", "heartbeat", "propose", "release")
+# Where an agent uploads a large proposal's payload, in chunks, before proposing: raw bytes, not
+# messages. No consumer reads this subject; each chunk's answer is its stream ack (its sequence),
+# and the checker reads the chunks a proposal names, by sequence, and checks their subject.
+PAYLOAD_VERB = "payload"
 OPERATOR_VERBS = (
     "requeue",
     "cancel",
@@ -78,6 +83,11 @@ def agent_subject(agent: str, verb: str) -> str:
     if verb not in AGENT_VERBS:
         raise ValueError(f"unknown agent verb {verb!r}")
     return f"{INPUT_ROOT}.agent.{check_agent_name(agent)}.{verb}"
+
+
+def payload_subject(agent: str) -> str:
+    """Where agent `agent` publishes its payload chunks; only its own credential may."""
+    return f"{INPUT_ROOT}.agent.{check_agent_name(agent)}.{PAYLOAD_VERB}"
 
 
 def agent_subject_all(verb: str) -> str:
@@ -171,14 +181,17 @@ DUPLICATE_WINDOW_S = 120.0
 # Services refuse (and record) inputs larger than this; the server's max_payload (8 MB in Warden's
 # configs) bounds what can be stored at all. Larger proposals go to the object store.
 MAX_INPUT_BYTES = 1024 * 1024
-# Proposals whose encoded message would pass this go to the PAYLOAD_BUCKET object store (the SDK
-# does it): headroom below MAX_INPUT_BYTES for the envelope and JSON escaping.
+# Proposals whose encoded message would pass this are uploaded in chunks first (the SDK does it):
+# headroom below MAX_INPUT_BYTES for the envelope and JSON escaping.
 INLINE_PROPOSAL_BYTES = 512 * 1024
+# One payload chunk on the agent's payload subject: well under MAX_INPUT_BYTES.
+PAYLOAD_CHUNK_BYTES = 256 * 1024
 # The largest proposal payload (one object) the checker accepts; past it the proposal is
 # rejected with the sizes named. WARDEN_MAX_PROPOSAL_BYTES overrides it.
 MAX_PROPOSAL_BYTES = 64 * 1024 * 1024
-# The whole bucket: payloads are part of the record and are kept, so this bounds the disk they
-# take. JetStream reserves it up front on every replica, so it stays modest; set when the bucket
+# The whole bucket: payloads are part of the record and are kept (the bucket denies delete,
+# purge and rollup; only the checker writes it, with the service credential), so this bounds
+# the disk they take; when it is full the checker rejects the proposal naming the store. JetStream reserves it up front on every replica, so it stays modest; set when the bucket
 # is created (WARDEN_PAYLOAD_BUCKET_BYTES), raise it later with `nats object` tooling.
 PAYLOAD_BUCKET_MAX_BYTES = 1024 * 1024 * 1024
 
@@ -192,6 +205,25 @@ def payload_object_name(agent: str, job_id: UUID, epoch: int, digest: str) -> st
     """Objects are named by who sent them for which lease and by their sha256, so the checker
     can tell a payload from another agent's or a swapped one."""
     return f"{check_agent_name(agent)}/{job_id}/{epoch}/{digest}"
+
+
+# The input stream is bounded (see README, "Threat model"): inputs are untrusted and each one that
+# matters is cited by an event that keeps its digest, and large payloads live on in the payload
+# bucket. Discard NEW: a full stream refuses new inputs (the publisher gets an error, so nothing
+# it believes stored is lost) rather than dropping old ones, which may be acknowledged and not yet
+# processed. Inputs age out after INPUT_MAX_AGE_S; forensics then say so.
+INPUT_MAX_AGE_S = 30 * 24 * 3600.0
+INPUT_MAX_BYTES = 4 * 1024 * 1024 * 1024
+
+
+def input_max_age_s() -> float:
+    override = os.environ.get("WARDEN_INPUT_MAX_AGE_S")
+    return float(override) if override else INPUT_MAX_AGE_S
+
+
+def input_max_bytes() -> int:
+    override = os.environ.get("WARDEN_INPUT_MAX_BYTES")
+    return int(override) if override else INPUT_MAX_BYTES
 
 
 MIN_SERVER_VERSION = (2, 12, 0)  # allow_atomic batches and multi-filter consumers
@@ -212,6 +244,9 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
             name=INPUT_STREAM,
             description="Untrusted input: job requests, agent messages, operator commands",
             subjects=[f"{INPUT_ROOT}.>"],
+            max_age=input_max_age_s(),
+            max_bytes=input_max_bytes(),
+            discard=js_api.DiscardPolicy.NEW,
             **common,  # type: ignore[arg-type]
         ),
         js_api.StreamConfig(
@@ -219,6 +254,18 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
             description="Authoritative events: one subject per job, agent or rejection",
             subjects=[f"{EVENT_ROOT}.>"],
             allow_atomic=True,
+            **common,  # type: ignore[arg-type]
+        ),
+        js_api.StreamConfig(
+            name=PAYLOAD_STREAM,
+            description="Proposal payloads too large for an input message, named by sha256",
+            # The object store's layout (chunks, then metadata), so nats-py's object store reads it.
+            subjects=[f"$O.{PAYLOAD_BUCKET}.C.>", f"$O.{PAYLOAD_BUCKET}.M.>"],
+            max_bytes=int(os.environ.get("WARDEN_PAYLOAD_BUCKET_BYTES") or PAYLOAD_BUCKET_MAX_BYTES),
+            discard=js_api.DiscardPolicy.NEW,
+            # No rollup: a `Nats-Rollup` header could otherwise wipe every payload at once. Warden
+            # writes each object once under a content-addressed name (proposals.put_object).
+            allow_rollup_hdrs=False,
             **common,  # type: ignore[arg-type]
         ),
     ]
@@ -266,19 +313,6 @@ async def ensure(js: JetStreamContext, server_version: str, replicas: int = 1) -
             ) from exc
     for spec in CONSUMERS:
         await js.add_consumer(INPUT_STREAM, consumer_config(spec))
-    try:
-        await js.object_store(PAYLOAD_BUCKET)
-    except BucketNotFoundError:
-        # Replicas starting together may both get here: an identical stream config is accepted.
-        await js.create_object_store(
-            PAYLOAD_BUCKET,
-            config=js_api.ObjectStoreConfig(
-                description="Proposal payloads too large for an input message, named by sha256",
-                storage=js_api.StorageType.FILE,
-                replicas=replicas,
-                max_bytes=int(os.environ.get("WARDEN_PAYLOAD_BUCKET_BYTES") or PAYLOAD_BUCKET_MAX_BYTES),
-            ),
-        )
 
 
 # JetStream answers these while a cluster forms (no meta leader yet, peers still joining, a

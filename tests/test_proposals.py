@@ -283,10 +283,11 @@ async def test_a_payload_past_the_object_limit_is_rejected_with_its_size_recorde
         decision = await wait_for_event(nc, decided(pid), timeout=30)
         assert isinstance(decision, ProposalRejected)
         [violation] = decision.violations
-        assert violation.startswith("payload: payload object is ")
+        assert violation.startswith("payload: payload is ")
         assert f"the limit is {2 * 1024 * 1024} bytes" in violation
         submitted = await wait_for_event(nc, lambda e: isinstance(e, ProposalSubmitted))
         assert isinstance(submitted, ProposalSubmitted) and submitted.size > 3 * 1024 * 1024
+        assert submitted.payload_object == "", "a payload past the limit is never stored"
         assert await wait_for_event(nc, lambda e: isinstance(e, JobRequeued))
 
 

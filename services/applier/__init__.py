@@ -304,8 +304,8 @@ class Applier:
                 rel: None if data is None else base64.b64encode(data).decode()
                 for rel, data in previous.items()
             }
-            store = await self.ctx.js.object_store(topology.PAYLOAD_BUCKET)
-            await store.put(_journal_name(state.id), json.dumps(encoded).encode())
+            # Written once per proposal; the bucket allows no rollup or purge (proposals.put_object).
+            await proposals.put_object(self.ctx.js, _journal_name(state.id), json.dumps(encoded).encode())
         writes: dict[str, tuple[Path, bytes | None]] = {
             rel: (targets[rel], content.encode()) for rel, content in proposal.files.items()
         }

@@ -152,9 +152,8 @@ class Checker:
                 await bus.reply(self.ctx.nc, msg, Rejected(errors=[FieldError(path="$", message=reason)]))
                 return
             resolved, problem = await self._resolve(agent, body)
-            size = resolved.object_size if resolved else 0
-            if not size and body.payload_object:
-                size = await proposals.object_size(self.ctx.js, body.payload_object)
+            # A refused upload is recorded with the size it declared.
+            size = resolved.object_size if resolved else body.payload.size if body.payload else 0
             await self.ctx.save(
                 ProposalSubmitted(
                     originator_id=job.id,
@@ -166,7 +165,7 @@ class Checker:
                     size=len(msg.data) + size,
                     input_seq=seq,
                     effect=body.effect,
-                    payload_object=body.payload_object,
+                    payload_object=resolved.object_name if resolved else "",
                     payload_hash=resolved.object_hash if resolved else "",
                     trace=telemetry.current_traceparent(),
                 )

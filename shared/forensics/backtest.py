@@ -223,12 +223,12 @@ def _rebuild(sub: ProposalSubmitted, record: ProposalBytes | None) -> tuple[Prop
         body = decode_input(record.data, Propose)
     except InvalidInput as exc:
         return None, f"input message {sub.input_seq} is not a proposal: {exc}"
-    if not body.payload_object:
+    if not sub.payload_object:
         return body, ""
     if record.payload is None:
-        return None, f"payload object {body.payload_object!r} is gone"
+        return None, f"payload object {sub.payload_object!r} is gone"
     if sub.payload_hash and proposals.sha256(record.payload) != sub.payload_hash:
-        return None, f"payload object {body.payload_object!r} no longer matches its recorded hash"
+        return None, f"payload object {sub.payload_object!r} no longer matches its recorded hash"
     try:
         return proposals.merge(body, record.payload), ""
     except proposals.PayloadProblem as exc:

@@ -60,6 +60,21 @@ class JobLog:
     # Other input messages the events name by sequence (the request, claims, fenced messages).
     referenced: dict[int, log.Stored] = field(default_factory=dict)
 
+    # The input stream's first sequence when read: inputs age out (README, "Threat model"), the
+    # events citing them keep their digests, so an older input is reported gone, not missing.
+    inputs_from: int = 1
+
+    def aged_out(self, seq: int) -> bool:
+        return 0 < seq < self.inputs_from
+
+    def missing_input(self, seq: int) -> str:
+        if self.aged_out(seq):
+            return (
+                f"input message {seq} has aged out of the input stream (it keeps sequences from "
+                f"{self.inputs_from}); the events keep its sha256"
+            )
+        return f"input message {seq} not found"
+
     def input_at(self, seq: int) -> log.Stored | None:
         found = self.referenced.get(seq)
         if found is not None:
@@ -144,4 +159,5 @@ async def collect(js: JetStreamContext, job_id: UUID, *, all_inputs: bool = Fals
         wanted = {start} if requested is not None and requested.input_seq > 0 else set()
         wanted |= {e.event.input_seq for e in events if isinstance(e.event, ProposalSubmitted)} - have
     job_log.referenced = await log.get_many(js, topology.INPUT_STREAM, wanted)
+    job_log.inputs_from = (await js.stream_info(topology.INPUT_STREAM)).state.first_seq or 1
     return job_log

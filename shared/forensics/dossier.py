@@ -61,6 +61,9 @@ class Dossier(Struct, frozen=True, kw_only=True):
     events: list[EventRecord]
     agents: dict[str, AgentFile]
     inputs: dict[str, list[InputRecord]] = field(default_factory=dict)
+    # Inputs the events cite that the bounded input stream no longer holds (their sha256 and
+    # what was decided about them stay in the events).
+    inputs_aged_out: list[int] = field(default_factory=list)
 
 
 def _event_record(item: log.LoggedEvent) -> EventRecord:
@@ -132,6 +135,11 @@ def build(job_log: explain.JobLog) -> Dossier:
         events=[_event_record(e) for e in job_log.events],
         agents=agents,
         inputs=inputs,
+        inputs_aged_out=sorted(
+            seq
+            for seq in explain.referenced_seqs(job_log.events)
+            if job_log.aged_out(seq) and job_log.input_at(seq) is None
+        ),
     )
 
 

@@ -237,13 +237,13 @@ def attempts(job: Job | None, endings: dict[int, log.LoggedEvent], job_log: JobL
 def proposal_evidence(job_log: JobLog, submitted: ProposalSubmitted) -> dict[str, Any]:
     record = job_log.input_at(submitted.input_seq)
     if record is None:
-        return {"unavailable": f"input message {submitted.input_seq} not found"}
+        return {"unavailable": job_log.missing_input(submitted.input_seq)}
     try:
         body = decode_input(record.data, Propose)
     except InvalidInput as exc:
         return {"undecodable": str(exc)}
-    if body.payload_object:  # a large proposal: its evidence is in the object, not read here
-        return {"payload_object": body.payload_object}
+    if submitted.payload_object:  # a large proposal: its evidence is in the object, not read here
+        return {"payload_object": submitted.payload_object}
     evidence: dict[str, Any] = dict(clip(body.evidence))
     if body.usage != Usage():
         evidence.setdefault("usage", msgspec.to_builtins(body.usage))
