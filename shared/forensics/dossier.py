@@ -22,7 +22,7 @@ from nats.js import JetStreamContext
 from shared import topology
 from shared.aggregates import Agent, Job, project_agent, project_job
 from shared.events import Event, now
-from shared.forensics import explain, ledger, log
+from shared.forensics import collect, explain, ledger, log
 
 FORMAT = "warden.dossier/1"
 
@@ -137,7 +137,7 @@ def build(job_log: explain.JobLog) -> Dossier:
         inputs=inputs,
         inputs_aged_out=sorted(
             seq
-            for seq in explain.referenced_seqs(job_log.events)
+            for seq in collect.referenced_seqs(job_log.events)
             if job_log.aged_out(seq) and job_log.input_at(seq) is None
         ),
     )
