@@ -22,7 +22,7 @@ from services.bench.stats import Figures
 from shared import bus
 from shared.server import EmbeddedServer
 
-PARTS = ("raw", "governed", "detection", "replay", "memory")
+PARTS = ("raw", "governed", "detection", "replay", "memory", "explain")
 
 
 @dataclass
@@ -192,6 +192,10 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
             from services.bench import history
 
             await history.run(report, nc, url, options, services, progress)
+        if "explain" in options.parts:
+            from services.bench import explain
+
+            await explain.run(report, nc, url, options, services, progress)
     finally:
         await anyio.to_thread.run_sync(services.stop)
         for conn in connections:

@@ -63,6 +63,20 @@ def render(report: Report, console: Console) -> None:
         f"{_num(replay_ratio, '×', 2)} of raw (target ≥ {TARGETS['replay_rate']:,.0f}/s)",
     )
     console.print(table)
+    explained = {k: v for k, v in f.items() if k.startswith("explain_")}
+    if explained:
+        latency = Table(title="warden explain on a large log (target: the command under 1 s)")
+        for column in ("events in the log", "explain p50", "explain p99", "command p50", "command max"):
+            latency.add_column(column, justify="right")
+        for fig in explained.values():
+            latency.add_row(
+                _num(fig.extra.get("events"), ""),
+                _num(fig.p50_ms, " ms", 1),
+                _num(fig.p99_ms, " ms", 1),
+                _num(fig.extra.get("command_p50_ms"), " ms", 0),
+                _num(fig.extra.get("command_max_ms"), " ms", 0),
+            )
+        console.print(latency)
     memory = {k[len("memory_") :]: v for k, v in f.items() if k.startswith("memory_")}
     if memory:
         mem = Table(title="resident memory per service")
@@ -113,8 +127,8 @@ def bench(
     """Measure Warden against raw JetStream on the same server, in one run.
 
     Parts: raw baselines and the governed lifecycle (jobs/s, p50/p99), time-to-failure-detection
-    for dead and hung agents, revocation latency, projection replay rate, and each service's
-    memory after 100k and after all events. Figures guide work; no test asserts them.
+    for dead and hung agents, revocation latency, projection replay rate, each service's
+    memory after 100k and after all events, and `warden explain` latency at both sizes. Figures guide work; no test asserts them.
     """
     chosen = parts or PARTS
     options = Options.quick_mode(chosen) if quick else Options(parts=chosen)
