@@ -247,9 +247,10 @@ class Applier:
         return None
 
     async def _record_webhook(self, state: ProposalState, receipt: Receipt) -> None:
-        """The receiver's answer, kept before the event: a re-drive after a crash finds it."""
-        store = await self.ctx.js.object_store(topology.PAYLOAD_BUCKET)
-        await store.put(_webhook_name(state.id), json.dumps(receipt).encode())
+        """The receiver's answer, kept before the event: a re-drive after a crash finds it.
+        Written as the payload bucket allows (no rollup, no purge); a later answer for the same
+        proposal adds a newer metadata record, which is the one read back."""
+        await proposals.put_object(self.ctx.js, _webhook_name(state.id), json.dumps(receipt).encode())
 
     async def _recorded_webhook(self, state: ProposalState) -> Receipt | None:
         store = await self.ctx.js.object_store(topology.PAYLOAD_BUCKET)
