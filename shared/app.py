@@ -40,6 +40,9 @@ class MsgspecMapper(Mapper[UUID]):
 
 class WardenApp(Application[UUID]):
     name = "warden"
+    # A message on an aggregate's subject that Warden did not write is stepped over, not
+    # decoded: it can neither fail a read of the aggregate nor wedge its next write.
+    env = {"WARDEN_EVENT_CHECK": "shared.persistence.written:foreign_reason"}
 
     def construct_mapper(self) -> Mapper[UUID]:
         return MsgspecMapper()

@@ -32,8 +32,8 @@ from nats.js import api as js_api
 
 from shared import credentials, telemetry, topology
 from shared.events import AnyEvent
-from shared.events import decode as decode_event
 from shared.messages import AnyReply, reply_decoder
+from shared.persistence import written
 
 log = logging.getLogger("warden.bus")
 
@@ -386,13 +386,12 @@ async def follow(
         if seq < next_seq:
             return  # delivered already, by the consumer this one replaced
         next_seq = seq + 1
-        try:
-            event = decode_event(msg.data)
-        except msgspec.DecodeError:
-            # Tracking records and foreign messages share the stream; only events are folded.
-            event = None
-        if event is not None:
+        # Tracking records and foreign messages share the stream; only Warden's events fold.
+        event = written.event_of(msg.subject, msg.headers, msg.data)
+        if not isinstance(event, str):
             on_event(seq, event)
+        elif written.is_aggregate_subject(msg.subject):
+            log.warning("stepping over message %d on %s, not Warden's: %s", seq, msg.subject, event)
         if on_position is not None:
             on_position(seq)
         if seq >= target:

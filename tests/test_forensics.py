@@ -46,6 +46,7 @@ from shared.events import (
 )
 from shared.forensics import backtest, dossier, explain, ledger, log, timetravel
 from shared.messages import JobRequest, LeaseGrant, OperatorCommand, Propose, Rejected
+from shared.persistence.jetstream import ORIGINATOR_HEADER, TOPIC_HEADER, VERSION_HEADER
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, Proposal
 from shared.server import EmbeddedServer
@@ -304,7 +305,8 @@ async def test_a_forged_event_in_the_stream_is_reported_as_the_first_break(
         stored = await log.job_events(js, cancelled)
         last = stored[-1]
         assert last.event is not None
-        # Someone with write access appends a completion the services never decided.
+        # Someone with the service credential appends, with Warden's writer headers, an event
+        # the services never decided (without them it would be stepped over as foreign).
         forged = JobRequeued(
             originator_id=cancelled,
             originator_version=last.event.originator_version + 1,
@@ -312,7 +314,12 @@ async def test_a_forged_event_in_the_stream_is_reported_as_the_first_break(
             by="scheduler",
             prev_hash="0" * 64,
         )
-        ack = await js.publish(topology.event_subject(cancelled), encode(forged))
+        headers = {
+            ORIGINATOR_HEADER: str(cancelled),
+            VERSION_HEADER: str(forged.originator_version),
+            TOPIC_HEADER: "job.requeued",
+        }
+        ack = await js.publish(topology.event_subject(cancelled), encode(forged), headers=headers)
         report = await ledger.verify_log(js)
     assert not report.ok
     assert [b.aggregate for b in report.breaks] == [str(cancelled)]

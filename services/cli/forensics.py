@@ -108,7 +108,14 @@ def ledger_verify(
     data_dir: Path,
     as_json: bool,
 ) -> None:
-    """Recompute the hash chains and report the first break of each (exit 1 when broken)."""
+    """Recompute the hash chains and report the first break of each.
+
+    A message on an event subject that Warden did not write (no writer headers, or a payload
+    that is not the Warden event its headers say) is no link of any chain: it is stepped over
+    and listed as a FINDING with its stream sequence. Exit 0 when every chain is intact and
+    there is no finding; 1 when a chain is broken or there is a finding (only the service
+    credential may publish there, so a foreign message means a compromised or buggy writer).
+    """
     if path is not None:
         try:
             document = json.loads(path.read_text())
@@ -133,7 +140,7 @@ def ledger_verify(
         _print(report)
     else:
         click.echo(ledgers.render(report))
-    sys.exit(0 if report.ok else 1)
+    sys.exit(0 if report.clean else 1)
 
 
 @ledger.command("show")

@@ -34,6 +34,7 @@ class EventRecord(Struct, frozen=True, kw_only=True):
     hash: str
     raw: str  # the stored bytes, as text (events are UTF-8 JSON)
     event: Any  # the same, parsed, for reading
+    foreign: str = ""  # why Warden did not write it, for a message stepped over (no chain link)
 
 
 class InputRecord(Struct, frozen=True, kw_only=True):
@@ -73,7 +74,13 @@ def _event_record(item: log.LoggedEvent) -> EventRecord:
     except ValueError:
         parsed = None
     return EventRecord(
-        seq=item.seq, subject=item.subject, stored_at=item.time, hash=item.hash, raw=text, event=parsed
+        seq=item.seq,
+        subject=item.subject,
+        stored_at=item.time,
+        hash=item.hash,
+        raw=text,
+        event=parsed,
+        foreign=item.foreign,
     )
 
 

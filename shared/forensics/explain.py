@@ -137,7 +137,7 @@ def explain(job_log: JobLog) -> Explanation:
         summary=causes.summary(status, ending, survived),
         attempts_used=len(attempts),
         max_attempts=max_attempts,
-        events=len(job_log.events),
+        events=sum(1 for e in job_log.events if e.event is not None),
         attempts=attempts,
         proposals=proposals,
         fenced=fenced,

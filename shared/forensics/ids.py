@@ -16,15 +16,14 @@ import string
 from typing import Literal
 from uuid import UUID
 
-import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
 
 from shared import topology
 from shared.aggregates import is_job_event
-from shared.events import decode as decode_event
 from shared.forensics import log
+from shared.persistence import written
 
 MIN_PREFIX = 8
 SHOWN = 10
@@ -91,12 +90,17 @@ async def aggregate_ids(nc: Client, stream: str = topology.EVENT_STREAM) -> list
 
 
 async def _is_job(js: JetStreamContext, aggregate: UUID) -> bool:
+    subject = topology.event_subject(aggregate)
     try:
-        raw = await js.get_last_msg(topology.EVENT_STREAM, topology.event_subject(aggregate), direct=True)
-        event = decode_event(raw.data or b"")
-    except (NotFoundError, msgspec.DecodeError):
+        raw = await js.get_last_msg(topology.EVENT_STREAM, subject, direct=True)
+    except NotFoundError:
         return False
-    return is_job_event(event)
+    event = written.event_of(subject, dict(raw.headers or {}), raw.data or b"")
+    if isinstance(event, str):
+        # The last message is not Warden's: any of the aggregate's own events says what it is.
+        found = [e.event for e in map(log.as_event, await log.scan(js, topology.EVENT_STREAM, subject))]
+        event = next((e for e in found if e is not None), "")
+    return not isinstance(event, str) and is_job_event(event)
 
 
 async def resolve_job(nc: Client, text: str) -> UUID:

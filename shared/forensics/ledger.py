@@ -6,6 +6,11 @@ into the stream names a previous hash that is not the real one, and a gap or a d
 a version out of order. Verification recomputes all of it from the bytes and reports, per
 aggregate, the first place the chain breaks (expected against found), never just "invalid".
 
+A message on an aggregate's subject that Warden did not write (shared/persistence/written.py) is
+no link of any chain: verification steps over it and lists it as a finding naming its stream
+sequence. Stepping over cannot hide tampering: an event of Warden's passed off as foreign leaves
+its successor naming a hash the chain no longer has.
+
 A stored copy (a dossier, or any list of records with `seq`, `subject`, `raw`) is verified the
 same way, plus two checks only a copy needs: the hash it recorded for each record, and that its
 readable `event` says what its `raw` bytes say. A copy's last event has no successor to vouch for
@@ -45,14 +50,30 @@ class Break(Struct, frozen=True, kw_only=True):
     detail: str
 
 
+class Foreign(Struct, frozen=True, kw_only=True):
+    """A finding: a message on an aggregate's subject that Warden did not write."""
+
+    aggregate: str
+    seq: int
+    subject: str
+    reason: str
+
+
 class LedgerReport(Struct, frozen=True, kw_only=True):
-    ok: bool
+    ok: bool  # every chain of Warden's own events is intact
     source: str
     aggregates: int
     events: int
     first_break: Break | None = None
     # The first break of every broken aggregate, in stream order.
     breaks: list[Break] = field(default_factory=list)
+    # Messages stepped over, in stream order: not links of any chain, but never expected there.
+    foreign: list[Foreign] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """Intact, and nothing on the event subjects but Warden's own events."""
+        return self.ok and not self.foreign
 
 
 @dataclass(frozen=True)
@@ -64,6 +85,7 @@ class Entry:
     data: bytes
     recorded_hash: str | None = None
     readable: Any = None  # a copy's decoded `event`, compared with its bytes
+    foreign: str = ""  # why Warden did not write it (read with its headers, or a copy's note)
 
     @property
     def aggregate(self) -> str:
@@ -71,7 +93,7 @@ class Entry:
 
 
 def entries_of(events: Iterable[log.LoggedEvent]) -> list[Entry]:
-    return [Entry(e.seq, e.subject, e.stored.data) for e in events]
+    return [Entry(e.seq, e.subject, e.stored.data, foreign=e.foreign) for e in events]
 
 
 def _short(text: str) -> str:
@@ -92,8 +114,12 @@ def verify(entries: Sequence[Entry], source: str) -> LedgerReport:
     """Recompute every chain in `entries` (stream order) and report each aggregate's first break."""
     chains: dict[str, _Chain] = {}
     broken: dict[str, Break] = {}
+    foreign: list[Foreign] = []
     for entry in entries:
         agg = entry.aggregate
+        if entry.foreign:
+            foreign.append(Foreign(aggregate=agg, seq=entry.seq, subject=entry.subject, reason=entry.foreign))
+            continue
         chain = chains.setdefault(agg, _Chain())
         if agg in broken:
             continue
@@ -110,9 +136,10 @@ def verify(entries: Sequence[Entry], source: str) -> LedgerReport:
         ok=not breaks,
         source=source,
         aggregates=len(chains),
-        events=len(entries),
+        events=len(entries) - len(foreign),
         first_break=breaks[0] if breaks else None,
         breaks=breaks,
+        foreign=foreign,
     )
 
 
@@ -220,6 +247,7 @@ def _entry_from(item: Any, where: str) -> Entry:
         data=raw.encode(),
         recorded_hash=str(recorded) if recorded is not None else None,
         readable=item.get("event"),
+        foreign=str(item.get("foreign") or ""),
     )
 
 
@@ -265,6 +293,16 @@ async def compare_with_log(js: JetStreamContext, entries: Sequence[Entry], sourc
                 found=original.subject if original else "nothing",
                 detail=f"seq {entry.seq}: the stream holds no such event on {entry.subject}",
             )
+        elif entry.foreign and log.as_event(original).event is not None:
+            problem = Break(
+                aggregate=entry.aggregate,
+                kind="copy",
+                seq=entry.seq,
+                version=None,
+                expected="a message Warden did not write, as the copy says",
+                found="a Warden event",
+                detail=f"seq {entry.seq}: the copy calls foreign an event the stream holds as Warden's",
+            )
         elif original.data != entry.data:
             problem = Break(
                 aggregate=entry.aggregate,
@@ -293,20 +331,28 @@ async def compare_with_log(js: JetStreamContext, entries: Sequence[Entry], sourc
         events=chain.events,
         first_break=ordered[0] if ordered else None,
         breaks=ordered,
+        foreign=chain.foreign,
     )
 
 
 def render(report: LedgerReport) -> str:
     if report.ok:
-        return (
+        lines = [
             f"ledger intact: {report.events} events in {report.aggregates} aggregate chains ({report.source})"
-        )
-    lines = [
-        f"ledger BROKEN in {len(report.breaks)} of {report.aggregates} aggregate chains "
-        f"({report.events} events, {report.source})"
-    ]
+        ]
+    else:
+        lines = [
+            f"ledger BROKEN in {len(report.breaks)} of {report.aggregates} aggregate chains "
+            f"({report.events} events, {report.source})"
+        ]
     for b in report.breaks:
         lines.append(f"  {b.aggregate} [{b.kind}] {b.detail}")
         lines.append(f"    expected {b.expected}")
         lines.append(f"    found    {b.found}")
+    if report.foreign:
+        lines.append(
+            f"FINDING: {len(report.foreign)} message(s) on event subjects that Warden did not write "
+            "(stepped over, no part of any chain):"
+        )
+        lines.extend(f"  seq {f.seq} on {f.subject}: {f.reason}" for f in report.foreign)
     return "\n".join(lines)

@@ -9,7 +9,7 @@ found first with a direct get, so a read of a quiet subject ends at once instead
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
@@ -27,6 +27,7 @@ from nats.js.errors import APIError, NotFoundError
 from shared import topology
 from shared.events import AnyEvent
 from shared.events import decode as decode_event
+from shared.persistence import written
 
 # Event subjects have exactly one token after the root (`warden.evt.<aggregate id>`); tracking
 # records and snapshots have more, so this filter reads events only.
@@ -48,6 +49,8 @@ class Stored:
     subject: str
     time_ns: int
     data: bytes
+    # As stored; None when not known (a record built from a copy, which keeps no headers).
+    headers: Mapping[str, str] | None = None
 
     @property
     def time(self) -> datetime:
@@ -61,10 +64,12 @@ class Stored:
 
 @dataclass(frozen=True)
 class LoggedEvent:
-    """A stored event: the message, and the event decoded from it (None when it does not decode)."""
+    """A stored message on an aggregate's subject, and the Warden event it is: None when it is
+    not one, and then `foreign` says why (see shared/persistence/written.py)."""
 
     stored: Stored
     event: AnyEvent | None
+    foreign: str = ""
 
     @property
     def seq(self) -> int:
@@ -89,10 +94,13 @@ class LoggedEvent:
 
 
 def as_event(stored: Stored) -> LoggedEvent:
+    if stored.headers is not None:
+        found = written.event_of(stored.subject, stored.headers, stored.data)
+        return LoggedEvent(stored, None, found) if isinstance(found, str) else LoggedEvent(stored, found)
     try:
         event: AnyEvent | None = decode_event(stored.data)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        event = None
+    except msgspec.DecodeError as exc:
+        return LoggedEvent(stored, None, f"a payload that is not a Warden event ({exc})")
     return LoggedEvent(stored, event)
 
 
@@ -168,7 +176,7 @@ async def scan(
         if done.is_set():
             return
         seq, ns = _position(msg)
-        record = Stored(stream, seq, msg.subject, ns, msg.data)
+        record = Stored(stream, seq, msg.subject, ns, msg.data, dict(msg.headers or {}))
         if stop is not None and stop(record):
             done.set()
             return
@@ -206,7 +214,7 @@ async def get(js: JetStreamContext, stream: str, seq: int) -> Stored | None:
         return None
     headers: dict[str, Any] = dict(raw.headers or {})
     stamp = headers.get("Nats-Time-Stamp", "")
-    return Stored(stream, int(raw.seq or seq), str(raw.subject), _parse_ns(stamp), raw.data or b"")
+    return Stored(stream, int(raw.seq or seq), str(raw.subject), _parse_ns(stamp), raw.data or b"", headers)
 
 
 async def get_many(

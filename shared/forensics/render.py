@@ -19,6 +19,8 @@ def render(expl: Explanation) -> str:
         f"{expl.attempts_used} of {expl.max_attempts} attempts, {expl.events} events; "
         + ("ledger intact" if expl.ledger.ok else f"LEDGER BROKEN: {expl.ledger.breaks[0].detail}")
     )
+    for found in expl.ledger.foreign:
+        out.append(f"FINDING: seq {found.seq} on {found.subject} was not written by Warden: {found.reason}")
     for a in expl.attempts:
         hb = a.heartbeats
         beats = f"{hb.count} heartbeats"

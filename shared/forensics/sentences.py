@@ -129,7 +129,12 @@ def timeline(items: Sequence[log.LoggedEvent], beats: Beats, fenced: set[int]) -
         event = item.event
         if event is None:
             flush()
-            lines.append(Line(at=item.time, seq=item.seq, text="undecodable record (see ledger verify)"))
+            text = (
+                f"stepped over, not written by Warden: {item.foreign}"
+                if item.foreign
+                else "undecodable record"
+            )
+            lines.append(Line(at=item.time, seq=item.seq, text=f"{text} (see ledger verify)"))
             continue
         if isinstance(event, MessageRejected):
             if run and (run[0].agent, run[0].epoch, run[0].verb) != (event.agent, event.epoch, event.verb):

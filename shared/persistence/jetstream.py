@@ -8,6 +8,12 @@ Layout (all in one stream, `WARDEN_EVENTS` unless `WARDEN_EVENTS_STREAM` says ot
 - `<root>.<purpose>.<originator id>`: other aggregate sequences, e.g. snapshots.
 - `<root>.tracking.<application name>`: tracking records (payload: the notification id).
 
+A message on these subjects that this recorder did not write (no writer headers, headers that
+name another aggregate, or a payload the `WARDEN_EVENT_CHECK` function refuses) is foreign: reads
+step over it, and an aggregate's head is the last of *its own* records that continue its chain
+(see `chain_of`), while the write still expects the subject's real last sequence, whatever
+message holds it. So a foreign message never wedges an aggregate.
+
 Concurrency control is the server's, not ours: a write expects the subject's last stream
 sequence (`Nats-Expected-Last-Subject-Sequence`, 0 for an empty subject), so two writers of the
 same aggregate version cannot both succeed, whatever their caches believed. Several messages in one call go in one atomic batch
@@ -109,7 +115,7 @@ def _check_root(root: str) -> str:
 
 
 @dataclass(frozen=True)
-class _Record:
+class StoredRecord:
     """One stored message as a read returns it."""
 
     seq: int
@@ -118,9 +124,9 @@ class _Record:
     headers: dict[str, str]
 
 
-def _raw_record(raw: js_api.RawStreamMsg) -> _Record:
+def _raw_record(raw: js_api.RawStreamMsg) -> StoredRecord:
     assert raw.seq is not None
-    return _Record(raw.seq, str(raw.subject), raw.data or b"", dict(raw.headers or {}))
+    return StoredRecord(raw.seq, str(raw.subject), raw.data or b"", dict(raw.headers or {}))
 
 
 @dataclass(frozen=True)
@@ -157,11 +163,44 @@ class _Ack:
 
 
 @dataclass(frozen=True)
-class _Head:
-    """The last message of a subject: its version (or tracked notification id) and sequence."""
+class Head:
+    """A subject's head: the version (or tracked notification id) of the last record of ours
+    that continues its chain, and the sequence of the subject's last message, whoever wrote it
+    (what the server expects a write to name)."""
 
     value: int
     seq: int
+
+
+# A record's value (its version, or a tracking record's notification id) when ours, else None.
+ValueOf = Callable[[StoredRecord], int | None]
+# Why a stored event read back is not one this application wrote (None: it is).
+EventCheck = Callable[[StoredEvent], str | None]
+
+
+def chain_of(
+    records: Sequence[StoredRecord], value_of: ValueOf, *, contiguous: bool
+) -> tuple[list[StoredRecord], Head | None]:
+    """The records of one subject (in stream order) that form its chain, and the subject's head.
+
+    A record belongs to the chain when it is ours and continues it: the next version for
+    aggregate events (`contiguous`), a greater value otherwise. Everything else (a foreign
+    message, a replayed copy of an old version) is stepped over. The head names the chain's
+    last value but the subject's last sequence, so the next write lands after the foreign
+    message instead of being refused for ever. None when the subject holds nothing.
+    """
+    chain: list[StoredRecord] = []
+    last: int | None = None
+    for record in records:
+        value = value_of(record)
+        if value is None:
+            continue
+        if last is None or (value == last + 1 if contiguous else value > last):
+            chain.append(record)
+            last = value
+    if not records:
+        return chain, None
+    return chain, Head(last or 0, records[-1].seq)
 
 
 class JetStreamIO:
@@ -174,7 +213,7 @@ class JetStreamIO:
         # Direct-get replies share one wildcard inbox subscription, routed by token.
         self._inbox: str | None = None
         self._inbox_lock: asyncio.Lock | None = None
-        self._pending: dict[str, tuple[asyncio.Future[list[_Record]], list[_Record], bool]] = {}
+        self._pending: dict[str, tuple[asyncio.Future[list[StoredRecord]], list[StoredRecord], bool]] = {}
         self._tokens = itertools.count()
         # Live subscriptions, stopped when the factory closes (a reader blocked on one would
         # otherwise wait forever on a connection that is gone).
@@ -206,7 +245,9 @@ class JetStreamIO:
         headers = msg.headers or {}
         status = headers.get("Status")
         if status is None:
-            records.append(_Record(int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data, headers))
+            records.append(
+                StoredRecord(int(headers["Nats-Sequence"]), headers["Nats-Subject"], msg.data, headers)
+            )
             if batched:
                 return  # more until the end-of-batch status
         elif status not in ("204", "404"):  # 204: end of batch, 404: nothing (more) to read
@@ -217,11 +258,11 @@ class JetStreamIO:
         if not future.done():
             future.set_result(records)
 
-    async def direct(self, request: dict[str, Any], *, batched: bool) -> list[_Record]:
+    async def direct(self, request: dict[str, Any], *, batched: bool) -> list[StoredRecord]:
         """A direct get (served from the stream's store, bypassing the JetStream API)."""
         prefix = await self._reply_prefix()
         token = str(next(self._tokens))
-        future: asyncio.Future[list[_Record]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[StoredRecord]] = asyncio.get_running_loop().create_future()
         self._pending[token] = (future, [], batched)
         try:
             await self.bridge.nc.publish(
@@ -231,7 +272,7 @@ class JetStreamIO:
         finally:
             del self._pending[token]
 
-    async def last(self, subject: str, *, consistent: bool = False) -> _Record | None:
+    async def last(self, subject: str, *, consistent: bool = False) -> StoredRecord | None:
         """The last message on `subject` (wildcards allowed), or None.
 
         `consistent` reads through the stream leader: in a cluster a direct get may be answered
@@ -246,13 +287,25 @@ class JetStreamIO:
             return None
         return _raw_record(raw)
 
-    async def next_after(self, subject: str, seq: int) -> _Record | None:
+    async def next_after(self, subject: str, seq: int) -> StoredRecord | None:
         """The first message on `subject` after stream sequence `seq`, read through the leader."""
         try:
             raw = await self.bridge.js.get_msg(self.stream, seq=seq + 1, subject=subject, next=True)
         except NotFoundError:
             return None
         return _raw_record(raw)
+
+    async def scan_leader(self, subject: str, stop: int) -> list[StoredRecord]:
+        """Every message on `subject` up to sequence `stop`, one get at a time through the leader
+        (slow, but never behind: for a subject whose direct reads lag)."""
+        found: list[StoredRecord] = []
+        seq = 0
+        while seq < stop and (record := await self.next_after(subject, seq)) is not None:
+            if record.seq > stop:
+                break
+            found.append(record)
+            seq = record.seq
+        return found
 
     async def scan(
         self,
@@ -261,10 +314,10 @@ class JetStreamIO:
         *,
         limit: int | None = None,
         stop: int | None = None,
-        keep: Callable[[_Record], bool] | None = None,
-    ) -> list[_Record]:
+        keep: Callable[[StoredRecord], bool] | None = None,
+    ) -> list[StoredRecord]:
         """Messages on `subjects` from sequence `start` (up to `stop`), in pages of direct gets."""
-        found: list[_Record] = []
+        found: list[StoredRecord] = []
         seq = max(start, 1)
         while limit is None or len(found) < limit:
             size = READ_PAGE if limit is None or keep else min(READ_PAGE, limit - len(found))
@@ -328,16 +381,26 @@ class _Plan:
 class JetStreamRecorder:
     """What every recorder here shares: subjects, the head cache and the write protocol."""
 
-    def __init__(self, io: JetStreamIO, *, root: str, purpose: str = "events", uuid_ids: bool = True) -> None:
+    def __init__(
+        self,
+        io: JetStreamIO,
+        *,
+        root: str,
+        purpose: str = "events",
+        uuid_ids: bool = True,
+        check: EventCheck | None = None,
+    ) -> None:
         self.io = io
         self.root = root
         self.purpose = purpose
         self.uuid_ids = uuid_ids
         # Aggregate events must be contiguous; snapshots (and other purposes) only increase.
         self.contiguous = purpose == "events"
+        # The application's test of an event's payload against its headers (events only).
+        self.check = check if purpose == "events" else None
         self.events_filter = f"{root}.*"  # event subjects only: other kinds have more tokens
         # originator subject -> last (version, stream sequence): saves a read before each write.
-        self._heads: OrderedDict[str, _Head] = OrderedDict()
+        self._heads: OrderedDict[str, Head] = OrderedDict()
         self._heads_lock = threading.Lock()
         self._heads_max = 10_000
 
@@ -391,7 +454,7 @@ class JetStreamRecorder:
                 raise IntegrityError(f"versions {values} for {subject} are not unique and in order")
         return plan
 
-    def _with_expectations(self, plan: _Plan, heads: dict[str, _Head | None]) -> list[_Out]:
+    def _with_expectations(self, plan: _Plan, heads: dict[str, Head | None]) -> list[_Out]:
         messages = list(plan.messages)
         for subject, positions in plan.positions.items():
             head = heads[subject]
@@ -403,7 +466,7 @@ class JetStreamRecorder:
         messages[0] = _Out(first.subject, first.data, first.headers | extra)
         return messages
 
-    def _problem(self, plan: _Plan, heads: dict[str, _Head | None]) -> str | None:
+    def _problem(self, plan: _Plan, heads: dict[str, Head | None]) -> str | None:
         for subject, values in plan.values.items():
             head = heads[subject]
             if head is None:
@@ -419,14 +482,27 @@ class JetStreamRecorder:
 
     # -- heads ----------------------------------------------------------------------------
 
-    def _value_of(self, record: _Record) -> int:
+    def _value_of(self, record: StoredRecord) -> int | None:
+        """A record's version (or tracked id) when this recorder wrote it, else None (foreign)."""
         if TRACKING_HEADER in record.headers:
-            return int(record.data)
-        if VERSION_HEADER in record.headers:
-            return int(record.headers[VERSION_HEADER])
-        raise IntegrityError(f"{record.subject} holds message {record.seq} not written by Warden")
+            try:
+                return int(record.data)
+            except ValueError:
+                return None
+        event = self._stored_event(record)
+        if event is None:
+            return None
+        if self.check is not None and (reason := self.check(event)) is not None:
+            log.warning("stepping over message %d on %s: %s", record.seq, record.subject, reason)
+            return None
+        return event.originator_version
 
-    def _remember(self, subject: str, head: _Head) -> None:
+    def _chain(self, subject: str, records: Sequence[StoredRecord]) -> tuple[list[StoredRecord], Head | None]:
+        # Tracking records only increase (a process may skip notifications of no interest).
+        tracking = subject.startswith(f"{self.root}.{TRACKING}.")
+        return chain_of(records, self._value_of, contiguous=self.contiguous and not tracking)
+
+    def _remember(self, subject: str, head: Head) -> None:
         with self._heads_lock:
             known = self._heads.get(subject)
             if known is None or known.seq < head.seq:  # never move a head backwards
@@ -440,24 +516,43 @@ class JetStreamRecorder:
             for subject in subjects:
                 self._heads.pop(subject, None)
 
-    def _heads_for(self, subjects: Sequence[str], *, fresh: bool) -> dict[str, _Head | None]:
+    def _heads_for(
+        self, subjects: Sequence[str], *, fresh: bool, whole: bool = False
+    ) -> dict[str, Head | None]:
         """Each subject's head: from the cache, or with `fresh` read through the stream leader.
 
         A subject missing from the cache is taken to be empty, without a read: in eventsourcing
         a write to an existing aggregate follows a read of it (which fills the cache), so a miss
         is nearly always a new aggregate, and the server's check (expecting sequence 0) turns
         any other case into a conflict, which reads and decides again.
+
+        A fresh read takes the last message; when that is not ours (or with `whole`, when its
+        value did not fit), the subject is read whole to find where its chain ends.
         """
         if not fresh:
             with self._heads_lock:
                 return {subject: self._heads.get(subject) for subject in subjects}
         records = self.io.run(lambda: asyncio.gather(*(self.io.last(s, consistent=True) for s in subjects)))
-        heads: dict[str, _Head | None] = {}
+        heads: dict[str, Head | None] = {}
         for subject, record in zip(subjects, records, strict=True):
-            head = heads[subject] = None if record is None else _Head(self._value_of(record), record.seq)
-            if head is not None:
-                self._remember(subject, head)
+            if record is None:
+                heads[subject] = None
+                continue
+            value = None if whole else self._value_of(record)
+            head = Head(value, record.seq) if value is not None else self._whole_head(subject, record.seq)
+            heads[subject] = head
+            self._remember(subject, head)
         return heads
+
+    def _whole_head(self, subject: str, last_seq: int) -> Head:
+        """The head of a subject whose last message (at `last_seq`) is foreign or out of its chain."""
+        records = self.io.run(lambda: self.io.scan(subject, 1, stop=last_seq))
+        if not records or records[-1].seq != last_seq:
+            # A replica behind the leader answered the direct gets: read through the leader.
+            records = self.io.run(lambda: self.io.scan_leader(subject, last_seq))
+        _chain, head = self._chain(subject, records)
+        assert head is not None  # the subject holds at least the message at last_seq
+        return head
 
     # -- the write protocol ---------------------------------------------------------------
 
@@ -468,16 +563,19 @@ class JetStreamRecorder:
             return []
         if len(plan.messages) > MAX_ATOMIC_BATCH:
             raise DataError(f"at most {MAX_ATOMIC_BATCH} messages can be written atomically")
-        heads: dict[str, _Head | None] | None = None
+        heads: dict[str, Head | None] | None = None
         fresh = False  # read heads through the leader, ignoring the cache
+        whole = False  # read the subjects whole: their last messages may be out of their chains
         unknown = False  # an earlier attempt timed out: it may have landed
         for _ in range(MAX_ATTEMPTS):
             if heads is None:
-                heads = self._heads_for(list(plan.values), fresh=fresh)
+                heads = self._heads_for(list(plan.values), fresh=fresh, whole=whole)
                 if problem := self._problem(plan, heads):
-                    if fresh:
+                    if whole:
                         raise IntegrityError(problem)
-                    heads, fresh = None, True  # the cache may be stale: check the store
+                    # The cache may be stale: check the store; then, before refusing, read
+                    # each subject whole (its last message may be a copy of an old version).
+                    heads, whole, fresh = None, fresh, True
                     continue
             messages = self._with_expectations(plan, heads)
             try:
@@ -512,7 +610,7 @@ class JetStreamRecorder:
             heads, fresh = None, True
         raise OperationalError(f"gave up writing {list(plan.values)} after {MAX_ATTEMPTS} attempts")
 
-    def _landed(self, plan: _Plan, heads: dict[str, _Head | None]) -> list[int] | None:
+    def _landed(self, plan: _Plan, heads: dict[str, Head | None]) -> list[int] | None:
         """After a timeout: did our write land? Our first message would follow its head."""
         first = plan.messages[0]
         head = heads[first.subject]
@@ -527,24 +625,31 @@ class JetStreamRecorder:
 
     def _done(self, plan: _Plan, seqs: Sequence[int]) -> list[int]:
         for subject, positions in plan.positions.items():
-            self._remember(subject, _Head(plan.values[subject][-1], seqs[positions[-1]]))
+            self._remember(subject, Head(plan.values[subject][-1], seqs[positions[-1]]))
         return list(seqs[: plan.event_count])
 
     # -- reading --------------------------------------------------------------------------
 
-    def _stored_event(self, record: _Record) -> StoredEvent | None:
+    def _stored_event(self, record: StoredRecord) -> StoredEvent | None:
+        """The stored event a record holds by its headers; None when it is not one of ours: no
+        writer headers, headers that do not parse, or an originator whose subject it is not on."""
         headers = record.headers
         try:
-            return StoredEvent(
+            event = StoredEvent(
                 originator_id=self._id_value(headers[ORIGINATOR_HEADER]),
                 originator_version=int(headers[VERSION_HEADER]),
                 topic=headers[TOPIC_HEADER],
                 state=record.data,
             )
-        except KeyError:
+        except (KeyError, ValueError):
             return None  # not a stored event (someone else's message on our subjects)
+        try:
+            subject = self.subject(event.originator_id)
+        except DataError:
+            return None
+        return event if subject == record.subject else None
 
-    def _notification(self, record: _Record) -> Notification | None:
+    def _notification(self, record: StoredRecord) -> Notification | None:
         event = self._stored_event(record)
         if event is None:
             return None
@@ -572,15 +677,19 @@ class JetStreamAggregateRecorder(JetStreamRecorder, AggregateRecorder):
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
         subject = self.subject(originator_id)
-        if desc and limit == 1 and lte is None:
-            # The latest snapshot (or event): one direct get.
+        if desc and limit == 1 and lte is None and not self.contiguous:
+            # The latest snapshot: one direct get, when that message is ours.
             last = self.io.run(lambda: self.io.last(subject))
-            records = [] if last is None else [last]
-        else:
-            # An aggregate is short: read it all through the subject index, filter here.
-            records = self.io.run(lambda: self.io.scan(subject, 1))
-        if records and VERSION_HEADER in records[-1].headers:
-            self._remember(subject, _Head(self._value_of(records[-1]), records[-1].seq))
+            if last is None:
+                return []
+            if (value := self._value_of(last)) is not None:
+                self._remember(subject, Head(value, last.seq))
+                stored = self._stored_event(last)
+                return [] if stored is None else [stored]
+        # An aggregate is short: read it all through the subject index, keep its chain.
+        records, head = self._chain(subject, self.io.run(lambda: self.io.scan(subject, 1)))
+        if head is not None:
+            self._remember(subject, head)
         events = [e for r in records if (e := self._stored_event(r)) is not None]
         if gt is not None:
             events = [e for e in events if e.originator_version > gt]
@@ -607,7 +716,7 @@ class JetStreamApplicationRecorder(JetStreamAggregateRecorder, ApplicationRecord
         first = 1 if start is None else start if inclusive_of_start else start + 1
         wanted = frozenset(topics)
 
-        def keep(record: _Record) -> bool:
+        def keep(record: StoredRecord) -> bool:
             topic = record.headers.get(TOPIC_HEADER)
             return topic is not None and VERSION_HEADER in record.headers and (not wanted or topic in wanted)
 
@@ -685,7 +794,7 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         if self._has_been_stopped:
             return
         try:
-            record = _Record(msg.metadata.sequence.stream, msg.subject, msg.data, msg.headers or {})
+            record = StoredRecord(msg.metadata.sequence.stream, msg.subject, msg.data, msg.headers or {})
             notification = self._recorder._notification(record)
         except Exception as exc:  # surfaces in the iterating thread, never lost on the loop
             self._hand_over(exc)
@@ -761,6 +870,8 @@ class Factory(InfrastructureFactory[JetStreamTrackingRecorder]):
     SUBJECT_ROOT = "WARDEN_EVENTS_SUBJECT_ROOT"
     NATS_TIMEOUT = "WARDEN_NATS_TIMEOUT"
     ORIGINATOR_ID_TYPE = "ORIGINATOR_ID_TYPE"
+    # Topic of an `EventCheck`: the application's test of a stored event's payload.
+    EVENT_CHECK = "WARDEN_EVENT_CHECK"
 
     aggregate_recorder_class: type[JetStreamAggregateRecorder] = JetStreamAggregateRecorder
     application_recorder_class: type[JetStreamApplicationRecorder] = JetStreamApplicationRecorder
@@ -774,6 +885,8 @@ class Factory(InfrastructureFactory[JetStreamTrackingRecorder]):
         if id_type not in ("uuid", "text"):
             raise InfrastructureFactoryError(f"{self.ORIGINATOR_ID_TYPE} must be 'uuid' or 'text'")
         self.uuid_ids = id_type == "uuid"
+        check_topic = self.env.get(self.EVENT_CHECK)
+        self.check: EventCheck | None = resolve_topic(check_topic) if check_topic else None
         self.root = _check_root(self.env.get(self.SUBJECT_ROOT) or topology.EVENT_ROOT)
         stream = self.env.get(self.EVENTS_STREAM) or topology.EVENT_STREAM
         try:
@@ -795,7 +908,7 @@ class Factory(InfrastructureFactory[JetStreamTrackingRecorder]):
     def _build(self, cls: type[R], purpose: str = "events") -> R:
         if purpose == TRACKING or not _SAFE_TOKEN.fullmatch(purpose):
             raise InfrastructureFactoryError(f"recorder purpose {purpose!r} cannot name subjects")
-        return cls(self.io, root=self.root, purpose=purpose, uuid_ids=self.uuid_ids)
+        return cls(self.io, root=self.root, purpose=purpose, uuid_ids=self.uuid_ids, check=self.check)
 
     def _class(self, topic_key: str, default: type[R]) -> type[R]:
         topic = self.env.get(topic_key)

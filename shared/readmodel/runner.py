@@ -19,13 +19,12 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import msgspec
 from eventsourcing.application import Application
 from eventsourcing.persistence import Notification, Subscription, Tracking
 from eventsourcing.projection import Projection
 
-from shared import events
 from shared.events import AnyEvent
+from shared.persistence import written
 from shared.readmodel.store import APPLICATION, PROJECTION_NAME, ReadModel
 
 log = logging.getLogger("warden.projection")
@@ -34,16 +33,18 @@ _STOP = object()
 
 
 def decode_notification(notification: Notification) -> AnyEvent | None:
-    """The event a notification carries, or None for a type this version cannot read.
+    """The event a notification carries, or None for one that is not Warden's or of a type this
+    version cannot read.
 
-    An unreadable event still advances the position (so one bad record cannot wedge the read
-    model); `warden replay` rebuilds from the stream once the code knows the type.
+    Either still advances the position (so one bad record cannot wedge the read model); `warden
+    replay` rebuilds from the stream once the code knows the type. The recorder has already left
+    out messages without Warden's writer headers.
     """
-    try:
-        return events.decode(notification.state)
-    except msgspec.DecodeError as exc:
-        log.warning("skipping notification %s (%s): %s", notification.id, notification.topic, exc)
+    event = written.stored_event_of(notification)
+    if isinstance(event, str):
+        log.warning("stepping over notification %s (%s): %s", notification.id, notification.topic, event)
         return None
+    return event
 
 
 class ReadModelProjection(Projection[ReadModel]):

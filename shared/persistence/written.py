@@ -1,0 +1,94 @@
+"""Did Warden write this? The one test every reader of the event stream applies to a message.
+
+NATS permissions let only the service credential publish on `warden.evt.>`; this is defence in
+depth against a compromised or buggy writer. A message is Warden's event when it carries the
+writer headers the recorder puts on every event (`Warden-Originator`, `Warden-Version`,
+`Warden-Topic`), sits on the subject of the aggregate its originator header names, and its
+payload decodes as a Warden event that says the same originator, version and type as the
+headers. Anything else is foreign: readers step over it and say so, naming its stream sequence;
+it is never folded, never counted as an aggregate's version, and never wedges a write.
+
+No separate writer header is added: it would be as forgeable as these three by anyone who can
+publish there, and streams written before it would lack it. What a forger with valid headers and
+a valid payload cannot fake is the hash chain: `warden ledger verify` catches that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from uuid import UUID
+
+import msgspec
+from eventsourcing.persistence import StoredEvent
+
+from shared import topology
+from shared.events import AnyEvent, decode, tag_of
+from shared.persistence.jetstream import ORIGINATOR_HEADER, TOPIC_HEADER, VERSION_HEADER
+
+WRITER_HEADERS = (ORIGINATOR_HEADER, VERSION_HEADER, TOPIC_HEADER)
+
+
+def is_aggregate_subject(subject: str) -> bool:
+    """`warden.evt.<one token>`: an aggregate's events (tracking records and snapshots have more)."""
+    root = topology.EVENT_ROOT + "."
+    return subject.startswith(root) and "." not in subject[len(root) :]
+
+
+def event_of(subject: str, headers: Mapping[str, str] | None, data: bytes) -> AnyEvent | str:
+    """The Warden event this stored message is, or (a string) why it is not one."""
+    headers = headers or {}
+    missing = [name for name in WRITER_HEADERS if name not in headers]
+    if missing:
+        return f"no Warden writer header ({', '.join(missing)} missing)"
+    try:
+        originator = UUID(headers[ORIGINATOR_HEADER])
+        version = int(headers[VERSION_HEADER])
+    except ValueError:
+        return f"Warden writer headers that do not parse ({_shown(headers)})"
+    if subject != topology.event_subject(originator):
+        return f"{ORIGINATOR_HEADER} {originator} on another subject than that aggregate's"
+    event = _decoded(data)
+    if isinstance(event, str):
+        return event
+    return _disagreement(event, originator, version, headers[TOPIC_HEADER]) or event
+
+
+def stored_event_of(stored: StoredEvent) -> AnyEvent | str:
+    """The Warden event a recorder's stored event (or notification) is, or why it is not one.
+
+    The recorder has already checked its headers and subject; this checks its payload."""
+    if not isinstance(stored.originator_id, UUID):
+        return f"originator {stored.originator_id!r} is not a UUID"
+    event = _decoded(stored.state)
+    if isinstance(event, str):
+        return event
+    return _disagreement(event, stored.originator_id, stored.originator_version, stored.topic) or event
+
+
+def foreign_reason(stored: StoredEvent) -> str | None:
+    """The recorder's payload check (`WARDEN_EVENT_CHECK`): why a stored event is not Warden's,
+    or None. It keeps such a record out of an aggregate's events and out of its head, so the
+    mapper never sees it and the next write still lands."""
+    event = stored_event_of(stored)
+    return event if isinstance(event, str) else None
+
+
+def _decoded(data: bytes) -> AnyEvent | str:
+    try:
+        return decode(data)
+    except msgspec.DecodeError as exc:  # ValidationError too: an unknown type, a missing field
+        return f"a payload that is not a Warden event ({exc})"
+
+
+def _disagreement(event: AnyEvent, originator: UUID, version: int, topic: str) -> str | None:
+    if tag_of(event) != topic:
+        return f"{TOPIC_HEADER} {topic!r} on a {tag_of(event)!r} payload"
+    if event.originator_id != originator:
+        return f"a payload of aggregate {event.originator_id} under {ORIGINATOR_HEADER} {originator}"
+    if event.originator_version != version:
+        return f"a payload of version {event.originator_version} under {VERSION_HEADER} {version}"
+    return None
+
+
+def _shown(headers: Mapping[str, str]) -> str:
+    return ", ".join(f"{name}: {headers[name][:40]!r}" for name in WRITER_HEADERS)
