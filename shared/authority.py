@@ -289,6 +289,7 @@ async def revocation_figures(js: Any) -> list[RevocationFigures]:
     from shared import bus, topology
     from shared.events import InputRejected
     from shared.events import decode as decode_event
+    from shared.forensics import log
 
     events = []
     for stored in await bus.read_subject(js, topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.*"):
@@ -306,7 +307,8 @@ async def revocation_figures(js: Any) -> list[RevocationFigures]:
             (e.timestamp for e in events[i + 1 :] if isinstance(e, AgentReinstated) and e.name == event.name),
             None,
         )
-        inputs = await bus.read_subject(js, topology.INPUT_STREAM, topology.agent_input_root(event.name))
+        # Direct gets (log.scan): the operator credential may create no consumer on the input stream.
+        inputs = await log.scan(js, topology.INPUT_STREAM, topology.agent_input_root(event.name))
         accepted = [
             m
             for m in inputs

@@ -158,6 +158,9 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
     if "user" not in kwargs and "password" not in kwargs:
         options.update(credentials.client_credentials())
     options.update(kwargs)
+    # Replies come only under the prefix this user's permissions allow (credentials.inbox_prefix).
+    if "inbox_prefix" not in options and (prefix := credentials.inbox_prefix(options.get("user"))):
+        options["inbox_prefix"] = prefix
     nc: Client | None = None
     if bound is None:
         nc = await nats.connect(servers, **options)

@@ -7,9 +7,10 @@ renders and `warden creds` edits:
 - `warden-service`: every Warden service. Appends events, consumes inputs, answers inboxes.
   Its password comes from the servers' environment (`WARDEN_SERVICE_PASSWORD`).
 - `warden-operator`: people and scripts at the CLI. Submits jobs, gives operator commands,
-  reads the streams (stream info, single messages, ordered consumers); cannot append events,
-  impersonate an agent, change the topology, or pause, delete or pull from a service's
-  consumer: its JetStream permissions are an allow-list of read calls.
+  reads the streams (stream info, direct gets, ordered consumers but none on the input stream);
+  cannot append events, impersonate an agent, change the topology, or pause, delete, pull from
+  or rewrite a service's consumer: its JetStream permissions are an allow-list of read calls.
+  It hears replies only under its own inbox prefix (`topology.OPERATOR_INBOX_PREFIX`).
   Password from `WARDEN_OPERATOR_PASSWORD`.
 - `agent-<name>`, one per agent: may publish only its own input subjects
   (`warden.in.agent.<name>.<verb>` and its payload subject `warden.in.agent.<name>.payload`,
@@ -32,7 +33,7 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from shared import topology
 
@@ -139,9 +140,11 @@ def service_permissions() -> Permissions:
 
 
 # What reading the record takes, and no more: stream and account info, single messages by
-# sequence or subject, and ordered consumers (ephemeral push consumers created on
-# `CONSUMER.CREATE.<stream>`, whose flow control is answered on `$JS.FC`). `*` is one token, so
-# `CONSUMER.CREATE.*` is not `CONSUMER.CREATE.<stream>.<name>` (a named or durable consumer).
+# sequence or subject (direct gets, batched too), and ordered consumers (ephemeral push
+# consumers created on `CONSUMER.CREATE.<stream>`, whose flow control is answered on `$JS.FC`).
+# `*` is one token, so `CONSUMER.CREATE.*` is not `CONSUMER.CREATE.<stream>.<name>` (a named
+# consumer). No consumer listing: a create request may name an existing consumer in its body and
+# the server then updates that consumer, so consumers' names must not be handed out.
 READ_API = (
     "$JS.API.INFO",
     "$JS.API.STREAM.NAMES",
@@ -152,16 +155,20 @@ READ_API = (
     "$JS.API.DIRECT.GET.*.>",
     "$JS.API.CONSUMER.CREATE.*",
     "$JS.API.CONSUMER.INFO.*.*",
-    "$JS.API.CONSUMER.LIST.*",
-    "$JS.API.CONSUMER.NAMES.*",
     "$JS.FC.>",
 )
+# ...except on the input stream, where the services' durables have well-known names
+# (topology.CONSUMERS): `{"config": {"name": "scheduler", ...}}` on `CONSUMER.CREATE.WARDEN_INPUT`
+# would rewrite the scheduler's consumer (its filters, its limits). Operators read the input
+# stream by direct gets (forensics.log.scan) and need no consumer there.
+READ_API_DENY = (f"$JS.API.CONSUMER.CREATE.{topology.INPUT_STREAM}",)
 
 
 def operator_permissions() -> Permissions:
     """Operators: submit, command, read and check. An allow-list, so nothing unnamed is allowed:
     never append events, never speak as an agent, never create, change, delete or purge streams
-    or buckets, never pause, resume, delete or pull from the services' consumers."""
+    or buckets, never pause, resume, delete, pull from or rewrite the services' consumers; and
+    replies only under the operator's own inbox prefix, so never another connection's."""
     return Permissions(
         publish_allow=(
             topology.REQUEST_SUBJECT,
@@ -169,8 +176,69 @@ def operator_permissions() -> Permissions:
             *READ_API,
             "$SRV.>",  # liveness pings (`warden doctor`, `warden services`)
         ),
-        subscribe_allow=("_INBOX.>",),
+        publish_deny=READ_API_DENY,
+        subscribe_allow=(f"{topology.OPERATOR_INBOX_PREFIX}.>",),
     )
+
+
+def inbox_prefix(user: str | None) -> str | None:
+    """The inbox prefix a connection as `user` must use to hear its replies (None: the default).
+
+    Permissions fence replies by prefix, so the prefix follows the credential, whatever code
+    connects with it (CLI, client library, scripts through bus.connect)."""
+    if user == OPERATOR_USER:
+        return topology.OPERATOR_INBOX_PREFIX
+    if user and user.startswith(AGENT_USER_PREFIX):
+        name = user[len(AGENT_USER_PREFIX) :]
+        if topology.AGENT_NAME.match(name):
+            return topology.reply_inbox_prefix(name)
+    return None
+
+
+Kind = Literal["service", "operator", "agent"]
+
+# What each kind of credential is for, in words (`warden creds list`); the permissions above
+# are what the server enforces, and tests/test_credential_fences.py tries the refusals.
+CAPABILITIES: dict[Kind, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "service": (
+        (
+            "append events (warden.evt.>)",
+            "consume inputs through the services' durable consumers",
+            "answer inboxes (_INBOX.>) and liveness pings ($SRV.>)",
+            "store proposal payloads (the checker writes the payload bucket)",
+        ),
+        (f"delete, purge or remove messages of {', '.join(PROTECTED_STREAMS)}",),
+    ),
+    "operator": (
+        (
+            f"submit jobs ({topology.REQUEST_SUBJECT})",
+            f"give operator commands ({topology.OPERATOR_SUBJECTS})",
+            "read every stream (info, direct gets; ordered consumers except on the input stream)",
+            "ping services ($SRV.>)",
+            f"receive its replies under {topology.OPERATOR_INBOX_PREFIX}.>",
+        ),
+        (
+            "append events or speak as an agent",
+            "create, change, delete or purge streams or buckets",
+            "pause, resume, delete, pull from or list any consumer, or rewrite a service's durable",
+            f"create a consumer on {topology.INPUT_STREAM}",
+            "read other connections' replies (agents' lease grants)",
+        ),
+    ),
+    "agent": (
+        (
+            "publish its own inputs (warden.in.agent.NAME.<verb>)",
+            "upload proposal payload chunks (warden.in.agent.NAME.payload)",
+            "receive its replies (_INBOX.NAME.>) and its notices (warden.notice.NAME)",
+        ),
+        (
+            "use the JetStream API, the object store or key-value buckets at all",
+            "read, list, alter, roll up or delete any stored message or payload",
+            "speak as another agent, give operator commands, submit jobs or append events",
+            "read another agent's replies or notices",
+        ),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -179,10 +247,19 @@ class User:
     the server resolves when it reads its configuration."""
 
     name: str
+    kind: Kind
     permissions: Permissions
     password_hash: str = ""
     password_env: str = ""
     comment: str = ""
+
+    @property
+    def may(self) -> tuple[str, ...]:
+        return CAPABILITIES[self.kind][0]
+
+    @property
+    def may_not(self) -> tuple[str, ...]:
+        return CAPABILITIES[self.kind][1]
 
 
 def _quote(text: str) -> str:
@@ -222,19 +299,27 @@ class UsersFile:
         fixed = [
             User(
                 SERVICE_USER,
+                "service",
                 service_permissions(),
                 password_env=SERVICE_PASSWORD_ENV,
                 comment="Warden's services (`warden run`, `warden up`)",
             ),
             User(
                 OPERATOR_USER,
+                "operator",
                 operator_permissions(),
                 password_env=OPERATOR_PASSWORD_ENV,
                 comment="operators at the CLI: submit, command, read, doctor",
             ),
         ]
         agents = [
-            User(agent_user(name), agent_permissions(name), password_hash=hashed, comment=f"agent {name}")
+            User(
+                agent_user(name),
+                "agent",
+                agent_permissions(name),
+                password_hash=hashed,
+                comment=f"agent {name}",
+            )
             for name, hashed in sorted(self.agents.items())
         ]
         return fixed + agents

@@ -140,6 +140,20 @@ async def check_servers(monitor_urls: Sequence[str], timeout: float = 5.0) -> li
     return out
 
 
+def _retention(config: js_api.StreamConfig) -> tuple[float, int, str]:
+    """(max_age seconds, max_bytes, discard policy), unset read as the server's defaults
+    (0: no age limit, -1: no size limit, discard old)."""
+    discard = config.discard or js_api.DiscardPolicy.OLD
+    max_bytes = config.max_bytes if config.max_bytes is not None and config.max_bytes >= 0 else -1
+    return (round(config.max_age or 0.0, 3), max_bytes, str(getattr(discard, "value", discard)))
+
+
+def describe_retention(max_age: float, max_bytes: int, discard: str) -> str:
+    age = f"max_age {max_age:g}s" if max_age else "no max_age"
+    size = f"max_bytes {max_bytes}" if max_bytes >= 0 else "no max_bytes"
+    return f"{age}, {size}, discard {discard}"
+
+
 def stream_findings(expected: js_api.StreamConfig, info: js_api.StreamInfo, replicas: int) -> list[Finding]:
     config = info.config
     name = f"stream {expected.name}"
@@ -176,17 +190,30 @@ def stream_findings(expected: js_api.StreamConfig, info: js_api.StreamInfo, repl
                 )
             )
     window = config.duplicate_window or 0.0
-    if abs(window - topology.DUPLICATE_WINDOW_S) > 0.001:
+    want_window = expected.duplicate_window or topology.DUPLICATE_WINDOW_S
+    if abs(window - want_window) > 0.001:
         out.append(
             Finding(
                 f"{name}: duplicate_window",
                 "fail",
-                f"{window:g}s, expected {topology.DUPLICATE_WINDOW_S:g}s (Nats-Msg-Id dedup of retried appends)",
+                f"{window:g}s, expected {want_window:g}s (Nats-Msg-Id dedup of retried appends)",
                 fix_by_ensure("the duplicate window"),
             )
         )
     else:
         out.append(Finding(f"{name}: duplicate_window", "ok", f"{window:g}s"))
+    have_retention, want_retention = _retention(config), _retention(expected)
+    if have_retention != want_retention:
+        out.append(
+            Finding(
+                f"{name}: retention",
+                "fail",
+                f"{describe_retention(*have_retention)}, expected {describe_retention(*want_retention)}",
+                fix_by_ensure("the retention bounds"),
+            )
+        )
+    else:
+        out.append(Finding(f"{name}: retention", "ok", describe_retention(*have_retention)))
     if config.storage != js_api.StorageType.FILE:
         out.append(
             Finding(

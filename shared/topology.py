@@ -129,6 +129,13 @@ def reply_inbox_prefix(agent: str) -> str:
     return f"_INBOX.{check_agent_name(agent)}"
 
 
+# The operator credential's replies (verdicts, JetStream acks, its ordered consumers' deliveries)
+# arrive under this prefix, the only one it may subscribe to: so it cannot read agents' replies
+# (lease grants) or the deliveries of services' consumers. `~` is in no agent name (AGENT_NAME),
+# so no agent's prefix `_INBOX.<name>` can be this one.
+OPERATOR_INBOX_PREFIX = "_INBOX.~operator"
+
+
 @dataclass(frozen=True)
 class ConsumerSpec:
     """A durable pull consumer on the input stream, owned by one service (shared by replicas)."""
@@ -226,6 +233,14 @@ def input_max_bytes() -> int:
     return int(override) if override else INPUT_MAX_BYTES
 
 
+def duplicate_window_s(max_age_s: float | None) -> float:
+    """Nats-Msg-Id dedup window: DUPLICATE_WINDOW_S, but never longer than the stream keeps
+    messages (the server refuses a window past max_age)."""
+    if max_age_s:
+        return min(DUPLICATE_WINDOW_S, max_age_s)
+    return DUPLICATE_WINDOW_S
+
+
 MIN_SERVER_VERSION = (2, 12, 0)  # allow_atomic batches and multi-filter consumers
 
 
@@ -237,16 +252,17 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
         "deny_delete": True,
         "deny_purge": True,
         "allow_direct": True,
-        "duplicate_window": DUPLICATE_WINDOW_S,
     }
+    input_max_age = input_max_age_s()
     return [
         js_api.StreamConfig(
             name=INPUT_STREAM,
             description="Untrusted input: job requests, agent messages, operator commands",
             subjects=[f"{INPUT_ROOT}.>"],
-            max_age=input_max_age_s(),
+            max_age=input_max_age,
             max_bytes=input_max_bytes(),
             discard=js_api.DiscardPolicy.NEW,
+            duplicate_window=duplicate_window_s(input_max_age),
             **common,  # type: ignore[arg-type]
         ),
         js_api.StreamConfig(
@@ -254,6 +270,7 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
             description="Authoritative events: one subject per job, agent or rejection",
             subjects=[f"{EVENT_ROOT}.>"],
             allow_atomic=True,
+            duplicate_window=DUPLICATE_WINDOW_S,
             **common,  # type: ignore[arg-type]
         ),
         js_api.StreamConfig(
@@ -266,6 +283,7 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
             # No rollup: a `Nats-Rollup` header could otherwise wipe every payload at once. Warden
             # writes each object once under a content-addressed name (proposals.put_object).
             allow_rollup_hdrs=False,
+            duplicate_window=DUPLICATE_WINDOW_S,
             **common,  # type: ignore[arg-type]
         ),
     ]

@@ -221,7 +221,10 @@ async def test_an_agent_connected_without_its_inbox_prefix_is_told_why_it_hears_
 ) -> None:
     url = server.server.url
     password = add_agent(server, "lost")
-    async with opsnats.connected(url, user=credentials.agent_user("lost"), password=password) as nc:
+    # bus.connect gives an agent's user its own prefix; a client that overrides it hears nothing.
+    async with opsnats.connected(
+        url, user=credentials.agent_user("lost"), password=password, inbox_prefix="_INBOX"
+    ) as nc:
         with anyio.fail_after(5), pytest.raises(bus.PermissionDenied, match="subscription"):
             await bus.request(nc, topology.agent_subject("lost", "register"), b"{}", timeout=30)
 

@@ -56,7 +56,7 @@ def creds() -> None:
     """Per-agent NATS credentials: each agent gets its own user and password.
 
     Warden uses plain user/password authentication. An agent's user may publish only on its own
-    input subjects (warden.in.agent.NAME.<verb>) and write proposal payloads, and receive only
+    input subjects (warden.in.agent.NAME.<verb>, and .payload for proposal chunks), and receive only
     on its own inbox prefix (_INBOX.NAME.>): it cannot append events, give operator commands,
     speak as another agent, or read, delete or purge a stream. Services (warden-service) and
     operators (warden-operator) have
@@ -124,8 +124,9 @@ def remove_agent(name: str, users_file: Path | None, reload_pids: tuple[int, ...
 @data_dir_option
 @json_option
 def list_users(users_file: Path | None, data_dir: Path, as_json: bool) -> None:
-    """Every user in the file and what it may publish and subscribe to; then the HTTP API's
-    tokens in --data-dir (names and roles; tokens are stored only as hashes)."""
+    """Every user in the file (services, operators, each agent): what its kind may and may not
+    do, and the subjects it may publish and subscribe to; then the HTTP API's tokens in
+    --data-dir (names and roles; tokens are stored only as hashes)."""
     path = credentials.users_file_from_env(users_file)
     users = credentials.UsersFile.load(path).users()
     try:
@@ -133,7 +134,16 @@ def list_users(users_file: Path | None, data_dir: Path, as_json: bool) -> None:
     except tokens.TokenStoreError as exc:
         fail(str(exc), code=1)
     if as_json:
-        out: list[dict[str, Any]] = [{"user": u.name, "permissions": u.permissions.to_conf()} for u in users]
+        out: list[dict[str, Any]] = [
+            {
+                "user": u.name,
+                "kind": u.kind,
+                "may": list(u.may),
+                "may_not": list(u.may_not),
+                "permissions": u.permissions.to_conf(),
+            }
+            for u in users
+        ]
         out += [
             {"api_token": t.name, "role": t.role, "created_at": t.created_at.isoformat()} for t in api_tokens
         ]
@@ -141,7 +151,11 @@ def list_users(users_file: Path | None, data_dir: Path, as_json: bool) -> None:
         return
     for user in users:
         perms = user.permissions
-        click.echo(f"{user.name}  ({user.comment})")
+        click.echo(f"{user.name}  ({user.kind}: {user.comment})")
+        for line in user.may:
+            click.echo(f"  may:       {line}")
+        for line in user.may_not:
+            click.echo(f"  may not:   {line}")
         click.echo(f"  publish:   {', '.join(perms.publish_allow)}")
         if perms.publish_deny:
             click.echo(f"  except:    {', '.join(perms.publish_deny)}")

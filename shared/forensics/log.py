@@ -4,6 +4,7 @@ Forensics must answer from the log alone, so everything here reads stored messag
 the server holds them (bytes, stream sequence, stored time) and never writes. Reads use ordered
 push consumers with a callback (4-5x faster than fetch) bounded by the last matching sequence,
 found first with a direct get, so a read of a quiet subject ends at once instead of waiting.
+The input stream is read by batched direct gets instead: no consumer (see `_scan_direct`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ async def scan(
     found: list[Stored] = []
     if target < max(start_seq, 1):
         return found
+    if stream == topology.INPUT_STREAM:
+        return await _scan_direct(js, stream, subject, start_seq, target, keep, stop, timeout)
     done = anyio.Event()
 
     async def cb(msg: Msg) -> None:
@@ -198,6 +201,70 @@ async def scan(
     try:
         with anyio.fail_after(timeout):
             await done.wait()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await sub.unsubscribe()
+    return found
+
+
+# One batched direct get asks for this many messages (and at most this many bytes) at a time.
+DIRECT_BATCH = 256
+DIRECT_BATCH_BYTES = 8 * 1024 * 1024
+
+
+async def _scan_direct(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    start_seq: int,
+    target: int,
+    keep: Callable[[Stored], bool] | None,
+    stop: Callable[[Stored], bool] | None,
+    timeout: float,
+) -> list[Stored]:
+    """`scan` by batched direct gets: no consumer. The input stream is read this way because the
+    operator credential may create no consumer on it (a create request names its consumer in
+    its body, so it could name a service's durable and rewrite it: see shared/credentials.py)."""
+    nc = js._nc
+    api = f"{js._prefix}.DIRECT.GET.{stream}"
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    found: list[Stored] = []
+    seq = max(start_seq, 1)
+    try:
+        with anyio.fail_after(timeout):
+            while seq <= target:
+                request = {
+                    "seq": seq,
+                    "next_by_subj": subject,
+                    "batch": DIRECT_BATCH,
+                    "max_bytes": DIRECT_BATCH_BYTES,
+                }
+                await nc.publish(api, msgspec.json.encode(request), reply=inbox)
+                while True:
+                    msg = await sub.next_msg(timeout=timeout)
+                    headers = msg.headers or {}
+                    status = headers.get("Status")
+                    if status == "404":  # nothing on the subject from `seq` on
+                        return found
+                    if status == "204":  # end of this batch
+                        break
+                    if status:
+                        raise LogUnavailable(f"direct get on {stream} answered {status}: {msg.data!r}")
+                    record = Stored(
+                        stream,
+                        int(headers["Nats-Sequence"]),
+                        str(headers["Nats-Subject"]),
+                        _parse_ns(str(headers.get("Nats-Time-Stamp", ""))),
+                        msg.data,
+                    )
+                    if record.seq > target or (stop is not None and stop(record)):
+                        return found
+                    if keep is None or keep(record):
+                        found.append(record)
+                    seq = record.seq + 1
+    except NatsTimeout as exc:
+        raise LogUnavailable(f"no answer from stream {stream} within {timeout}s") from exc
     finally:
         with anyio.CancelScope(shield=True):
             await sub.unsubscribe()
