@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from opentelemetry import metrics, propagate, trace
-from opentelemetry.exporter.prometheus import PrometheusMetricReader
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import (
-    ConsoleMetricExporter,
-    MetricReader,
-    PeriodicExportingMetricReader,
-)
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.metrics.export import MetricReader
+    from opentelemetry.sdk.trace.export import SpanExporter
 
 _configured = False
 
@@ -35,6 +30,16 @@ def configure(service: str, exporter: str | None = None) -> None:
     if _configured:
         return
     choice = (exporter or os.environ.get("WARDEN_OTEL_EXPORTER", "none")).lower()
+    # The SDK and the Prometheus exporter are imported here, not at module level: every process
+    # that talks to NATS imports this module (through shared.bus), and only the services
+    # configure telemetry; a CLI command would pay ~0.1 s of start-up for nothing.
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
     resource = Resource.create({"service.name": f"warden-{service}"})
     span_exporter: SpanExporter | None = None
     readers: list[MetricReader] = []

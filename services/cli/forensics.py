@@ -1,7 +1,8 @@
 """`warden ledger verify`, `explain`, `at`, `backtest`, `dossier`: answers from the log alone.
 
 Thin commands over shared/forensics. They only read: no stream or consumer is created, and a
-server without Warden's streams is reported as such rather than set up.
+server without Warden's streams is reported as such rather than set up. Each command imports the
+forensics module it needs when it runs: `warden explain` is timed whole, start-up included.
 """
 
 from __future__ import annotations
@@ -22,11 +23,8 @@ from nats.js import JetStreamContext
 from services.cli.main import cli, data_dir_option, fail, json_option, nats_option, resolve_url
 from shared import bus
 from shared.events import agent_id_for
-from shared.forensics import backtest as backtests
-from shared.forensics import dossier as dossiers
 from shared.forensics import explain as explains
-from shared.forensics import ids, log, timetravel
-from shared.forensics import ledger as ledgers
+from shared.forensics import ids, log
 
 T = TypeVar("T")
 
@@ -60,10 +58,7 @@ def _read(
         finally:
             await nc.close()
 
-    try:
-        return anyio.run(go)
-    except backtests.BacktestError as exc:  # its invariant or window was badly named
-        _die(str(exc))  # (JobNotFound, IdNotFound, LogUnavailable: the CLI group reports them)
+    return anyio.run(go)  # (JobNotFound, IdNotFound, LogUnavailable: the CLI group reports them)
 
 
 def _read_job(url: str, name: str, text: str, work: Callable[[JetStreamContext, UUID], Awaitable[T]]) -> T:
@@ -116,6 +111,8 @@ def ledger_verify(
     there is no finding; 1 when a chain is broken or there is a finding (only the service
     credential may publish there, so a foreign message means a compromised or buggy writer).
     """
+    from shared.forensics import ledger as ledgers
+
     if path is not None:
         try:
             document = json.loads(path.read_text())
@@ -201,6 +198,8 @@ def at_command(
     as_json: bool,
 ) -> None:
     """Jobs and agents as they stood at TIME (ISO 8601; naive means local) or --seq N."""
+    from shared.forensics import timetravel
+
     if (time is None) == (seq is None):
         _die("give a TIME or --seq N (one of them)")
     when = _parse_time(time) if time is not None else None
@@ -244,6 +243,8 @@ def backtest_command(
     as_json: bool,
 ) -> None:
     """Run an invariant over every past proposal; compare with what was recorded then."""
+    from shared.forensics import backtest as backtests
+
     try:
         named = backtests.load(spec)
     except backtests.BacktestError as exc:
@@ -256,7 +257,10 @@ def backtest_command(
         cases = await backtests.past_cases(js, job=chosen[0] if chosen else None, since=start)
         return await backtests.run(named, cases)
 
-    report = _read(url, "warden-backtest", work, jobs=[job] if job else [], resolved=chosen)
+    try:
+        report = _read(url, "warden-backtest", work, jobs=[job] if job else [], resolved=chosen)
+    except backtests.BacktestError as exc:  # its invariant or window was badly named
+        _die(str(exc))
     if as_json:
         _print(report)
     else:
@@ -275,6 +279,8 @@ def backtest_command(
 @data_dir_option
 def dossier_command(job: str, out: Path | None, nats_url: str | None, data_dir: Path) -> None:
     """Everything about JOB in one JSON bundle, to attach to an incident."""
+    from shared.forensics import dossier as dossiers
+
     url = resolve_url(nats_url, data_dir)
     bundle = _read_job(url, "warden-dossier", job, dossiers.dossier)
     data = dossiers.encode(bundle)
