@@ -534,3 +534,84 @@ async def test_a_service_attaches_its_connection_and_calls_the_application_from_
         assert nc.is_connected  # the service's connection stays the service's to close
     finally:
         await nc.close()
+
+
+# -- foreign messages on the recorder's subjects ----------------------------------------------
+
+
+def refuse_bad(event: StoredEvent) -> str | None:
+    """A payload check (WARDEN_EVENT_CHECK) for the tests: the payload b"bad" is not ours."""
+    return "a bad payload" if event.state == b"bad" else None
+
+
+def publish_raw(bridge: NatsBridge, subject: str, data: bytes, headers: dict[str, str] | None = None) -> int:
+    ack = bridge.call(lambda: bridge.js.publish(subject, data, headers=headers))
+    return int(ack.seq)
+
+
+def test_a_foreign_last_message_never_wedges_the_next_write(
+    factory: Factory, bridge: NatsBridge, stream: tuple[str, str]
+) -> None:
+    originator_id = uuid4()
+    cached = application_recorder(factory)
+    cached.insert_events([stored(originator_id, 1), stored(originator_id, 2)])
+    subject = cached.subject(originator_id)
+    ours = {"Warden-Originator": str(originator_id), "Warden-Topic": "tests:Happened"}
+    foreign = [
+        (b"no headers", None),
+        (b"{}", {**ours, "Warden-Originator": str(uuid4()), "Warden-Version": "3"}),  # another's
+        (b"{}", {**ours, "Warden-Version": "three"}),
+        (b"{}", {**ours, "Warden-Version": "1"}),  # a replayed copy of version 1: out of the chain
+    ]
+    version = 2
+    for data, headers in foreign:
+        junk = publish_raw(bridge, subject, data, headers)
+        version += 1
+        # A writer whose cached head is now behind the subject, and one with no cache at all.
+        writer = cached if version % 2 else application_recorder(factory)
+        (seq,) = writer.insert_events([stored(originator_id, version)]) or []
+        assert seq > junk
+    reader = application_recorder(factory)
+    assert [e.originator_version for e in reader.select_events(originator_id)] == list(range(1, version + 1))
+    # Notifications carry no chain: only the replayed copy, whose headers are all in order,
+    # reaches their readers (the read model and the views fold a version only once anyway).
+    notifications = reader.select_notifications(None, 100)
+    assert [n.originator_version for n in notifications] == [1, 2, 3, 4, 5, 1, 6]
+    assert notifications[5].id == junk
+
+
+def test_a_record_the_payload_check_refuses_is_neither_read_nor_counted_as_a_version(
+    bridge: NatsBridge, stream: tuple[str, str]
+) -> None:
+    env = {**jetstream_env(bridge, *stream), Factory.EVENT_CHECK: "tests.test_jetstream_recorder:refuse_bad"}
+    factory = Factory(env)
+    try:
+        originator_id = uuid4()
+        recorder = application_recorder(factory)
+        recorder.insert_events([stored(originator_id, 1)])
+        headers = {
+            "Warden-Originator": str(originator_id),
+            "Warden-Version": "2",
+            "Warden-Topic": "tests:Happened",
+        }
+        publish_raw(bridge, recorder.subject(originator_id), b"bad", headers)
+        fresh = application_recorder(factory)
+        assert [e.state for e in fresh.select_events(originator_id)] == [b"{}"]
+        fresh.insert_events([stored(originator_id, 2, b"good")])
+        assert [e.state for e in recorder.select_events(originator_id)] == [b"{}", b"good"]
+    finally:
+        factory.close()
+
+
+def test_reading_a_subject_through_the_leader_finds_what_direct_gets_find(factory: Factory) -> None:
+    recorder = application_recorder(factory)
+    originator_id, other = uuid4(), uuid4()
+    for version in (1, 2, 3):
+        recorder.insert_events([stored(originator_id, version), stored(other, version)])
+    subject = recorder.subject(originator_id)
+    direct = recorder.io.run(lambda: recorder.io.scan(subject, 1))
+    leader = recorder.io.run(lambda: recorder.io.scan_leader(subject, direct[-1].seq))
+    assert [r.seq for r in leader] == [r.seq for r in direct] and len(direct) == 3
+    assert [r.seq for r in recorder.io.run(lambda: recorder.io.scan_leader(subject, direct[1].seq))] == [
+        r.seq for r in direct[:2]
+    ]

@@ -399,6 +399,7 @@ class JetStreamRecorder:
         # The application's test of an event's payload against its headers (events only).
         self.check = check if purpose == "events" else None
         self.events_filter = f"{root}.*"  # event subjects only: other kinds have more tokens
+        self._subject_prefix = f"{root}." if purpose == "events" else f"{root}.{purpose}."
         # originator subject -> last (version, stream sequence): saves a read before each write.
         self._heads: OrderedDict[str, Head] = OrderedDict()
         self._heads_lock = threading.Lock()
@@ -418,10 +419,7 @@ class JetStreamRecorder:
         return UUID(text) if self.uuid_ids else text
 
     def subject(self, originator_id: UUID | str) -> str:
-        token = subject_token(self._id_text(originator_id))
-        if self.purpose == "events":
-            return f"{self.root}.{token}"
-        return f"{self.root}.{self.purpose}.{token}"
+        return self._subject_prefix + subject_token(self._id_text(originator_id))
 
     def tracking_subject(self, application_name: str) -> str:
         return f"{self.root}.{TRACKING}.{subject_token(application_name)}"
@@ -634,20 +632,20 @@ class JetStreamRecorder:
         """The stored event a record holds by its headers; None when it is not one of ours: no
         writer headers, headers that do not parse, or an originator whose subject it is not on."""
         headers = record.headers
+        text = headers.get(ORIGINATOR_HEADER)
+        # The header as this recorder writes it names the subject (compared as text: cheaper
+        # than parsing, and a reworded id is not ours either).
+        if text is None or record.subject != self._subject_prefix + subject_token(text):
+            return None
         try:
-            event = StoredEvent(
-                originator_id=self._id_value(headers[ORIGINATOR_HEADER]),
+            return StoredEvent(
+                originator_id=self._id_value(text),
                 originator_version=int(headers[VERSION_HEADER]),
                 topic=headers[TOPIC_HEADER],
                 state=record.data,
             )
         except (KeyError, ValueError):
             return None  # not a stored event (someone else's message on our subjects)
-        try:
-            subject = self.subject(event.originator_id)
-        except DataError:
-            return None
-        return event if subject == record.subject else None
 
     def _notification(self, record: StoredRecord) -> Notification | None:
         event = self._stored_event(record)
