@@ -290,6 +290,10 @@ class InputRejected(Event, frozen=True, tag="input.rejected"):
     errors: list[FieldError]
     sender: str = ""
     excerpt: str = ""
+    # A throttle window (shared/throttle.py): this one record also stands for every later input
+    # of `sender` that consumer `throttled_by` read, stored before `throttled_until`.
+    throttled_until: datetime | None = None
+    throttled_by: str = ""
 
 
 AnyEvent = (

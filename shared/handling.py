@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from datetime import datetime
 from typing import TypeVar
 from uuid import UUID
 
@@ -26,11 +27,19 @@ def input_seq(msg: Msg) -> int:
 
 
 async def reject_input(
-    ctx: Context, msg: Msg, errors: list[FieldError], sender: str = "", *, job_id: UUID | None = None
+    ctx: Context,
+    msg: Msg,
+    errors: list[FieldError],
+    sender: str = "",
+    *,
+    job_id: UUID | None = None,
+    throttled_until: datetime | None = None,
+    throttled_by: str = "",
 ) -> None:
     """Record why an input was refused, and tell the sender if it waits for an answer.
 
     `job_id` names the job the refusal is about when the sender needs it (an idempotency conflict).
+    `throttled_until` and `throttled_by` make it the one record of a throttle window.
     """
     seq = input_seq(msg)
     rejection_id = rejection_id_for(topology.INPUT_STREAM, seq)
@@ -43,6 +52,8 @@ async def reject_input(
         sender=sender,
         excerpt=msg.data[:256].decode("utf-8", "replace"),
         trace=telemetry.current_traceparent(),
+        throttled_until=throttled_until,
+        throttled_by=throttled_by,
     )
     with contextlib.suppress(IntegrityError):  # a redelivery: its rejection is already recorded
         await ctx.save(event)

@@ -27,7 +27,7 @@ from anyio.abc import TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
-from shared import bus, invariants, proposals, telemetry, topology
+from shared import bus, invariants, proposals, telemetry, throttle, topology
 from shared.aggregates import Agent, Job, Lease, ProposalState
 from shared.events import (
     Event,
@@ -76,7 +76,7 @@ class Checker:
                     bus.consume,
                     ctx.js,
                     topology.CHECKER_CONSUMER,
-                    self.handle,
+                    throttle.guard(ctx, topology.CHECKER_CONSUMER.durable, self.handle),
                     batch=8,
                     concurrency=16,
                     key=lambda m: str(m.metadata.sequence.stream),

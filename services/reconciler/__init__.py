@@ -20,7 +20,7 @@ from eventsourcing.persistence import IntegrityError, OperationalError
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
-from shared import bus, telemetry, topology
+from shared import bus, telemetry, throttle, topology
 from shared.aggregates import Job, Lease
 from shared.events import (
     Event,
@@ -69,7 +69,8 @@ class Reconciler:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._timer_loop, tg)
             tg.start_soon(self._sweep)
-            await tg.start(bus.consume, ctx.js, topology.RECONCILER_CONSUMER, self.handle)
+            handler = throttle.guard(ctx, topology.RECONCILER_CONSUMER.durable, self.handle)
+            await tg.start(bus.consume, ctx.js, topology.RECONCILER_CONSUMER, handler)
             task_status.started()
 
     # --- the lease table -----------------------------------------------------------------

@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
-from shared import bus, telemetry, topology
+from shared import bus, telemetry, throttle, topology
 from shared.aggregates import Agent, Job
 from shared.contract import partial_semantic_errors, semantic_errors
 from shared.events import (
@@ -77,7 +77,10 @@ class Scheduler:
         ctx.views.listeners.append(lambda _e, job, _a: self._track(job) if job else None)
         async with anyio.create_task_group() as tg:
             await tg.start(
-                partial(bus.consume, key=_ordering_key), ctx.js, topology.SCHEDULER_CONSUMER, self.handle
+                partial(bus.consume, key=_ordering_key),
+                ctx.js,
+                topology.SCHEDULER_CONSUMER,
+                throttle.guard(ctx, topology.SCHEDULER_CONSUMER.durable, self.handle),
             )
             task_status.started()
 
