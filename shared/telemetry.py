@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from opentelemetry import metrics, propagate, trace
 
@@ -94,35 +94,60 @@ def current_traceparent() -> str:
     return carrier.get("traceparent", "")
 
 
+class Instrument(NamedTuple):
+    """One shared instrument: its name, and the attribute keys its recordings carry (the labels
+    a dashboard may group by; a test checks them against the call sites and ops/grafana)."""
+
+    name: str  # OpenTelemetry's; the Prometheus exporter appends the unit: ms -> _milliseconds
+    description: str
+    labels: tuple[str, ...] = ()
+    unit: str = ""
+
+
+# Keyed by the Metrics attribute that holds each. A unit is named once, in `unit`, never in the
+# name: "warden_x_ms" with unit ms is scraped as warden_x_ms_milliseconds.
+INSTRUMENTS: dict[str, Instrument] = {
+    "jobs": Instrument("warden_jobs_total", "jobs by the state they reached", ("state",)),
+    "lease_expiries": Instrument("warden_lease_expiries_total", "leases that expired without a heartbeat"),
+    "detection_latency": Instrument(
+        "warden_detection_latency", "time from a lease's deadline to its lease.expired event", unit="ms"
+    ),
+    "decisions": Instrument(
+        "warden_decisions_total", "proposal decisions (accepted, rejected)", ("decision",)
+    ),
+    "revocations": Instrument("warden_revocations_total", "revocations by signal", ("signal",)),
+    "revocation_latency": Instrument(
+        "warden_revocation_latency", "time from a failure signal to the revocation it caused", unit="ms"
+    ),
+    "rejected_inputs": Instrument(
+        "warden_rejected_inputs_total",
+        "inputs rejected as malformed or fenced",
+        ("subject", "fenced"),
+    ),
+}
+
+
 class Metrics:
     """The instruments every service shares; created lazily against the configured provider."""
 
     def __init__(self) -> None:
         meter = metrics.get_meter("warden")
-        self.jobs = meter.create_counter("warden_jobs_total", description="jobs by outcome")
-        self.lease_expiries = meter.create_counter(
-            "warden_lease_expiries_total", description="leases that expired without a heartbeat"
-        )
-        # Exported to Prometheus as warden_detection_latency_milliseconds (the unit is appended).
-        self.detection_latency = meter.create_histogram(
-            "warden_detection_latency",
-            unit="ms",
-            description="time from a lease's deadline to its lease.expired event",
-        )
-        self.decisions = meter.create_counter(
-            "warden_decisions_total", description="proposal decisions by verdict"
-        )
-        self.revocations = meter.create_counter(
-            "warden_revocations_total", description="revocations by signal"
-        )
-        self.revocation_latency = meter.create_histogram(
-            "warden_revocation_latency_ms",
-            unit="ms",
-            description="time from a failure signal to the revocation it caused",
-        )
-        self.rejected_inputs = meter.create_counter(
-            "warden_rejected_inputs_total", description="inputs rejected as malformed or fenced"
-        )
+
+        def counter(key: str) -> metrics.Counter:
+            made = INSTRUMENTS[key]
+            return meter.create_counter(made.name, unit=made.unit, description=made.description)
+
+        def histogram(key: str) -> metrics.Histogram:
+            made = INSTRUMENTS[key]
+            return meter.create_histogram(made.name, unit=made.unit, description=made.description)
+
+        self.jobs = counter("jobs")
+        self.lease_expiries = counter("lease_expiries")
+        self.detection_latency = histogram("detection_latency")
+        self.decisions = counter("decisions")
+        self.revocations = counter("revocations")
+        self.revocation_latency = histogram("revocation_latency")
+        self.rejected_inputs = counter("rejected_inputs")
 
 
 _metrics: Metrics | None = None
