@@ -288,15 +288,14 @@ async def revocation_figures(js: Any) -> list[RevocationFigures]:
     """Revocation latency from the log alone: every agent.revoked, with its agent's inputs."""
     from shared import bus, topology
     from shared.events import InputRejected
-    from shared.events import decode as decode_event
     from shared.forensics import log
+    from shared.persistence import written
 
     events = []
     for stored in await bus.read_subject(js, topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.*"):
-        try:
-            events.append(decode_event(stored.data))
-        except Exception:
-            continue
+        event = written.event_of(stored.subject, stored.headers, stored.data)
+        if not isinstance(event, str):  # a message Warden did not write is no evidence
+            events.append(event)
     fenced = {e.input_seq for e in events if isinstance(e, MessageRejected | InputRejected)}
     figures = []
     for i, event in enumerate(events):

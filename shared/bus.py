@@ -451,6 +451,7 @@ class StoredMessage(msgspec.Struct, frozen=True):
     time: datetime
     subject: str
     data: bytes
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 async def read_subject(
@@ -465,7 +466,11 @@ async def read_subject(
 
     async def cb(msg: Msg) -> None:
         meta = msg.metadata
-        out.append(StoredMessage(meta.sequence.stream, meta.timestamp, msg.subject, msg.data))
+        out.append(
+            StoredMessage(
+                meta.sequence.stream, meta.timestamp, msg.subject, msg.data, dict(msg.headers or {})
+            )
+        )
         if meta.num_pending == 0:
             done.set()
 

@@ -15,7 +15,6 @@ from a read model that may lag.
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -32,8 +31,8 @@ from nats.js import api as js_api
 from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
 from shared.contract import Contract
-from shared.events import decode as decode_event
 from shared.messages import Accepted, AnyReply, JobRequest, OperatorCommand, Rejected
+from shared.persistence import written
 from shared.validation import FieldError, InvalidInput
 from shared.validation import decode as decode_checked
 
@@ -72,8 +71,9 @@ class JobHandle:
         )
         job: Job | None = None
         for message in stored:
-            with contextlib.suppress(msgspec.DecodeError):  # not an event: never folded
-                job = evolve_job(job, decode_event(message.data))
+            event = written.event_of(message.subject, message.headers, message.data)
+            if not isinstance(event, str):  # a message Warden did not write is never folded
+                job = evolve_job(job, event)
         if job is None:
             raise JobNotFound(f"no events for job {self.job_id}")
         return job
@@ -87,8 +87,9 @@ class JobHandle:
         state: list[Job | None] = [None]
 
         async def on_message(msg: Msg) -> None:
-            with contextlib.suppress(msgspec.DecodeError):
-                state[0] = evolve_job(state[0], decode_event(msg.data))
+            event = written.event_of(msg.subject, msg.headers, msg.data)
+            if not isinstance(event, str):
+                state[0] = evolve_job(state[0], event)
             if state[0] is not None and state[0].status in TERMINAL:
                 done.set()
 

@@ -11,8 +11,9 @@ and publishes junk on a job's and an agent's subject, each time as the subject's
 - forged writer headers over valid JSON of a type Warden does not know.
 
 The job must stay claimable, cancellable and revocable, the agent revocable, every real event
-landing after the junk; the services' views, the read model, explain and the dossier keep
-serving; and `warden ledger verify` names every foreign sequence while Warden's own chains verify.
+landing after the junk; the services' views, the read model, explain, the dossier, a client's
+job and `warden submit --wait` keep serving; and `warden ledger verify` names every foreign
+sequence while Warden's own chains verify.
 """
 
 from __future__ import annotations
@@ -23,11 +24,13 @@ from uuid import UUID
 
 import anyio
 import msgspec
+import pytest
 from click.testing import CliRunner, Result
 from nats.js import JetStreamContext
 
 from services.cli.main import cli
 from shared import bus, topology
+from shared.client import JobHandle, WardenClient
 from shared.events import (
     AgentRevoked,
     JobCancelled,
@@ -92,6 +95,8 @@ async def test_foreign_messages_never_wedge_a_job_or_an_agent_and_every_reader_n
             JobCancelled(originator_id=job_id, originator_version=2, reason="forged", by="x")
         )
         junk = await publish_foreign(js, job_id, fake_cancel, 2)
+        # A client reading the job's subject does not believe the junk either.
+        assert (await JobHandle(WardenClient(nc), job_id).get()).status == "queued"
         grant = await agent.claim()
         assert grant is not None and grant.job_id == job_id
         granted = await wait_for_event(
@@ -203,3 +208,25 @@ async def test_a_copy_passing_a_warden_event_off_as_foreign_fails_against_the_lo
     assert offline.ok and len(offline.foreign) == 1  # offline, the claim cannot be checked
     assert not against.ok and against.first_break is not None
     assert against.first_break.kind == "copy" and "calls foreign" in against.first_break.detail
+
+
+async def test_following_a_job_steps_over_junk_and_ends_at_the_real_cancellation(
+    nats_server: EmbeddedServer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from services.cli.jobs import follow_job
+
+    url = nats_server.url
+    async with (
+        read_side(url, f"sqlite:///{tmp_path / 'rm.sqlite'}", services=OTHER_SERVICES),
+        client(url) as nc,
+    ):
+        job_id = await submit(nc, job_request())
+        fake = encode(JobCancelled(originator_id=job_id, originator_version=2, reason="forged", by="mallory"))
+        junk = await publish_foreign(nc.jetstream(), job_id, fake, 2)
+        await operate(nc, "cancel", job_id=job_id)
+        job = await follow_job(nc, job_id, quiet=False, timeout=10)
+    assert job is not None and job.status == "cancelled"
+    printed = capsys.readouterr()
+    assert "by=carol" in printed.out and "mallory" not in printed.out
+    for seq in junk:
+        assert f"stepped over message {seq}, not written by Warden" in printed.err

@@ -23,9 +23,10 @@ from services.cli.main import Exit, cli, data_dir_option, json_option, nats_opti
 from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
 from shared.contract import Contract
-from shared.events import AnyEvent, decode, tag_of
+from shared.events import AnyEvent, tag_of
 from shared.forensics import ids
 from shared.messages import Accepted, JobRequest, OperatorCommand, Rejected
+from shared.persistence import written
 from shared.validation import InvalidInput, names_missing
 from shared.validation import decode as decode_checked
 
@@ -70,7 +71,11 @@ async def follow_job(nc: Client, job_id: UUID, *, quiet: bool, timeout: float | 
     state: list[Job | None] = [None]
 
     async def cb(msg: Any) -> None:
-        event = decode(msg.data)
+        event = written.event_of(msg.subject, msg.headers, msg.data)
+        if isinstance(event, str):
+            seq = msg.metadata.sequence.stream
+            click.echo(f"FINDING: stepped over message {seq}, not written by Warden: {event}", err=True)
+            return
         state[0] = evolve_job(state[0], event)
         if not quiet:
             click.echo(describe(event))
