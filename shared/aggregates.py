@@ -42,6 +42,7 @@ from shared.events import (
     ProposalAccepted,
     ProposalRejected,
     ProposalSubmitted,
+    ReplyRefused,
     RollbackRequested,
     digest,
 )
@@ -332,4 +333,4 @@ def is_agent_event(event: AnyEvent) -> bool:
 
 
 def is_job_event(event: AnyEvent) -> bool:
-    return not is_agent_event(event) and not isinstance(event, InputRejected)
+    return not is_agent_event(event) and not isinstance(event, InputRejected | ReplyRefused)

@@ -12,7 +12,7 @@ import contextlib
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Container, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -219,6 +219,12 @@ async def request(
 ) -> AnyReply:
     """Store an input on its subject and wait for the service's verdict on it."""
     js = nc.jetstream()
+    agent = topology.input_agent(subject)
+    default_prefix = bytes(getattr(nc, "_inbox_prefix", b"_INBOX")) == topology.INBOX_ROOT.encode()
+    if inbox_prefix is None and default_prefix and agent is not None and topology.AGENT_NAME.match(agent):
+        # Warden answers an agent's input only under the agent's own inbox prefix (a connection
+        # with credentials has its prefix set by `connect` already).
+        inbox_prefix = topology.reply_inbox_prefix(agent)
     inbox = f"{inbox_prefix}.{uuid.uuid4().hex}" if inbox_prefix else nc.new_inbox()
     # A refusal cancels the wait at once (the publish alone would only time out).
     with refused(nc, subject, inbox):
@@ -244,15 +250,34 @@ async def request(
     return answer
 
 
-async def reply(nc: Client, msg: Msg, answer: msgspec.Struct) -> None:
-    """Answer an input whose sender named an inbox; inputs without one get no reply."""
+def reply_address(msg: Msg, agents: Container[str] = ()) -> tuple[str, str | None] | None:
+    """The input's reply address and why it may not be used (None when it may); None when the
+    sender named none. `agents`: the registered agents, whose inboxes only they may be sent."""
     target = (msg.headers or {}).get(topology.REPLY_HEADER)
-    if target:
+    if not target:
+        return None
+    return target, topology.reply_refusal(msg.subject, target, agents)
+
+
+async def reply(nc: Client, msg: Msg, answer: msgspec.Struct, agents: Container[str] = ()) -> str | None:
+    """Answer an input at the address its sender named, if the sender may receive there.
+
+    The only place a service publishes to an address an input names. Returns why the address
+    was refused (nothing is published), None when answered or when no address was named;
+    callers record a refusal with the input (shared/handling.py `answer`).
+    """
+    named = reply_address(msg, agents)
+    if named is None:
+        return None
+    target, refusal = named
+    if refusal is None:
         await nc.publish(target, msgspec.json.encode(answer))
+    return refusal
 
 
 Handler = Callable[[Msg], Awaitable[None]]
 KeyFunction = Callable[[Msg], str]
+GiveUp = Callable[[Msg, Exception], Awaitable[None]]
 
 
 def by_subject(msg: Msg) -> str:
@@ -269,6 +294,7 @@ async def consume(
     batch: int = 64,
     concurrency: int = 32,
     key: KeyFunction = by_subject,
+    give_up: GiveUp | None = None,
 ) -> None:
     """Run `handler` over a durable input consumer, acking each message after it is handled.
 
@@ -276,7 +302,9 @@ async def consume(
     concurrently (up to `concurrency`), because each handler mostly waits on a durable write
     and the broker commits concurrent writes together. A handler raises only for
     infrastructure faults (the message is retried after a delay); bad input is the handler's
-    to record and answer. On cancellation, handlers already started finish and ack.
+    to record and answer. A message whose handler failed on its last allowed delivery goes to
+    `give_up` (which records it as refused) and is acked: the consumer would otherwise drop it
+    silently. On cancellation, handlers already started finish and ack.
     """
     sub = await js.pull_subscribe_bind(spec.durable, stream=topology.INPUT_STREAM)
     in_flight = anyio.Semaphore(concurrency)
@@ -286,11 +314,19 @@ async def consume(
         with anyio.CancelScope(shield=True):
             try:
                 await handler(msg)
-            except Exception:
-                log.exception("handler %s failed on %s; retrying later", spec.durable, msg.subject)
-                await msg.nak(delay=1.0)
-            else:
-                await msg.ack()
+            except Exception as exc:
+                if give_up is None or msg.metadata.num_delivered < spec.max_deliver:
+                    log.exception("handler %s failed on %s; retrying later", spec.durable, msg.subject)
+                    await msg.nak(delay=1.0)
+                    return
+                log.exception("handler %s failed on %s for the last time", spec.durable, msg.subject)
+                try:
+                    await give_up(msg, exc)
+                except Exception:
+                    log.exception("could not record the failure of %s", msg.subject)
+                    await msg.nak(delay=1.0)
+                    return
+            await msg.ack()
 
     async def drain(k: str) -> None:
         queue = queues[k]

@@ -44,6 +44,11 @@ def rejection_id_for(stream: str, seq: int) -> UUID:
     return uuid5(REJECTION_NAMESPACE, f"{stream}:{seq}")
 
 
+def reply_refusal_id_for(stream: str, seq: int) -> UUID:
+    """One reply refusal per stored input message (apart from its rejection, if any)."""
+    return uuid5(REJECTION_NAMESPACE, f"{stream}:{seq}:reply")
+
+
 def proposal_id_for(stream: str, seq: int) -> UUID:
     """One proposal per stored input message: a redelivered proposal is the same proposal."""
     return uuid5(PROPOSAL_NAMESPACE, f"{stream}:{seq}")
@@ -296,6 +301,17 @@ class InputRejected(Event, frozen=True, tag="input.rejected"):
     throttled_by: str = ""
 
 
+class ReplyRefused(Event, frozen=True, tag="input.reply_refused"):
+    """An input named a reply address its sender may not receive on (topology.reply_refusal):
+    the input was decided as usual, and no answer was published there."""
+
+    subject: str
+    input_seq: int
+    reply_to: str  # as named, cut to 256 characters
+    reason: str
+    sender: str = ""
+
+
 AnyEvent = (
     JobRequested
     | LeaseGranted
@@ -320,6 +336,7 @@ AnyEvent = (
     | AgentSuspended
     | AgentReinstated
     | InputRejected
+    | ReplyRefused
     | EffectFailed
 )
 

@@ -140,7 +140,8 @@ class OperatorCommand(Input, frozen=True, tag="operator.command"):
     job_id: UUID | None = None
     agent: Name | None = None
     proposal_id: UUID | None = None
-    level: int | None = None
+    # promote/demote: a level of the policy's (checked there); bounded here like every number.
+    level: Annotated[int, Meta(ge=0, le=1000)] | None = None
 
 
 InputT = TypeVar("InputT", bound=Input)

@@ -125,6 +125,8 @@ def guard(ctx: Context, durable: str, handler: bus.Handler, throttle: Throttle |
             await reject_input(ctx, msg, [error], agent, throttled_until=until, throttled_by=durable)
             return
         error = FieldError(path="$", message=f"throttled until {until.isoformat()}")
-        await bus.reply(ctx.nc, msg, Rejected(errors=[error], rejection_id=window.rejection_id))
+        await bus.reply(
+            ctx.nc, msg, Rejected(errors=[error], rejection_id=window.rejection_id), ctx.views.agents
+        )
 
     return guarded

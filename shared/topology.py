@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import time
+from collections.abc import Container
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -124,9 +125,50 @@ def notice_subject(agent: str) -> str:
     return f"{NOTICE_ROOT}.{check_agent_name(agent)}"
 
 
+INBOX_ROOT = "_INBOX"
+# Longer reply addresses are refused: nats-py's own inboxes are under 60 characters.
+MAX_REPLY_ADDRESS = 255
+_SUBJECT_TOKEN = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII: no spaces, controls or non-ASCII
+
+
 def reply_inbox_prefix(agent: str) -> str:
     """Agents receive verdicts on their own inbox prefix, so permissions can fence them."""
-    return f"_INBOX.{check_agent_name(agent)}"
+    return f"{INBOX_ROOT}.{check_agent_name(agent)}"
+
+
+def input_agent(subject: str) -> str | None:
+    """The agent whose credential alone may publish on `subject` (the token after
+    `warden.in.agent.`, whatever follows it), None for client and operator subjects."""
+    parts = subject.split(".", 4)
+    if len(parts) >= 5 and parts[:3] == [PREFIX, "in", "agent"]:
+        return parts[3]
+    return None
+
+
+def reply_refusal(input_subject: str, reply_to: str, agents: Container[str] = ()) -> str | None:
+    """Why Warden will not answer an input on `input_subject` at `reply_to`; None when it may.
+
+    A service publishes a verdict with its own authority, so an unchecked address would let any
+    sender have Warden write for it: onto the event stream, into JetStream's API, or into
+    another agent's inbox. Replies go only where the sender may listen: an agent's under its own
+    `_INBOX.<agent>.` (the only inbox its credential may subscribe to), a client's or operator's
+    under `_INBOX.` but not under the inbox prefix of any of `agents` (the registered agents).
+    """
+    shown = reply_to if len(reply_to) <= 80 else reply_to[:77] + "..."
+    if len(reply_to) > MAX_REPLY_ADDRESS:
+        return f"reply address is {len(reply_to)} characters; the limit is {MAX_REPLY_ADDRESS}"
+    tokens = reply_to.split(".")
+    if any(not _SUBJECT_TOKEN.match(t) or t in ("*", ">") for t in tokens):
+        return f"reply address {shown!r} is not a subject a reply can be published to"
+    agent = input_agent(input_subject)
+    if agent is not None:
+        if len(tokens) < 3 or tokens[0] != INBOX_ROOT or tokens[1] != agent:
+            return f"reply address {shown!r} is not under agent {agent}'s own inbox {INBOX_ROOT}.{agent}."
+    elif len(tokens) < 2 or tokens[0] != INBOX_ROOT:
+        return f"reply address {shown!r} is not an inbox: replies go only under {INBOX_ROOT}."
+    elif tokens[1] in agents:
+        return f"reply address {shown!r} is agent {tokens[1]}'s inbox, not the sender's"
+    return None
 
 
 # The operator credential's replies (verdicts, JetStream acks, its ordered consumers' deliveries)
@@ -150,6 +192,24 @@ class ConsumerSpec:
     max_deliver: int = 10
 
 
+# An agent subject with more tokens than `warden.in.agent.<name>.<verb>`: what a dotted agent
+# name, or a verb with dots, looks like. Stored so it can be refused with a reason (the
+# agent's credential may publish under its own root), and refused by the scheduler.
+MALFORMED_AGENT_SUBJECTS = f"{INPUT_ROOT}.agent.*.*.>"
+
+
+def input_subjects() -> list[str]:
+    """What the input stream stores: the subjects Warden reads, and the malformed agent
+    subjects it refuses. Anything else under `warden.in.` is not stored: its publisher gets
+    JetStream's "no stream" answer at once rather than a silence."""
+    return [
+        REQUEST_SUBJECT,
+        *(operator_subject(v) for v in OPERATOR_VERBS),
+        *(agent_subject_all(v) for v in (*AGENT_VERBS, PAYLOAD_VERB)),
+        MALFORMED_AGENT_SUBJECTS,
+    ]
+
+
 SCHEDULER_CONSUMER = ConsumerSpec(
     durable="scheduler",
     filter_subjects=(
@@ -158,6 +218,7 @@ SCHEDULER_CONSUMER = ConsumerSpec(
         agent_subject_all("claim"),
         f"{INPUT_ROOT}.op.requeue",
         f"{INPUT_ROOT}.op.cancel",
+        MALFORMED_AGENT_SUBJECTS,
     ),
 )
 RECONCILER_CONSUMER = ConsumerSpec(
@@ -258,7 +319,7 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
         js_api.StreamConfig(
             name=INPUT_STREAM,
             description="Untrusted input: job requests, agent messages, operator commands",
-            subjects=[f"{INPUT_ROOT}.>"],
+            subjects=input_subjects(),
             max_age=input_max_age,
             max_bytes=input_max_bytes(),
             discard=js_api.DiscardPolicy.NEW,

@@ -86,8 +86,26 @@ def _collect(value: Any, tp: Any, path: str, errors: list[FieldError]) -> None:
             errors.append(FieldError(path=f"{path}.{f.encode_name}", message="missing required field"))
 
 
+MAX_DEPTH = 64  # deeper JSON is refused before the field walk, which recurses per level
+
+
+def _too_deep(value: Any, limit: int = MAX_DEPTH) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
 def decode(data: bytes, tp: type[T], *, max_bytes: int | None = None) -> T:
-    """Decode JSON bytes into `tp`, or raise InvalidInput listing every problem found."""
+    """Decode JSON bytes into `tp`, or raise InvalidInput listing every problem found.
+
+    Whatever the bytes (any depth, any number, invalid UTF-8), the only exception is
+    InvalidInput: a bad input is a refusal with a reason, never a handler failure.
+    """
     if max_bytes is not None and len(data) > max_bytes:
         raise InvalidInput(
             [FieldError(path="$", message=f"input is {len(data)} bytes, the limit is {max_bytes}")]
@@ -98,12 +116,26 @@ def decode(data: bytes, tp: type[T], *, max_bytes: int | None = None) -> T:
         pass
     except msgspec.DecodeError as exc:
         raise InvalidInput([FieldError(path="$", message=f"not valid JSON: {exc}")]) from None
-    raw = msgspec.json.decode(data)
+    except RecursionError:
+        raise InvalidInput([FieldError(path="$", message="JSON nested too deeply")]) from None
+    try:
+        raw = msgspec.json.decode(data)
+    except RecursionError:
+        raise InvalidInput([FieldError(path="$", message="JSON nested too deeply")]) from None
+    except msgspec.MsgspecError as exc:  # e.g. a number out of range: 1e400
+        raise InvalidInput([FieldError(path="$", message=f"not usable JSON: {exc}")]) from None
+    if _too_deep(raw):
+        raise InvalidInput([FieldError(path="$", message=f"JSON nested deeper than {MAX_DEPTH} levels")])
     errors: list[FieldError] = []
-    _collect(raw, tp, "$", errors)
+    try:
+        _collect(raw, tp, "$", errors)
+    except (msgspec.MsgspecError, RecursionError, ValueError, TypeError) as exc:
+        errors.append(FieldError(path="$", message=f"invalid: {exc}"))
     if not errors:  # a rule only the whole-value decode sees (e.g. an unknown tag)
         try:
             msgspec.json.decode(data, type=tp)
         except msgspec.ValidationError as exc:
             errors.append(FieldError(path="$", message=str(exc)))
+    if not errors:  # cannot happen: the typed decode failed, so something is wrong
+        errors.append(FieldError(path="$", message="invalid input"))
     raise InvalidInput(errors)

@@ -13,7 +13,7 @@ import anyio
 from msgspec.structs import replace
 
 from shared.aggregates import Agent, Job, evolve_agent, evolve_job, is_agent_event
-from shared.events import AnyEvent, Event, InputRejected, digest
+from shared.events import AnyEvent, Event, InputRejected, ReplyRefused, digest
 
 # Called with each folded event; with event None when a state was reloaded from the store.
 Listener = Callable[[Event | None, Job | None, Agent | None], None]
@@ -49,7 +49,7 @@ class Views:
 
     def apply(self, event: Event) -> bool:
         """Fold one event if it is the next version of its aggregate; False if already seen."""
-        if isinstance(event, InputRejected):
+        if isinstance(event, InputRejected | ReplyRefused):
             return False
         if is_agent_event(event):  # type: ignore[arg-type]
             name = self._agents_by_id.get(event.originator_id)

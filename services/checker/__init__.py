@@ -39,7 +39,7 @@ from shared.events import (
     now,
     proposal_id_for,
 )
-from shared.handling import decode_or_reject, input_seq, known_job, reject_input
+from shared.handling import answer, decode_or_reject, give_up, input_seq, known_job, reject_input
 from shared.invariants import Invariant, Subject, Verdict
 from shared.lifecycle import after_attempt, fence
 from shared.messages import Accepted, OperatorCommand, Propose, Rejected
@@ -80,6 +80,7 @@ class Checker:
                     batch=8,
                     concurrency=16,
                     key=lambda m: str(m.metadata.sequence.stream),
+                    give_up=partial(give_up, ctx),
                 )
             )
             task_status.started()
@@ -131,8 +132,8 @@ class Checker:
         if state is None:  # first delivery (a redelivery finds its proposal already recorded)
             fenced = await fence(self.ctx, msg, agent, "propose", job, body.epoch)
             if fenced is not None:
-                await bus.reply(
-                    self.ctx.nc, msg, Rejected(errors=[FieldError(path="$.epoch", message=fenced.reason)])
+                await answer(
+                    self.ctx, msg, Rejected(errors=[FieldError(path="$.epoch", message=fenced.reason)])
                 )
                 return
             if job.pending_proposal is not None:
@@ -149,7 +150,7 @@ class Checker:
                         current_epoch=body.epoch,
                     )
                 )
-                await bus.reply(self.ctx.nc, msg, Rejected(errors=[FieldError(path="$", message=reason)]))
+                await answer(self.ctx, msg, Rejected(errors=[FieldError(path="$", message=reason)]))
                 return
             resolved, problem = await self._resolve(agent, body)
             # A refused upload is recorded with the size it declared.
@@ -176,8 +177,8 @@ class Checker:
             assert state is not None
         else:
             resolved, problem = await self._resolve(agent, body)
-        await bus.reply(
-            self.ctx.nc,
+        await answer(
+            self.ctx,
             msg,
             Accepted(job_id=job.id, proposal_id=pid, detail=f"proposal {pid} submitted; checking"),
         )
@@ -389,8 +390,8 @@ class Checker:
                     self.ctx, msg, [FieldError(path="$.proposal_id", message=problem)], cmd.operator
                 )
             else:
-                await bus.reply(
-                    self.ctx.nc, msg, Accepted(job_id=job_id, proposal_id=cmd.proposal_id, detail=detail)
+                await answer(
+                    self.ctx, msg, Accepted(job_id=job_id, proposal_id=cmd.proposal_id, detail=detail)
                 )
             return
         raise RuntimeError(f"operator {verb} on {cmd.proposal_id} kept conflicting")

@@ -33,7 +33,7 @@ from shared.events import (
     Usage,
     now,
 )
-from shared.handling import decode_or_reject, input_seq, known_job
+from shared.handling import answer, decode_or_reject, give_up, input_seq, known_job
 from shared.lifecycle import after_attempt, budget_breach, fence
 from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
 from shared.runtime import Context
@@ -70,7 +70,12 @@ class Reconciler:
             tg.start_soon(self._timer_loop, tg)
             tg.start_soon(self._sweep)
             handler = throttle.guard(ctx, topology.RECONCILER_CONSUMER.durable, self.handle)
-            await tg.start(bus.consume, ctx.js, topology.RECONCILER_CONSUMER, handler)
+            await tg.start(
+                partial(bus.consume, give_up=partial(give_up, ctx)),
+                ctx.js,
+                topology.RECONCILER_CONSUMER,
+                handler,
+            )
             task_status.started()
 
     # --- the lease table -----------------------------------------------------------------
@@ -316,7 +321,7 @@ class Reconciler:
         at = now()
         standing = await self.fence(msg, agent, "heartbeat", job, hb.epoch)
         if standing is not None:
-            await bus.reply(self.ctx.nc, msg, HeartbeatAck(standing=standing, reason=job.reason))
+            await answer(self.ctx, msg, HeartbeatAck(standing=standing, reason=job.reason))
             return
         lease = job.live_lease
         assert lease is not None
@@ -328,17 +333,15 @@ class Reconciler:
         job = self.ctx.views.jobs[hb.job_id]
         if standing_now == "extended":
             expires = self.deadline_of(job, lease)
-            await bus.reply(self.ctx.nc, msg, HeartbeatAck(standing="extended", expires_at=expires))
+            await answer(self.ctx, msg, HeartbeatAck(standing="extended", expires_at=expires))
         else:
-            await bus.reply(
-                self.ctx.nc, msg, HeartbeatAck(standing=standing_now or "ended", reason=job.reason)
-            )
+            await answer(self.ctx, msg, HeartbeatAck(standing=standing_now or "ended", reason=job.reason))
 
     async def _release(self, msg: Msg, agent: str, rel: Release) -> None:
         job = self.ctx.views.jobs[rel.job_id]
         standing = await self.fence(msg, agent, "release", job, rel.epoch)
         if standing is not None:
-            await bus.reply(self.ctx.nc, msg, HeartbeatAck(standing=standing, reason=job.reason))
+            await answer(self.ctx, msg, HeartbeatAck(standing=standing, reason=job.reason))
             return
         lease = job.live_lease
         assert lease is not None
@@ -353,4 +356,4 @@ class Reconciler:
             ),
             after_attempt(job, job.version + 2, reason, now()),
         )
-        await bus.reply(self.ctx.nc, msg, Accepted(job_id=job.id, detail="lease released"))
+        await answer(self.ctx, msg, Accepted(job_id=job.id, detail="lease released"))

@@ -9,6 +9,7 @@ heartbeat (its leases end), and anything it sends later under them is fenced and
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Any
 
 import anyio
@@ -31,7 +32,7 @@ from shared.events import (
     agent_id_for,
     now,
 )
-from shared.handling import decode_or_reject, reject_input
+from shared.handling import answer, decode_or_reject, give_up, reject_input
 from shared.lifecycle import after_attempt
 from shared.messages import Accepted, OperatorCommand
 from shared.policy import load_policy
@@ -58,7 +59,12 @@ class Revoker:
             self._dirty.update(self.book.agents)  # finish what a crash may have left undone
             self._wake.set()
             tg.start_soon(self._decide_loop)
-            await tg.start(bus.consume, ctx.js, topology.REVOKER_CONSUMER, self.on_operator)
+            await tg.start(
+                partial(bus.consume, give_up=partial(give_up, ctx)),
+                ctx.js,
+                topology.REVOKER_CONSUMER,
+                self.on_operator,
+            )
             task_status.started()
 
     def _fold(self, event: Event) -> None:
@@ -214,7 +220,7 @@ class Revoker:
             if problem:
                 await reject_input(self.ctx, msg, [problem], sender=cmd.operator)
             else:
-                await bus.reply(self.ctx.nc, msg, Accepted(detail=f"{verb} recorded"))
+                await answer(self.ctx, msg, Accepted(detail=f"{verb} recorded"))
             return
         raise RuntimeError(f"operator {verb} kept conflicting")
 

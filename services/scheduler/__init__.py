@@ -33,7 +33,7 @@ from shared.events import (
     job_id_for,
     now,
 )
-from shared.handling import decode_or_reject, input_seq, reject_input
+from shared.handling import answer, decode_or_reject, give_up, input_seq, reject_input
 from shared.messages import (
     Accepted,
     Claim,
@@ -77,7 +77,7 @@ class Scheduler:
         ctx.views.listeners.append(lambda _e, job, _a: self._track(job) if job else None)
         async with anyio.create_task_group() as tg:
             await tg.start(
-                partial(bus.consume, key=_ordering_key),
+                partial(bus.consume, key=_ordering_key, give_up=partial(give_up, ctx)),
                 ctx.js,
                 topology.SCHEDULER_CONSUMER,
                 throttle.guard(ctx, topology.SCHEDULER_CONSUMER.durable, self.handle),
@@ -103,12 +103,23 @@ class Scheduler:
                 await self.on_operator(msg, msg.subject.rsplit(".", 1)[-1])
             else:
                 parsed = topology.parse_agent_subject(msg.subject)
-                assert parsed is not None, msg.subject  # the consumer's filter guarantees it
+                if parsed is None:  # the malformed agent subjects are ours to refuse
+                    await self.on_malformed(msg)
+                    return
                 agent, verb = parsed
                 if verb == "register":
                     await self.on_register(msg, agent)
                 else:
                     await self.on_claim(msg, agent)
+
+    async def on_malformed(self, msg: Msg) -> None:
+        sender = topology.input_agent(msg.subject) or ""
+        error = FieldError(
+            path="subject",
+            message=f"{msg.subject} does not parse: agent inputs go on "
+            f"{topology.INPUT_ROOT}.agent.<name>.<verb>, and agent names have no dots",
+        )
+        await reject_input(self.ctx, msg, [error], sender)
 
     async def on_request(self, msg: Msg) -> None:
         request = await decode_or_reject(self.ctx, msg, JobRequest, also=self._contract_rules)
@@ -141,7 +152,7 @@ class Scheduler:
                 await self.ctx.reload_job(job_id)
             else:
                 telemetry.instruments().jobs.add(1, {"state": "requested"})
-                await bus.reply(self.ctx.nc, msg, Accepted(job_id=job_id))
+                await answer(self.ctx, msg, Accepted(job_id=job_id))
                 return
         await self._repeated_key(msg, request, digest, self.ctx.views.jobs[job_id])
 
@@ -168,7 +179,7 @@ class Scheduler:
             )
         )
         if recorded == digest:
-            await bus.reply(self.ctx.nc, msg, Accepted(job_id=first.id, duplicate=True))
+            await answer(self.ctx, msg, Accepted(job_id=first.id, duplicate=True))
             return
         error = FieldError(
             path="$.idempotency_key",
@@ -198,7 +209,7 @@ class Scheduler:
                 break
             except IntegrityError:
                 await self.ctx.agent_from_store(name)
-        await bus.reply(self.ctx.nc, msg, Accepted(detail=f"agent {name} registered"))
+        await answer(self.ctx, msg, Accepted(detail=f"agent {name} registered"))
 
     async def on_claim(self, msg: Msg, name: str) -> None:
         claim = await decode_or_reject(self.ctx, msg, Claim, sender=name)
@@ -207,7 +218,7 @@ class Scheduler:
         at = now()
         if claim.sent_at is not None and claim.sent_at + timedelta(seconds=claim.wait_s) < at:
             # Its sender stopped waiting: a grant now would be a lease nobody holds.
-            await bus.reply(self.ctx.nc, msg, NoWork(detail="claim arrived after its wait"))
+            await answer(self.ctx, msg, NoWork(detail="claim arrived after its wait"))
             return
         self._last_claim[name] = at
         agent = self.ctx.views.agents.get(name) or await self.ctx.agent_from_store(name)
@@ -227,13 +238,13 @@ class Scheduler:
                 name,
             )
             return
-        answer = await self._lease_for(agent, claim, at, input_seq(msg))
-        if isinstance(answer, NoWork) and await self.ctx.view_current():
+        verdict = await self._lease_for(agent, claim, at, input_seq(msg))
+        if isinstance(verdict, NoWork) and await self.ctx.view_current():
             # "No work" rests on what the view lacks: decide again once it holds what the store
             # held when the claim arrived (after an outage the view catches up first).
             agent = self.ctx.views.agents.get(name) or agent
-            answer = await self._lease_for(agent, claim, at, input_seq(msg))
-        await bus.reply(self.ctx.nc, msg, answer)
+            verdict = await self._lease_for(agent, claim, at, input_seq(msg))
+        await answer(self.ctx, msg, verdict)
 
     async def _lease_for(self, agent: Agent, claim: Claim, at: datetime, seq: int) -> LeaseGrant | NoWork:
         name = agent.name
@@ -368,5 +379,5 @@ class Scheduler:
             except IntegrityError:
                 await self.ctx.reload_job(job.id)
                 continue
-            await bus.reply(self.ctx.nc, msg, Accepted(job_id=job.id, detail=f"{verb} recorded"))
+            await answer(self.ctx, msg, Accepted(job_id=job.id, detail=f"{verb} recorded"))
             return

@@ -40,6 +40,7 @@ from shared.events import (
     ProposalAccepted,
     ProposalRejected,
     ProposalSubmitted,
+    ReplyRefused,
     RollbackRequested,
     agent_id_for,
     tag_of,
@@ -104,6 +105,8 @@ def summarize(event: Event) -> str:
         case InputRejected():
             first = event.errors[0].message if event.errors else "invalid"
             return f"input on {event.subject} rejected: {first}"
+        case ReplyRefused():
+            return f"input on {event.subject} not answered: {event.reason}"
     for name in ("reason", "name", "agent", "kind"):
         value = getattr(event, name, None)
         if isinstance(value, str) and value:
@@ -197,6 +200,26 @@ class BatchFold:
                     "latency_ms": None,
                     "detail": to_json(
                         {"subject": event.subject, "input_seq": event.input_seq, "excerpt": event.excerpt}
+                    ),
+                    "at": at,
+                }
+            )
+            return
+        if isinstance(event, ReplyRefused):
+            self._timeline(seq, event, at, job_id=None, agent=event.sender or None)
+            self.inserts[FAILURES.name].append(
+                {
+                    "seq": seq,
+                    "kind": "input.reply_refused",
+                    "job_id": None,
+                    "agent": event.sender or None,
+                    "epoch": None,
+                    "reason": event.reason,
+                    "deadline": None,
+                    "detected_at": at,
+                    "latency_ms": None,
+                    "detail": to_json(
+                        {"subject": event.subject, "input_seq": event.input_seq, "reply_to": event.reply_to}
                     ),
                     "at": at,
                 }

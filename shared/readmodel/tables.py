@@ -331,7 +331,14 @@ TABLES: tuple[Table, ...] = (JOBS, AGENTS, LEVELS, LEASES, PROPOSALS, CHECKS, FA
 TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 JOB_STATES = ("queued", "leased", "proposed", "accepted", "completed", "tombstoned", "cancelled")
-FAILURE_KINDS = ("lease.expired", "message.rejected", "input.rejected", "job.tombstoned", "effect.failed")
+FAILURE_KINDS = (
+    "lease.expired",
+    "message.rejected",
+    "input.rejected",
+    "input.reply_refused",
+    "job.tombstoned",
+    "effect.failed",
+)
 REVOCATION_KINDS = ("lease.revoked", "agent.revoked", "agent.suspended", "agent.level_changed")
 STANDINGS = ("active", "suspended", "revoked")
 
