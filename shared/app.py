@@ -52,6 +52,10 @@ class WardenApp(Application[UUID]):
         job: Job = self.repository.get(job_id, projector_func=project_job)
         return job
 
+    def events_of(self, aggregate_id: UUID) -> list[events.Event]:
+        """An aggregate's events as stored (Warden's own only), oldest first."""
+        return [e for e in self.repository.event_store.get(aggregate_id) if isinstance(e, events.Event)]
+
     def agent(self, agent_id: UUID) -> Agent:
         agent: Agent = self.repository.get(agent_id, projector_func=project_agent)
         return agent

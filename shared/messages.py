@@ -16,6 +16,7 @@ from msgspec import Meta, Struct, field
 
 from shared.contract import Contract
 from shared.events import Usage
+from shared.task import PreviousAttempt
 from shared.validation import FieldError, decode
 
 Key = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -200,6 +201,9 @@ class LeaseGrant(Reply, frozen=True, tag="lease.grant"):
     ttl_s: float
     heartbeat_interval_s: float
     contract: Contract
+    # On a retry: how the earlier attempts ended and why (their verdicts and evidence, clipped),
+    # so an agent can do better; agents' credentials cannot read the log themselves.
+    previous_attempts: list[PreviousAttempt] = field(default_factory=list)
 
 
 class NoWork(Reply, frozen=True, tag="no.work"):

@@ -29,6 +29,8 @@ from shared.events import (
 
 TASK_FILE = ".warden/task.json"
 MAX_EVIDENCE_CHARS = 4000
+# A lease grant tells at most this many earlier attempts (the latest): a reply stays small.
+MAX_ATTEMPTS_TOLD = 5
 
 
 class Verdict(Struct, frozen=True, kw_only=True):
@@ -148,4 +150,5 @@ def previous_attempts(events: list[Any], before_epoch: int) -> list[PreviousAtte
             attempts.append(
                 PreviousAttempt(epoch=event.epoch, agent=event.agent, outcome="released", reason=event.reason)
             )
-    return [a for a in attempts if a.epoch < before_epoch]
+    earlier = [a for a in attempts if a.epoch < before_epoch]
+    return earlier[-MAX_ATTEMPTS_TOLD:]

@@ -255,3 +255,45 @@ async def test_a_removed_agent_can_no_longer_connect(server: opsnats.OpsServer) 
             allow_reconnect=False,
             max_reconnect_attempts=0,
         )
+
+
+async def test_a_retry_grant_tells_an_agent_with_its_own_credentials_why_earlier_attempts_ended(
+    server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agents may not read the log, so the scheduler tells a retry what became of the earlier
+    attempts (here: a release with its reason) in the lease grant itself."""
+    url = server.server.url
+    passwords = {name: add_agent(server, name) for name in ("first", "second")}
+    contract = Contract(stopping=Stopping(lease_ttl_s=30, heartbeat_interval_s=5, max_attempts=3))
+    monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
+    monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
+    async with (
+        running(url, ["scheduler", "reconciler"]),
+        opsnats.connected(url, **opsnats.operator_credentials()) as operator,
+    ):
+        job_id = await submit(
+            operator, JobRequest(idempotency_key=str(uuid.uuid4()), kind="k", contract=contract)
+        )
+        grants = []
+        for name in ("first", "second"):
+            nc = await connect_agent(url, name, user=credentials.agent_user(name), password=passwords[name])
+            try:
+                agent = AgentClient(nc, name)
+                await agent.register()
+                grant = await agent.claim()
+                assert grant is not None and grant.job_id == job_id
+                grants.append(grant)
+                reply = await agent.release(JobContext(grant=grant), f"{name} could not build it")
+                assert isinstance(reply, Accepted)
+            finally:
+                await nc.close()
+    first, second = grants
+    assert first.epoch == 1 and first.previous_attempts == []
+    assert second.epoch == 2
+    [told] = second.previous_attempts
+    assert (told.epoch, told.agent, told.outcome, told.reason) == (
+        1,
+        "first",
+        "released",
+        "first could not build it",
+    )

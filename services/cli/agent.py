@@ -607,12 +607,14 @@ def exec_command(
                 workspace = Workspace(name, ctx.grant)
                 try:
                     await anyio.to_thread.run_sync(workspace.prepare)
-                    if user is None:
-                        attempts, why_not = await previous_attempts(nc, ctx.grant)
-                    elif ctx.grant.epoch > 1:  # an agent's own credentials may not read the log
-                        attempts, why_not = [], "previous attempts not readable with agent credentials"
-                    else:
-                        attempts, why_not = [], ""
+                    # The grant tells a retry's earlier attempts; a scheduler older than that
+                    # field sends none, and then the log is read where credentials allow it.
+                    attempts, why_not = list(ctx.grant.previous_attempts), ""
+                    if not attempts and ctx.grant.epoch > 1:
+                        if user is None:
+                            attempts, why_not = await previous_attempts(nc, ctx.grant)
+                        else:  # an agent's own credentials may not read the log
+                            why_not = "the grant told no previous attempts (scheduler older than this exec?)"
                     if why_not:
                         log.warning("job %s: %s", ctx.job_id, why_not)
                     task_file = workspace.write_task(task_file_for(ctx.grant, workspace, attempts))

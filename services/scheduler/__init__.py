@@ -46,6 +46,7 @@ from shared.messages import (
 )
 from shared.policy import load_policy
 from shared.runtime import Context
+from shared.task import PreviousAttempt, previous_attempts
 from shared.validation import FieldError, missing
 
 log = logging.getLogger("warden.scheduler")
@@ -328,7 +329,15 @@ class Scheduler:
             ttl_s=stopping.lease_ttl_s,
             heartbeat_interval_s=stopping.heartbeat_interval_s,
             contract=job.contract,
+            previous_attempts=await self._previous_attempts(job.id, event.epoch),
         )
+
+    async def _previous_attempts(self, job_id: UUID, epoch: int) -> list[PreviousAttempt]:
+        """A retry's grant tells how the earlier attempts ended (one read of the job, retries only)."""
+        if epoch <= 1:
+            return []
+        events = await anyio.to_thread.run_sync(self.ctx.app.events_of, job_id)
+        return previous_attempts(events, epoch)
 
     async def on_operator(self, msg: Msg, verb: str) -> None:
         cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
