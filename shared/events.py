@@ -70,6 +70,7 @@ class HeartbeatSeen(Struct, frozen=True, kw_only=True):
     progress: float | None = None
     usage: Usage = field(default_factory=Usage)
     note: str = ""
+    progress_at: datetime | None = None
 
 
 class Event(Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -113,6 +114,9 @@ class LeaseExpired(Event, frozen=True, tag="lease.expired"):
     detected_at: datetime
     detection_latency_ms: float
     last_heartbeat: HeartbeatSeen | None = None
+    # From the work's last sign of progress (its last heartbeat's progress_at) to detection: what
+    # a stall cost, when the agent reported progress times.
+    since_progress_ms: float | None = None
     detector: str = "reconciler"
 
 

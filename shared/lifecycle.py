@@ -13,7 +13,7 @@ from nats.aio.msg import Msg
 
 from shared import telemetry
 from shared.aggregates import Job, Lease
-from shared.events import Event, JobRequeued, JobTombstoned, MessageRejected, Usage
+from shared.events import Event, HeartbeatSeen, JobRequeued, JobTombstoned, MessageRejected, Usage
 from shared.handling import input_seq
 from shared.messages import Standing
 from shared.runtime import Context
@@ -111,3 +111,12 @@ async def fence(ctx: Context, msg: Msg, agent: str, verb: str, job: Job, epoch: 
     )
     telemetry.instruments().rejected_inputs.add(1, {"subject": verb, "fenced": "yes"})
     return fenced
+
+
+def since_progress_ms(seen: HeartbeatSeen | None, detected_at: datetime) -> float | None:
+    """What a stall cost: from the work's last sign of progress (as its last heartbeat reported
+    it, never later than that heartbeat) to the expiry's detection; None when not reported."""
+    if seen is None or seen.progress_at is None:
+        return None
+    progressed = min(seen.progress_at, seen.at)
+    return max(0.0, (detected_at - progressed).total_seconds() * 1000)

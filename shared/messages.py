@@ -89,6 +89,9 @@ class Heartbeat(Input, frozen=True, tag="agent.heartbeat"):
     progress: Annotated[float, Meta(ge=0, le=1)] | None = None
     usage: Usage = field(default_factory=Usage)
     note: Text = ""
+    # When the work last showed a sign of progress (output, a change in its workspace, a usage
+    # report), as the agent saw it: a stall's detection latency is measured from here.
+    progress_at: datetime | None = None
 
 
 class PayloadUpload(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

@@ -116,6 +116,8 @@ class JobContext:
     progress: float | None = None
     usage: Usage = field(default_factory=Usage)
     note: str = ""
+    # When the work last showed a sign of progress (None: the agent does not say).
+    progress_at: datetime | None = None
     # The lease's expiry as last extended: past it, the job may be someone else's.
     expires_at: datetime | None = None
 
@@ -140,8 +142,15 @@ class JobContext:
         return self.grant.contract.inputs
 
     def report(
-        self, *, progress: float | None = None, usage: Usage | None = None, note: str | None = None
+        self,
+        *,
+        progress: float | None = None,
+        usage: Usage | None = None,
+        note: str | None = None,
+        progress_at: datetime | None = None,
     ) -> None:
+        if progress_at is not None:
+            self.progress_at = progress_at
         if progress is not None:
             self.progress = progress
         if usage is not None:
@@ -289,7 +298,12 @@ class AgentClient:
         reply = await self._send(
             "heartbeat",
             Heartbeat(
-                job_id=ctx.job_id, epoch=ctx.epoch, progress=ctx.progress, usage=ctx.usage, note=ctx.note
+                job_id=ctx.job_id,
+                epoch=ctx.epoch,
+                progress=ctx.progress,
+                usage=ctx.usage,
+                note=ctx.note,
+                progress_at=ctx.progress_at,
             ),
         )
         if isinstance(reply, HeartbeatAck):

@@ -476,9 +476,14 @@ async def test_a_command_without_any_sign_of_progress_for_stall_s_is_a_stall(
     assert time.monotonic() - started < 60
     assert code == 0, out
     assert "no output, no change in its workspace and no usage report" in out
-    # The expiry's evidence says the command had been idle at its last heartbeat.
+    # The expiry's evidence says the command had been idle at its last heartbeat, and measures
+    # the stall from its last sign of progress (its start): at least stall_s, within stall_s + 2 TTLs.
     assert expired.last_heartbeat is not None
     assert "[no sign of progress for" in expired.last_heartbeat.note
+    assert expired.last_heartbeat.progress_at is not None
+    assert expired.since_progress_ms is not None
+    assert 2_000 <= expired.since_progress_ms <= (2.0 + 2 * contract.stopping.lease_ttl_s) * 1000
+    assert expired.last_heartbeat.progress_at <= granted.timestamp + timedelta(seconds=5)
 
 
 SPENDER = (

@@ -41,6 +41,7 @@ import nats.errors
 from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
 from shared import paths, task
 from shared.bus import PermissionDenied
+from shared.events import now
 from shared.forensics import log as eventlog
 from shared.messages import LeaseGrant
 from shared.sdk import (
@@ -320,6 +321,7 @@ class Progress:
         self.ctx = ctx
         self.workspace = workspace
         self.last = time.monotonic()
+        ctx.report(progress_at=now())  # the command's start is its first sign of progress
         self.offset = 0
         self.partial = b""
         self.bad_usage_lines = 0
@@ -328,6 +330,7 @@ class Progress:
 
     def seen(self) -> None:
         self.last = time.monotonic()
+        self.ctx.report(progress_at=now())
 
     def say(self, note: str | None) -> None:
         if note is not None:

@@ -34,7 +34,7 @@ from shared.events import (
     now,
 )
 from shared.handling import answer, decode_or_reject, give_up, input_seq, known_job
-from shared.lifecycle import after_attempt, budget_breach, fence
+from shared.lifecycle import after_attempt, budget_breach, fence, since_progress_ms
 from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
 from shared.runtime import Context
 from shared.validation import InvalidInput
@@ -245,6 +245,7 @@ class Reconciler:
             detected_at=at,
             detection_latency_ms=latency_ms,
             last_heartbeat=seen,
+            since_progress_ms=since_progress_ms(seen, at),
             timestamp=at,
         )
         reason = f"lease {lease.epoch} of {lease.agent} expired: no heartbeat for {lease.ttl_s}s " + (
@@ -280,7 +281,12 @@ class Reconciler:
                 continue
             if hb.job_id == job.id and hb.epoch == lease.epoch and raw.time is not None:
                 self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(
-                    at=raw.time, input_seq=raw.seq or 0, progress=hb.progress, usage=hb.usage, note=hb.note
+                    at=raw.time,
+                    input_seq=raw.seq or 0,
+                    progress=hb.progress,
+                    usage=hb.usage,
+                    note=hb.note,
+                    progress_at=hb.progress_at,
                 )
 
     # --- agent messages --------------------------------------------------------------------
@@ -327,7 +333,12 @@ class Reconciler:
         assert lease is not None
         sent_at = msg.metadata.timestamp or at
         self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(
-            at=sent_at, input_seq=input_seq(msg), progress=hb.progress, usage=hb.usage, note=hb.note
+            at=sent_at,
+            input_seq=input_seq(msg),
+            progress=hb.progress,
+            usage=hb.usage,
+            note=hb.note,
+            progress_at=hb.progress_at,
         )
         standing_now = await self._enforce(job, at)
         job = self.ctx.views.jobs[hb.job_id]

@@ -60,8 +60,15 @@ def describe(
         case LeaseExpired():
             hb = beats.get(event.epoch, [])
             count = sum(1 for r, _ in hb if r.seq not in fenced)
-            return f"lease {event.epoch} of {event.agent} lost after {count} heartbeats: " + lost_lease(
-                event, ttls.get(event.epoch)
+            stall = (
+                f" ({event.since_progress_ms / 1000:.1f}s after the work's last sign of progress)"
+                if event.since_progress_ms is not None
+                else ""
+            )
+            return (
+                f"lease {event.epoch} of {event.agent} lost after {count} heartbeats: "
+                + lost_lease(event, ttls.get(event.epoch))
+                + stall
             )
         case LeaseReleased():
             return f"{event.agent} released lease {event.epoch}: {event.reason or 'no reason given'}"
