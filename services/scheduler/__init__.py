@@ -69,6 +69,10 @@ class Scheduler:
         self._queued: set[UUID] = set()
         self.policy = load_policy()
         self._last_claim: dict[str, datetime] = {}
+        # Jobs a claim handled concurrently is granting right now: another claim passes them by
+        # rather than race its own process to the same version (a lost race is still a publish
+        # every core subscriber of the job's subject sees).
+        self._granting: set[UUID] = set()
         self.ctx: Context
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
@@ -260,6 +264,8 @@ class Scheduler:
             if job.status != "queued":  # reloaded after a lost race: no longer runnable
                 self._track(job)
                 continue
+            if job_id in self._granting:
+                continue
             if kinds and job.kind not in kinds:
                 continue
             if job.contract.required_level > agent.level:
@@ -315,12 +321,15 @@ class Scheduler:
             timestamp=at,
             trace=telemetry.current_traceparent(),
         )
+        self._granting.add(job.id)
         try:
             await self.ctx.save(event)
         except IntegrityError:
             await self.ctx.reload_job(job.id)  # another replica moved it first
             self._track(self.ctx.views.jobs[job.id])
             return None
+        finally:
+            self._granting.discard(job.id)
         return LeaseGrant(
             job_id=job.id,
             kind=job.kind,

@@ -515,21 +515,35 @@ class JetStreamRecorder:
                 self._heads.pop(subject, None)
 
     def _heads_for(
-        self, subjects: Sequence[str], *, fresh: bool, whole: bool = False
+        self, values: dict[str, list[int]], *, fresh: bool, whole: bool = False
     ) -> dict[str, Head | None]:
-        """Each subject's head: from the cache, or with `fresh` read through the stream leader.
+        """Each subject's head (`values`: the values a write puts on each subject): from the
+        cache, or with `fresh` read through the stream leader.
 
-        A subject missing from the cache is taken to be empty, without a read: in eventsourcing
-        a write to an existing aggregate follows a read of it (which fills the cache), so a miss
-        is nearly always a new aggregate, and the server's check (expecting sequence 0) turns
-        any other case into a conflict, which reads and decides again.
+        A subject missing from the cache is taken to be empty without a read only when the write
+        starts a new aggregate (version 1). Any other miss is read first: services write the
+        next version of an aggregate they know from the event stream, not from a read through
+        this recorder, so a write that expected an empty subject would always conflict, and
+        every conflicting attempt is still delivered to core subscribers of the subject (a
+        process writing a job it never wrote before published each event twice). The server's
+        check still turns a wrong guess into a conflict, which reads and decides again.
 
         A fresh read takes the last message; when that is not ours (or with `whole`, when its
         value did not fit), the subject is read whole to find where its chain ends.
         """
-        if not fresh:
-            with self._heads_lock:
-                return {subject: self._heads.get(subject) for subject in subjects}
+        subjects = list(values)
+        if fresh:
+            return self._read_heads(subjects, whole=whole)
+        with self._heads_lock:
+            heads = {subject: self._heads.get(subject) for subject in subjects}
+        unknown = [s for s, head in heads.items() if head is None and not self._starts(s, values[s][0])]
+        return heads | self._read_heads(unknown, whole=False) if unknown else heads
+
+    def _starts(self, subject: str, first: int) -> bool:
+        """Whether writing `first` on `subject` starts a new aggregate (so it needs no head)."""
+        return self.contiguous and first == 1 and not subject.startswith(f"{self.root}.{TRACKING}.")
+
+    def _read_heads(self, subjects: Sequence[str], *, whole: bool) -> dict[str, Head | None]:
         records = self.io.run(lambda: asyncio.gather(*(self.io.last(s, consistent=True) for s in subjects)))
         heads: dict[str, Head | None] = {}
         for subject, record in zip(subjects, records, strict=True):
@@ -567,7 +581,7 @@ class JetStreamRecorder:
         unknown = False  # an earlier attempt timed out: it may have landed
         for _ in range(MAX_ATTEMPTS):
             if heads is None:
-                heads = self._heads_for(list(plan.values), fresh=fresh, whole=whole)
+                heads = self._heads_for(plan.values, fresh=fresh, whole=whole)
                 if problem := self._problem(plan, heads):
                     if whole:
                         raise IntegrityError(problem)
