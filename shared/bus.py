@@ -51,6 +51,11 @@ class NotStored(TimeoutError):
     stream for the subject): nothing was stored, so sending it again is safe."""
 
 
+class InputRefused(ValueError):
+    """Raised when the input stream refused a publish as it stands (e.g. larger than the stream
+    takes): nothing was stored, and sending the same bytes again would be refused again."""
+
+
 class PermissionDenied(RuntimeError):
     """Raised when the server refused a publish or subscribe for this connection's credentials."""
 
@@ -236,6 +241,11 @@ async def request(
                 await js.publish(subject, data, headers=headers, timeout=timeout)
             except (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as exc:
                 raise NotStored(f"no stream took {subject} (no leader right now?); nothing stored") from exc
+            except nats.js.errors.BadRequestError as exc:
+                raise InputRefused(
+                    f"the input stream refused {len(data)} bytes on {subject}: {exc.description}; "
+                    f"nothing stored (inputs are at most {topology.MAX_INPUT_BYTES} bytes)"
+                ) from exc
             try:
                 msg = await sub.next_msg(timeout=timeout)
             except NatsTimeout as exc:

@@ -246,9 +246,13 @@ REVOKER_CONSUMER = ConsumerSpec(
 CONSUMERS = (SCHEDULER_CONSUMER, RECONCILER_CONSUMER, CHECKER_CONSUMER, REVOKER_CONSUMER)
 
 DUPLICATE_WINDOW_S = 120.0
-# Services refuse (and record) inputs larger than this; the server's max_payload (8 MB in Warden's
-# configs) bounds what can be stored at all. Larger proposals go to the object store.
+# Services refuse (and record) inputs larger than this. Larger proposals go to the object store.
 MAX_INPUT_BYTES = 1024 * 1024
+# The input stream itself refuses (stores nothing, the publisher is told at once) a message past
+# this: so an oversize input costs one small recorded refusal, never up to the server's 8 MB
+# max_payload of disk each. The headroom above MAX_INPUT_BYTES keeps a slightly-too-large input
+# stored and answered with its sizes (headers count toward the server's check).
+INPUT_MAX_MSG_BYTES = MAX_INPUT_BYTES + 64 * 1024
 # Proposals whose encoded message would pass this are uploaded in chunks first (the SDK does it):
 # headroom below MAX_INPUT_BYTES for the envelope and JSON escaping.
 INLINE_PROPOSAL_BYTES = 512 * 1024
@@ -322,6 +326,7 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
             subjects=input_subjects(),
             max_age=input_max_age,
             max_bytes=input_max_bytes(),
+            max_msg_size=INPUT_MAX_MSG_BYTES,
             discard=js_api.DiscardPolicy.NEW,
             duplicate_window=duplicate_window_s(input_max_age),
             **common,  # type: ignore[arg-type]

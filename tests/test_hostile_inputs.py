@@ -411,3 +411,31 @@ async def test_inputs_that_used_to_vanish_are_answered_and_recorded(nats_server:
         assert [e.path for e in event.errors] == ["$", f"header {topology.REPLY_HEADER}"]
         assert len(record.of(InputRejected)) == len(cases) + 1
         tg.cancel_scope.cancel()
+
+
+async def test_an_input_too_large_for_the_stream_is_refused_by_the_server_and_nothing_is_stored(
+    server: opsnats.OpsServer,
+) -> None:
+    """The server's max_payload is 8 MB; the input stream takes at most INPUT_MAX_MSG_BYTES, so a
+    flood of large inputs costs the disk nothing. The sender is told at once, on every subject."""
+    mallory = add_agent(server, "mallory")
+    url = server.server.url
+    async with (
+        opsnats.connected(url, **opsnats.service_credentials()) as service,
+        as_agent(server, "mallory", mallory) as nc,
+    ):
+        js = service.jetstream()
+        await topology.ensure(js, str(service.connected_server_version))
+        before = (await js.stream_info(topology.INPUT_STREAM)).state
+        big = b"x" * (4 * 1024 * 1024)
+        for subject in (topology.agent_subject("mallory", "claim"), topology.payload_subject("mallory")):
+            with pytest.raises(bus.InputRefused, match="nothing stored"):
+                await bus.request(nc, subject, big, timeout=10)
+        after = (await js.stream_info(topology.INPUT_STREAM)).state
+        assert (after.messages, after.bytes, after.last_seq) == (
+            before.messages,
+            before.bytes,
+            before.last_seq,
+        )
+        config = (await js.stream_info(topology.INPUT_STREAM)).config
+        assert config.max_msg_size == topology.INPUT_MAX_MSG_BYTES

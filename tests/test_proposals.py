@@ -296,12 +296,19 @@ async def test_an_inline_proposal_over_the_input_limit_is_rejected_as_input(
 ) -> None:
     async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
         _agent, ctx = await claim(nc, "raw", Contract(scope=Scope(effects=["none"])))
-        body = Propose(job_id=ctx.job_id, epoch=1, effect="none", output="z" * (2 * 1024 * 1024))
-        reply = await bus.request(nc, topology.agent_subject("raw", "propose"), body)
+        subject = topology.agent_subject("raw", "propose")
+        body = Propose(
+            job_id=ctx.job_id, epoch=1, effect="none", output="z" * (topology.MAX_INPUT_BYTES + 1000)
+        )
+        reply = await bus.request(nc, subject, body)
         assert isinstance(reply, Rejected)
         assert f"the limit is {topology.MAX_INPUT_BYTES}" in reply.errors[0].message
         recorded = await wait_for_event(nc, lambda e: isinstance(e, InputRejected))
         assert isinstance(recorded, InputRejected) and recorded.sender == "raw"
+        # Past what the input stream takes, the server refuses it and nothing is stored.
+        huge = Propose(job_id=ctx.job_id, epoch=1, effect="none", output="z" * (2 * 1024 * 1024))
+        with pytest.raises(bus.InputRefused, match="nothing stored"):
+            await bus.request(nc, subject, huge)
 
 
 async def test_a_user_invariant_registered_through_configuration_is_enforced(

@@ -56,6 +56,7 @@ KNOWN_ERRORS: tuple[KnownError, ...] = (
     KnownError("shared.readmodel.store", "ReadModelMissing", Exit.UNREACHABLE),
     KnownError("shared.bus", "ReplyTimeout", Exit.UNREACHABLE),
     KnownError("shared.bus", "NotStored", Exit.UNREACHABLE),
+    KnownError("shared.bus", "InputRefused", Exit.FAILED),
     KnownError("shared.bus", "BadServerURL", Exit.USAGE),
     KnownError("shared.topology", "BadAgentName", Exit.USAGE),
     KnownError("services.api", "BadAddress", Exit.USAGE),
