@@ -36,10 +36,15 @@ from shared.messages import Rejected
 from shared.runtime import Context
 from shared.validation import FieldError
 
-# An idle agent polls for work every 0.2 s (5 claims a second, on the scheduler); heartbeats
-# come every few seconds per lease. 100 per 10 s is twice the fastest of these on each service,
-# and each admitted input of a flood costs a durable write: a higher limit is a slower drain.
-LIMIT = 100
+# Sized from what a legitimate agent sends, measured with `warden bench` (which reports each
+# run's busiest agent per window): one agent working no-op jobs back to back takes the whole
+# deployment's governed throughput (about 17 jobs/s on two cores) and sends about 400 inputs
+# per 10 s to the scheduler (a claim per job, and a re-claim while the scheduler has not yet
+# seen its last job complete) and 200 each to the reconciler and checker; an idle agent polls
+# 50 times per 10 s per worker (AgentClient.serve, poll_s 0.2). 1,000 is 2.5x the busiest of
+# these, and idle polling by up to 20 workers. Each admitted input of a flood costs a durable
+# write, so the limit is also the drain: a flood is at most 1,001 records per window and service.
+LIMIT = 1000
 WINDOW_S = 10.0
 
 
@@ -88,6 +93,21 @@ class Throttle:
             return Verdict.ADMIT
         window.refused += 1
         return Verdict.REFUSE_FIRST if window.refused == 1 else Verdict.REFUSE
+
+
+def busiest_window(stored: list[datetime], window_s: float = WINDOW_S) -> int:
+    """The most of these inputs (one agent's, to one service) stored within any `window_s`.
+
+    A sliding window: never fewer than any window `Throttle.decide` opens would count, so an
+    agent whose busiest window is at most the limit was never throttled."""
+    ordered = sorted(stored)
+    span = timedelta(seconds=window_s)
+    most = start = 0
+    for end, at in enumerate(ordered):
+        while ordered[start] <= at - span:
+            start += 1
+        most = max(most, end - start + 1)
+    return most
 
 
 def guard(ctx: Context, durable: str, handler: bus.Handler, throttle: Throttle | None = None) -> bus.Handler:

@@ -178,6 +178,7 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
             report.figures["governed"] = await lifecycle.governed(
                 nc, workers, options.jobs, options.payload, run_id
             )
+            report.notes.append(lifecycle.throttle_note(report.figures["governed"].extra))
         if "detection" in options.parts:
             progress(
                 f"time-to-failure-detection: {options.leases} silent leases (dead and hung), ttl {options.ttl}s"
