@@ -23,7 +23,7 @@ Glob = Annotated[str, Meta(min_length=1, max_length=512)]
 EffectKind = Annotated[str, Meta(pattern="^(git\\.patch|file\\.write|webhook|none)$")]
 
 
-class Scope(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Scope(Struct, frozen=True, kw_only=True):
     """Where a change may land: path globs (`**` crosses directories) and effect kinds."""
 
     paths: list[Glob] = field(default_factory=lambda: ["**"])
@@ -33,7 +33,7 @@ class Scope(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     read: list[Glob] = field(default_factory=lambda: ["**"])
 
 
-class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Budgets(Struct, frozen=True, kw_only=True):
     """Upper bounds on what one attempt may consume; None means unbounded."""
 
     steps: NonNegInt | None = None
@@ -42,7 +42,7 @@ class Budgets(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     wall_clock_s: PositiveSeconds | None = None
 
 
-class Stopping(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Stopping(Struct, frozen=True, kw_only=True):
     """When Warden stops a job: deadline, attempts, lease liveness and budgets."""
 
     deadline: datetime | None = None
@@ -55,14 +55,14 @@ class Stopping(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     stall_s: PositiveSeconds | None = None
 
 
-class CiGate(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class CiGate(Struct, frozen=True, kw_only=True):
     """A command run in an isolated worktree with the proposal applied."""
 
     command: Annotated[list[str], Meta(min_length=1)]
     timeout_s: PositiveSeconds = 300.0
 
 
-class Target(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Target(Struct, frozen=True, kw_only=True):
     """Where effects land: a git repository and branch, or a directory, or a URL."""
 
     repo: str | None = None
@@ -71,7 +71,7 @@ class Target(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     url: str | None = None
 
 
-class Contract(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Contract(Struct, frozen=True, kw_only=True):
     scope: Scope = field(default_factory=Scope)
     authorities: list[str] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)

@@ -148,6 +148,14 @@ def tag_optional(defs: dict[str, Any], tp: type[msgspec.Struct]) -> None:
         required.remove("type")
 
 
+def strict_objects(defs: dict[str, Any]) -> None:
+    """Inputs refuse unknown fields at every depth (shared/validation.py), though the stored
+    types they carry (a contract) accept them so they can grow: the input schemas say so."""
+    for definition in defs.values():
+        if definition.get("type") == "object" and "properties" in definition:
+            definition["additionalProperties"] = False
+
+
 def schema_name(tp: type[msgspec.Struct]) -> str:
     """A type's schema file name: its tag, or `__schema_name__` for an untagged one (usage lines)."""
     name = tp.__struct_config__.tag or getattr(tp, "__schema_name__", tp.__name__)
@@ -165,6 +173,8 @@ def render() -> dict[str, str]:
             schema["$id"] = f"https://warden.dev/schemas/{group}/{tag}.json"
             if group in ("inputs", "agent"):  # read as one known type: "type" may be left out
                 tag_optional(schema["$defs"], tp)
+            if group == "inputs":
+                strict_objects(schema["$defs"])
             if tag in EXAMPLES:
                 schema["examples"] = [msgspec.to_builtins(e) for e in EXAMPLES[tag]]
             files[f"{group}/{tag}.json"] = json.dumps(schema, indent=2, sort_keys=True) + "\n"

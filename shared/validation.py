@@ -75,15 +75,34 @@ def _collect(value: Any, tp: Any, path: str, errors: list[FieldError]) -> None:
     config = struct.__struct_config__
     if config.tag_field:
         known.add(config.tag_field)
-    if config.forbid_unknown_fields:
-        for key in value:
-            if key not in known:
-                errors.append(FieldError(path=f"{path}.{key}", message="unknown field"))
+    for key in value:  # inputs are strict at every depth, whatever the type's own setting
+        if key not in known:
+            errors.append(FieldError(path=f"{path}.{key}", message="unknown field"))
     for f in info:
         if f.encode_name in value:
             _collect(value[f.encode_name], f.type, f"{path}.{f.encode_name}", errors)
         elif f.required:
             errors.append(FieldError(path=f"{path}.{f.encode_name}", message="missing required field"))
+
+
+def _unknown_fields(value: Any, tp: Any, path: str, errors: list[FieldError]) -> None:
+    """Every key of `value` that no Struct field of `tp` names, at any depth."""
+    origin = get_origin(tp)
+    if origin is list and isinstance(value, list):
+        (item,) = get_args(tp) or (Any,)
+        for i, v in enumerate(value):
+            _unknown_fields(v, item, f"{path}[{i}]", errors)
+        return
+    struct = _struct_of(tp)
+    if struct is None or not isinstance(value, dict):
+        return
+    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    tag_field = struct.__struct_config__.tag_field
+    for key, item in value.items():
+        if key in fields:
+            _unknown_fields(item, fields[key].type, f"{path}.{key}", errors)
+        elif key != tag_field:
+            errors.append(FieldError(path=f"{path}.{key}", message="unknown field"))
 
 
 MAX_DEPTH = 64  # deeper JSON is refused before the field walk, which recurses per level
@@ -111,13 +130,21 @@ def decode(data: bytes, tp: type[T], *, max_bytes: int | None = None) -> T:
             [FieldError(path="$", message=f"input is {len(data)} bytes, the limit is {max_bytes}")]
         )
     try:
-        return msgspec.json.decode(data, type=tp)
+        value = msgspec.json.decode(data, type=tp)
     except msgspec.ValidationError:
         pass
     except msgspec.DecodeError as exc:
         raise InvalidInput([FieldError(path="$", message=f"not valid JSON: {exc}")]) from None
     except RecursionError:
         raise InvalidInput([FieldError(path="$", message="JSON nested too deeply")]) from None
+    else:
+        # Stored and replied types accept unknown fields (so they can grow); an input may not
+        # carry one anywhere: a typo in a contract is an error, not a silent default.
+        unknown: list[FieldError] = []
+        _unknown_fields(msgspec.json.decode(data), tp, "$", unknown)
+        if not unknown:
+            return value
+        raise InvalidInput(unknown)
     try:
         raw = msgspec.json.decode(data)
     except RecursionError:
