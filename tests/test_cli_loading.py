@@ -68,6 +68,7 @@ def test_the_command_listing_and_completion_load_no_command_and_match_clicks_own
     assert probe["after_listing"] == ["services.cli.main"]
     assert probe["lazy"] == probe["eager"]
     assert "explain" in str(probe["lazy"]) and "revocations" in str(probe["lazy"])
+    assert "chaos" in str(probe["lazy"])
     assert probe["lazy_completion"] == probe["eager_completion"]
 
 

@@ -111,6 +111,10 @@ COMMANDS: dict[str, Listed] = {
     "cancel": Listed(
         "jobs", "Operator: Cancel a job; a live lease is revoked and its agent learns on its next heartbeat."
     ),
+    "chaos": Listed(
+        "chaos",
+        "Kill services, agents and the broker on a seeded schedule; check that no guarantee bent.",
+    ),
     "creds": Listed("creds", "Per-agent NATS credentials: each agent gets its own user and password."),
     "demo": Listed(
         "demo", "Run a fleet of agents, some failing by design, through Warden against a real git repo."

@@ -1,0 +1,1 @@
+"""`warden chaos`: Jepsen-style faults against a real deployment, then an oracle over the record."""
