@@ -132,17 +132,28 @@ def exactly_once(
     return Check("every accepted proposal applied exactly once", not violations, detail, violations), figures
 
 
+DRIFT = ("base_drift:", "ci_gate: not run")
+
+
+def drifted_only(violations: list[str]) -> bool:
+    """A rejection for a stale base alone (the CI gate skipped because of it)."""
+    return any(v.startswith(DRIFT[0]) for v in violations) and all(v.startswith(DRIFT) for v in violations)
+
+
 def no_valid_rejection(
     events: list[tuple[str, AnyEvent]], jobs: set[str], agent_prefix: str
 ) -> tuple[Check, dict[str, Any]]:
     """This run's agents are well-behaved: none of their proposals may be rejected and none of
     their inputs (nor this run's requests) refused as malformed. `events`: (aggregate, event).
+    A proposal rejected only for a stale base is not one: once agents earn the level that lands
+    on the target branch, each landing makes the others' work in flight stale, and `base_drift`
+    rejecting it (the retry builds on the new head) is the guarantee working.
     Lease expiries, fenced messages and requeues are what kills cost; they are counted, not
     violations (a killed agent's lease must expire; its replacement is a new agent)."""
     violations: list[dict[str, Any]] = []
     expired: Counter[str] = Counter()
     fenced: Counter[str] = Counter()
-    requeued = 0
+    requeued = drifted = 0
     for aggregate, event in events:
         ours = isinstance(event, InputRejected) and (
             event.sender.startswith(agent_prefix) or agent_prefix in event.subject
@@ -157,7 +168,9 @@ def no_valid_rejection(
             )
         if aggregate not in jobs:
             continue
-        if isinstance(event, ProposalRejected):
+        if isinstance(event, ProposalRejected) and drifted_only(event.violations):
+            drifted += 1
+        elif isinstance(event, ProposalRejected):
             violations.append(
                 {
                     "job": aggregate,
@@ -175,10 +188,11 @@ def no_valid_rejection(
         "lease_expired": sum(expired.values()),
         "fenced": dict(fenced),
         "requeued": requeued,
+        "stale_base": drifted,
         "rejected": len(violations),
     }
     detail = (
         f"{len(violations)} rejected; fault costs: {figures['lease_expired']} leases expired, "
-        f"{sum(fenced.values())} messages fenced, {requeued} requeues"
+        f"{sum(fenced.values())} messages fenced, {requeued} requeues, {drifted} stale bases"
     )
     return Check("no valid input rejected", not violations, detail, violations), figures

@@ -421,7 +421,7 @@ async def _run(
             tg.start_soon(supervise)
             async with anyio.create_task_group() as schedule_tg:
                 schedule_tg.start_soon(killer)
-                schedule_tg.start_soon(_submit, js, requests, 0.6 * options.duration_s, give_up_at, attempts)
+                schedule_tg.start_soon(_submit, js, requests, 0.8 * options.duration_s, give_up_at, attempts)
             with anyio.move_on_after(max(0.0, give_up_at - time.monotonic())):
                 await settled.wait()
             say(f"[{time.monotonic() - started:6.1f}s] schedule done; jobs: {dict(counts())}")

@@ -106,5 +106,16 @@ def test_a_job_not_terminal_or_never_created_fails_and_a_rejected_proposal_is_na
     assert check.violations == [
         {"job": str(job), "proposal_rejected": str(pid), "violations": ["authority: not registered"]}
     ]
-    costs_only, _ = oracle.no_valid_rejection([(str(job), expired)], {str(job)}, "cabc-")
-    assert costs_only.ok
+    drift = ProposalRejected(
+        originator_id=job,
+        originator_version=6,
+        proposal_id=uuid.uuid4(),
+        violations=[
+            "base_drift: stale base: main is at 7d6f, the proposal was built on 5edf",
+            "ci_gate: not run",
+        ],
+    )
+    costs_only, figures = oracle.no_valid_rejection(
+        [(str(job), expired), (str(job), drift)], {str(job)}, "cabc-"
+    )
+    assert costs_only.ok and figures["stale_base"] == 1
