@@ -98,6 +98,12 @@ class Page:
             raise CDPError(f"script failed: {json.dumps(result['exceptionDetails'])[:800]}")
         return result["result"].get("value")
 
+    def expect_load(self) -> anyio.Event:
+        """An event set by the page's next load (register it before what navigates)."""
+        loaded = anyio.Event()
+        self._waiters.setdefault("Page.loadEventFired", []).append(loaded)
+        return loaded
+
     async def goto(self, url: str) -> None:
         """Navigate and wait for the page's load event."""
         loaded = anyio.Event()
@@ -107,9 +113,50 @@ class Page:
             raise CDPError(f"navigating to {url}: {result['errorText']}")
         await loaded.wait()
 
-    async def screenshot(self, path: Path) -> None:
+    async def screenshot(self, path: Path | None = None) -> bytes:
+        """The viewport as PNG bytes (also written to `path` when given)."""
         shot = await self.send("Page.captureScreenshot", {"format": "png"})
-        await anyio.Path(path).write_bytes(base64.b64decode(shot["data"]))
+        data = base64.b64decode(shot["data"])
+        if path is not None:
+            await anyio.Path(path).write_bytes(data)
+        return data
+
+    async def box(self, selector: str) -> dict[str, float]:
+        """Where the first element matching `selector` is drawn, scrolled into view: its box in
+        viewport pixels, and whether it is what a click at its centre would hit (not hidden,
+        covered or outside the viewport)."""
+        found = await self.evaluate(
+            f"""(() => {{
+              const node = document.querySelector({json.dumps(selector)});
+              if (!node) return null;
+              node.scrollIntoView({{ block: "center", inline: "center" }});
+              const r = node.getBoundingClientRect();
+              const x = r.left + r.width / 2, y = r.top + r.height / 2;
+              const hit = document.elementFromPoint(x, y);
+              return {{ x, y, width: r.width, height: r.height, left: r.left, top: r.top,
+                        hit: Boolean(hit && (hit === node || node.contains(hit))) }};
+            }})()"""
+        )
+        if found is None:
+            raise CDPError(f"no element matches {selector}")
+        result: dict[str, float] = found
+        return result
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click at the element's centre (what a person's click does)."""
+        where = await self.box(selector)
+        if not where["hit"]:
+            raise CDPError(f"{selector} is not clickable: covered, hidden or out of view ({where})")
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send(
+                "Input.dispatchMouseEvent",
+                {"type": kind, "x": where["x"], "y": where["y"], "button": "left", "clickCount": 1},
+            )
+
+    async def type(self, selector: str, text: str) -> None:
+        """Click into a field and type `text` into it, as keyboard input."""
+        await self.click(selector)
+        await self.send("Input.insertText", {"text": text})
 
 
 @asynccontextmanager

@@ -205,12 +205,17 @@ async def test_the_openapi_document_describes_every_endpoint(
             "/api/agents",
             "/api/metrics/summary",
             "/api/events/stream",
+            "/api/approvals",
         ):
             assert path in doc["paths"], path
         params = {p["name"]: p for p in doc["paths"]["/api/jobs"]["get"]["parameters"]}
         assert params["state"]["schema"]["enum"] == list(JOB_STATES)
         assert params["limit"]["schema"]["maximum"] == 500
-        assert "JobRow" in doc["components"]["schemas"]
+        assert params["since"]["schema"] == {"type": "string", "format": "date-time"}
+        assert "q" in params
+        # A job as listed: its row and what its folded state says (approval, rollback).
+        listed = doc["components"]["schemas"]["JobView"]["properties"]
+        assert {"job_id", "state", "awaiting_approval", "rollback"} <= set(listed)
         ref = doc["paths"]["/api/jobs/{job_id}"]["get"]["responses"]["200"]["content"]["application/json"][
             "schema"
         ]

@@ -31,7 +31,7 @@ from shared.messages import Accepted, AnyReply, OperatorCommand, Rejected, decod
 from shared.readmodel import ReadModel, queries
 from shared.readmodel.fold import summarize
 from shared.readmodel.store import redacted
-from shared.readmodel.tables import AGENTS, FAILURES, JOBS, REVOCATIONS, ts
+from shared.readmodel.tables import AGENTS, FAILURES, REVOCATIONS, ts
 from shared.tokens import Identity, TokenStore, TokenStoreError
 from shared.validation import InvalidInput
 
@@ -143,7 +143,21 @@ def build(deps: Deps) -> Starlette:
 
     async def list_jobs(_r: Request, q: dict[str, Any]) -> Response:
         filters = {"state": q["state"], "kind": q["kind"], "agent": q["agent"]}
-        return json(paged(await in_thread(queries.page, store, JOBS, filters, q["limit"], q["offset"])))
+        found = await in_thread(
+            lambda: queries.search_jobs(
+                store,
+                filters,
+                text=q["q"],
+                since=None if q["since"] is None else ts(q["since"]),
+                until=None if q["until"] is None else ts(q["until"]),
+                limit=q["limit"],
+                offset=q["offset"],
+            )
+        )
+        return json(paged(found))
+
+    async def list_approvals(_r: Request, q: dict[str, Any]) -> Response:
+        return json(paged(await in_thread(queries.approvals, store, q["limit"], q["offset"])))
 
     async def one_job(_r: Request, q: dict[str, Any]) -> Response:
         job = await in_thread(queries.job_detail, store, q["job_id"])
@@ -288,6 +302,7 @@ def build(deps: Deps) -> Starlette:
     routes = [
         endpoint("/api/jobs", list_jobs, deps.auth),
         endpoint("/api/jobs/{job_id}", one_job, deps.auth),
+        endpoint("/api/approvals", list_approvals, deps.auth),
         endpoint("/api/agents", list_agents, deps.auth),
         endpoint("/api/agents/{name}", one_agent, deps.auth),
         endpoint("/api/failures", failures, deps.auth),
@@ -301,6 +316,9 @@ def build(deps: Deps) -> Starlette:
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/", index, methods=["GET"]),
+        # The dashboard's own addresses (deep links): the page reads them when it loads.
+        Route("/jobs/{job_id}", index, methods=["GET"]),
+        Route("/agents/{name}", index, methods=["GET"]),
         Mount("/static", StaticFiles(directory=STATIC), name="static"),
     ]
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})

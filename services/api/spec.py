@@ -43,8 +43,17 @@ class ErrorBody(Struct, kw_only=True):
     details: list[ParamError] = msgspec.field(default_factory=list)
 
 
+class JobView(JobRow, kw_only=True):
+    """A job row with what its folded state says beyond the row (queries.job_flags)."""
+
+    approval_required: bool = False
+    awaiting_approval: bool = False  # its pending proposal waits for `approve` or `deny`
+    pending_proposal: str | None = None  # that proposal, while it waits
+    rollback: str = ""  # "", "requested", "done", "failed": how far a rollback of it went
+
+
 class JobPage(Struct, kw_only=True):
-    items: list[JobRow]
+    items: list[JobView]
     total: int
     limit: int
     offset: int
@@ -85,7 +94,7 @@ class StoredEventEntry(Struct, kw_only=True):
     event: dict[str, Any]
 
 
-class JobDetail(JobRow, kw_only=True):
+class JobDetail(JobView, kw_only=True):
     leases: list[LeaseRow]
     proposals: list[ProposalWithChecks]
     failures: list[FailureRow]
@@ -97,6 +106,19 @@ class AgentDetail(AgentRow, kw_only=True):
     level_changes: list[LevelChangeRow]
     recent_leases: list[LeaseRow]
     revocations: list[RevocationRow]
+
+
+class Approval(ProposalWithChecks, kw_only=True):
+    """A proposal waiting for a person's approval, with its job's kind."""
+
+    kind: str
+
+
+class ApprovalPage(Struct, kw_only=True):
+    items: list[Approval]
+    total: int
+    limit: int
+    offset: int
 
 
 class LatencyStats(Struct, kw_only=True):
@@ -160,7 +182,7 @@ class LiveUpdate(Struct, kw_only=True):
     """The data of one server-sent `timeline` event: what happened, and the job as it is now."""
 
     entry: TimelineRow
-    job: JobRow | None
+    job: JobView | None
 
 
 # --- parameters -----------------------------------------------------------------------------
@@ -290,9 +312,24 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Param("state", "enum", "Only jobs in this state.", choices=JOB_STATES),
             Param("kind", "string", "Only jobs of this kind."),
             Param("agent", "string", "Only jobs whose latest lease is (or was) held by this agent."),
+            Param(
+                "q",
+                "string",
+                "Search: a prefix of the job id, or text in its kind, agent, reason, submitter or "
+                "idempotency key (any case).",
+            ),
+            Param("since", "timestamp", "Only jobs that changed at or after this time."),
+            Param("until", "timestamp", "Only jobs that changed at or before this time."),
             LIMIT,
             OFFSET,
         ),
+    ),
+    Endpoint(
+        "/api/approvals",
+        "Proposals waiting for a person's approval (`approval_required` contracts), oldest first",
+        ApprovalPage,
+        (LIMIT, OFFSET),
+        "Approve or deny one with POST /api/operator/approve or /deny and its proposal_id.",
     ),
     Endpoint(
         "/api/jobs/{job_id}",

@@ -60,8 +60,12 @@ from shared.readmodel.tables import (
     to_json,
     ts,
 )
+from shared.topology import INPUT_ROOT
 
 log = logging.getLogger("warden.readmodel")
+
+# Inputs on these subjects are an operator's commands: a refused one is a person's typo.
+OPERATOR_INPUTS = f"{INPUT_ROOT}.op."
 
 _job_decoder = msgspec.json.Decoder(Job)
 _agent_decoder = msgspec.json.Decoder(Agent)
@@ -187,6 +191,8 @@ class BatchFold:
         at = ts(event.timestamp)
         if isinstance(event, InputRejected):
             self._timeline(seq, event, at, job_id=None, agent=event.sender or None)
+            if event.subject.startswith(OPERATOR_INPUTS):
+                return  # a person's mistyped command, answered at once: no failure of the system
             self.inserts[FAILURES.name].append(
                 {
                     "seq": seq,
@@ -563,6 +569,16 @@ class BatchFold:
                 )
                 if row is not None:
                     self._count(row["agent"], "rejected")
+                    self._failure(
+                        seq,
+                        "proposal.rejected",
+                        at,
+                        job_id,
+                        agent=row["agent"],
+                        epoch=row["epoch"],
+                        reason="; ".join(event.violations) or event.reason,
+                        detail={"proposal_id": str(event.proposal_id), "by": event.by},
+                    )
             case EffectApplied():
                 self._update_proposal(
                     seq, at, event.proposal_id, applied_at=at, receipt=to_json(event.receipt)

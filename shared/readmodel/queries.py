@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from shared.readmodel.db import Db
 from shared.readmodel.store import ReadModel
 from shared.readmodel.tables import (
@@ -80,7 +82,7 @@ def page(
 def job_detail(store: ReadModel, job_id: str) -> dict[str, Any] | None:
     """One job with its leases, proposals (and their checks), failures and revocations."""
     with store.reading() as db:
-        rows = _select(db, JOBS, " WHERE job_id = ?", (job_id,))
+        rows = _jobs_with_flags(db, " WHERE job_id = ?", (job_id,))
         if not rows:
             return None
         job = rows[0]
@@ -205,7 +207,7 @@ def timeline_after(
         for start in range(0, len(job_ids), 500):
             chunk = job_ids[start : start + 500]
             marks = ", ".join("?" * len(chunk))
-            for job in _select(db, JOBS, f" WHERE job_id IN ({marks})", chunk):
+            for job in _jobs_with_flags(db, f" WHERE job_id IN ({marks})", chunk):
                 jobs[job["job_id"]] = job
     return rows, jobs
 
@@ -279,3 +281,137 @@ def job_ids_starting(store: ReadModel, prefix: str, limit: int = 50) -> list[str
             (prefix.replace("%", "").replace("_", "") + "%",),
         )
     return [str(r[0]) for r in rows]
+
+
+# --- the dashboard's views: job search, what a job's folded state says, the approvals queue ----
+
+
+class _ContractFlags(msgspec.Struct):
+    approval_required: bool = False
+
+
+class _ProposalFlags(msgspec.Struct):
+    id: str
+    status: str = "submitted"
+    rollback: str = ""
+
+
+class _JobFlags(msgspec.Struct):
+    """The few members of a folded Job (state_json) the dashboard needs; the rest is skipped."""
+
+    contract: _ContractFlags
+    status: str = "queued"
+    pending_proposal: str | None = None
+    proposal_log: list[_ProposalFlags] = msgspec.field(default_factory=list)
+
+
+_flags_decoder = msgspec.json.Decoder(_JobFlags)
+TERMINAL_STATES = frozenset({"completed", "tombstoned", "cancelled"})
+
+
+def job_flags(state_json: str) -> dict[str, Any]:
+    """What a job's folded state says beyond its row: does it wait for a person's approval
+    (its pending proposal passed nothing yet decided), and how far a rollback of it went
+    ("" none, "requested", "done", "failed": the furthest any of its proposals reached)."""
+    flags = _flags_decoder.decode(state_json)
+    pending = next((p for p in flags.proposal_log if p.id == flags.pending_proposal), None)
+    awaiting = (
+        flags.contract.approval_required
+        and flags.status not in TERMINAL_STATES
+        and pending is not None
+        and pending.status == "submitted"
+    )
+    rank = {"": 0, "requested": 1, "failed": 2, "done": 3}
+    rollback = max((p.rollback for p in flags.proposal_log), key=lambda r: rank.get(r, 0), default="")
+    return {
+        "approval_required": flags.contract.approval_required,
+        "awaiting_approval": awaiting,
+        "pending_proposal": pending.id if awaiting and pending else None,
+        "rollback": rollback,
+    }
+
+
+def _jobs_with_flags(db: Db, where: str, params: Sequence[Any], tail: str = "") -> list[dict[str, Any]]:
+    columns = ", ".join((*JOBS.public_names, "state_json"))
+    out = []
+    for row in db.dicts(f"SELECT {columns} FROM {JOBS.name}{where}{tail}", params):
+        flags = job_flags(row.pop("state_json"))
+        out.append({**decode_json_columns(JOBS, row), **flags})
+    return out
+
+
+def _like(text: str) -> str:
+    """`text` as a LIKE pattern matching it anywhere, its own % and _ taken literally."""
+    escaped = text.lower().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+SEARCHED = ("kind", "agent", "reason", "submitter", "idempotency_key")
+
+
+def search_jobs(
+    store: ReadModel,
+    filters: dict[str, Any],
+    *,
+    text: str | None,
+    since: str | None,
+    until: str | None,
+    limit: int,
+    offset: int,
+) -> Page:
+    """Jobs matching `filters` (column = value), changed within [since, until] (stored-format
+    timestamps), and containing `text`: a prefix of the id, or a part of its kind, agent,
+    reason, submitter or idempotency key (any case). Newest first; each with its flags."""
+    where, params = _where(filters)
+    clauses = [where.removeprefix(" WHERE ")] if where else []
+    if since is not None:
+        clauses.append(f"{JOBS.time} >= ?")
+        params.append(since)
+    if until is not None:
+        clauses.append(f"{JOBS.time} <= ?")
+        params.append(until)
+    if text:
+        pattern = _like(text)
+        matches = ["job_id LIKE ? ESCAPE '\\'"] + [f"LOWER({c}) LIKE ? ESCAPE '\\'" for c in SEARCHED]
+        clauses.append("(" + " OR ".join(matches) + ")")
+        params.extend([pattern[1:], *[pattern] * len(SEARCHED)])
+    where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+    with store.reading() as db:
+        total = int(db.scalar(f"SELECT COUNT(*) FROM {JOBS.name}{where}", params))
+        items = _jobs_with_flags(
+            db, where, params, f" ORDER BY {JOBS.order} LIMIT {int(limit)} OFFSET {int(offset)}"
+        )
+    return Page(items=items, total=total, limit=limit, offset=offset)
+
+
+def jobs_by_id(store: ReadModel, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """The rows (with flags) of these jobs, keyed by id."""
+    out: dict[str, dict[str, Any]] = {}
+    with store.reading() as db:
+        for start in range(0, len(job_ids), 500):
+            chunk = list(job_ids[start : start + 500])
+            marks = ", ".join("?" * len(chunk))
+            for job in _jobs_with_flags(db, f" WHERE job_id IN ({marks})", chunk):
+                out[job["job_id"]] = job
+    return out
+
+
+def approvals(store: ReadModel, limit: int, offset: int) -> Page:
+    """Proposals waiting for a person's approval, oldest first, each with its checks so far
+    and its job's kind."""
+    with store.reading() as db:
+        # A pending proposal keeps its job `proposed`: only those jobs can be waiting.
+        waiting = [j for j in _jobs_with_flags(db, " WHERE state = 'proposed'", ()) if j["awaiting_approval"]]
+        items: list[dict[str, Any]] = []
+        for job in waiting:
+            found = _select(db, PROPOSALS, " WHERE proposal_id = ?", (job["pending_proposal"],))
+            if not found:
+                continue  # the proposal's row is folded in the same batch as its job's
+            proposal = found[0]
+            proposal["checks"] = _select(
+                db, CHECKS, " WHERE proposal_id = ?", (proposal["proposal_id"],), " ORDER BY seq"
+            )
+            proposal["kind"] = job["kind"]
+            items.append(proposal)
+    items.sort(key=lambda p: (p["submitted_at"], p["proposal_id"]))
+    return Page(items=items[offset : offset + limit], total=len(items), limit=limit, offset=offset)

@@ -135,7 +135,8 @@ class FailureRow(Struct, kw_only=True):
 
     seq: int
     kind: (
-        str  # the event type: lease.expired, message.rejected, input.rejected, job.tombstoned, effect.failed
+        str  # the event type: lease.expired, message.rejected, input.rejected, job.tombstoned,
+        # effect.failed, proposal.rejected (an operator's refused command is no failure)
     )
     job_id: str | None = None
     agent: str | None = None
@@ -338,6 +339,7 @@ FAILURE_KINDS = (
     "input.reply_refused",
     "job.tombstoned",
     "effect.failed",
+    "proposal.rejected",
 )
 REVOCATION_KINDS = ("lease.revoked", "agent.revoked", "agent.suspended", "agent.level_changed")
 STANDINGS = ("active", "suspended", "revoked")
