@@ -550,7 +550,7 @@ def test_warden_demo_keep_prints_its_urls_and_other_commands_find_its_server(tmp
         printed: dict[str, str] = {}
         for line in proc.stdout:  # bounded by the pytest timeout
             name, sep, value = line.partition(":")
-            if sep and name in ("NATS", "dashboard", "data dir"):
+            if sep and name in ("NATS", "dashboard", "data dir", "operator token"):
                 printed[name] = value.split()[0]
             if line.startswith("--keep:"):
                 break
@@ -560,6 +560,18 @@ def test_warden_demo_keep_prints_its_urls_and_other_commands_find_its_server(tmp
         assert state["url"] == printed["NATS"] and state["pid"] == proc.pid
         with httpx.Client(timeout=10) as http:
             assert http.get(printed["dashboard"]).status_code == 200
+            # The printed token acts, so the dashboard's buttons work in the demo; none is refused.
+            api = printed["dashboard"].rstrip("/")
+            body = {"agent": "ghost-of-the-demo", "reason": "trying the token"}
+            assert http.post(f"{api}/api/operator/suspend", json=body).status_code == 401
+            answer = http.post(
+                f"{api}/api/operator/suspend",
+                json=body,
+                headers={"Authorization": f"Bearer {printed['operator token']}"},
+            )
+            assert answer.status_code == 422, answer.text  # authenticated: refused for the unknown agent
+            assert "ghost-of-the-demo" in answer.text
+            assert (data_dir / "operator-token").read_text().strip() == printed["operator token"]
         listed = warden("jobs", "--json", "--data-dir", str(data_dir), env=env)
         assert listed.returncode == 0 and json.loads(listed.stdout)["total"] == 3
         assert warden("status", "--data-dir", str(data_dir), env=env).returncode == 0

@@ -214,3 +214,34 @@ def test_the_image_builds_from_files_that_exist(compose: dict[str, Any]) -> None
     assert "warden" in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     built = {svc.get("build") for svc in services(compose).values() if svc.get("build")}
     assert built == {"."}
+
+
+def test_git_patch_jobs_have_a_mounted_target_repository_the_checker_and_applier_share(
+    compose: dict[str, Any],
+) -> None:
+    svcs = services(compose)
+    readme = (ROOT / "README.md").read_text()
+    target = "/srv/repos/target"
+
+    def mounts_of(name: str) -> dict[str, str]:
+        """container path -> source; a source may hold a colon itself (`${VAR:-default}`)."""
+        out = {}
+        for spec in svcs[name].get("volumes", []):
+            source, _, path = spec.removesuffix(":ro").removesuffix(":rw").rpartition(":")
+            out[path] = source
+        return out
+
+    # One host path, the same container path, wherever git.patch is checked or applied.
+    sources = {mounts_of(name).get(target) for name in ("checker", "applier", "cli")}
+    assert sources == {"${WARDEN_TARGET_REPO:-./target-repo}"}, sources
+    assert "WARDEN_TARGET_REPO" in VAR.findall(COMPOSE.read_text())
+    for name in ("checker", "applier"):
+        spec = next(s for s in svcs[name]["volumes"] if target in s)
+        assert spec.endswith(target), f"{name} must write the target repository (no :ro)"
+        env = svcs[name]["environment"]
+        # git refuses a repository another user owns unless told it is safe.
+        count = int(env["GIT_CONFIG_COUNT"])
+        pairs = {env[f"GIT_CONFIG_KEY_{i}"]: env[f"GIT_CONFIG_VALUE_{i}"] for i in range(count)}
+        assert pairs.get("safe.directory") == target
+    # The documented contract names the path the containers see.
+    assert f'"repo": "{target}"' in readme and "WARDEN_TARGET_REPO" in readme

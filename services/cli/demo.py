@@ -68,6 +68,14 @@ def kept_lines(summary: Summary) -> list[str]:
         f"dashboard: {summary.dashboard}",
         f"data dir:  {summary.data_dir} (server.json there: `warden jobs --data-dir {summary.data_dir}`,",
         f"           or export WARDEN_DATA_DIR={summary.data_dir})",
+        *(
+            [
+                f"operator token: {summary.operator_token} (also in {summary.operator_token_file};",
+                "           the dashboard's Sign in takes it, for approve, revoke and the other actions)",
+            ]
+            if summary.operator_token
+            else []
+        ),
         "--keep: everything stays up until Ctrl-C",
     ]
 

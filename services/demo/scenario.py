@@ -24,6 +24,8 @@ import anyio
 import msgspec
 
 from services import registry
+from services.api import parse_address
+from services.api.auth import TOKENS_ENV, is_loopback
 from services.demo import repo as demo_repo
 from shared import bus, datadir, runtime, topology
 from shared.aggregates import TERMINAL
@@ -46,6 +48,7 @@ from shared.messages import Accepted, JobRequest
 from shared.readmodel.store import URL_ENV, default_url
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, Proposal
+from shared.tokens import local_operator_token, tokens_path
 
 FLEET = {
     # name: behaviour of agent_script.py ("zombie" runs in-process, see below)
@@ -85,6 +88,8 @@ class Summary:
     checks: list[Check] = field(default_factory=list)
     dashboard: str = ""
     nats_url: str = ""
+    operator_token: str = ""  # --keep on loopback: the local operator's, for the dashboard's actions
+    operator_token_file: str = ""
     data_dir: str = ""  # "" once removed
 
     @property
@@ -225,6 +230,8 @@ async def run_demo(
     os.environ["WARDEN_HTTP"] = http
     # The demo's own read model, inside its own data dir: never another run's (or ./.warden's).
     os.environ[URL_ENV] = default_url(data_dir)
+    # The demo's API reads its own token store (empty unless --keep issues the operator's).
+    os.environ[TOKENS_ENV] = str(tokens_path(data_dir))
     summary = Summary(dashboard=f"http://{http}/", data_dir=str(data_dir))
     ownership = datadir.try_own(data_dir) if options.nats_url is None else None
     try:
@@ -263,8 +270,18 @@ async def _deploy(
             await anyio.to_thread.run_sync(fleet.stop)
         await _summarise(ctx, repo, options, summary)
         if keep is not None:
+            _issue_operator_token(data_dir, summary)
             await keep(summary)
         tg.cancel_scope.cancel()
+
+
+def _issue_operator_token(data_dir: Path, summary: Summary) -> None:
+    """As `warden up` on a loopback address: a token for the operator `local`, so the kept
+    dashboard's actions (approve, revoke, ...) work. Elsewhere, tokens are the operator's to add."""
+    if not is_loopback(parse_address(os.environ["WARDEN_HTTP"])[0]):
+        return
+    token, path = local_operator_token(data_dir)
+    summary.operator_token, summary.operator_token_file = token, str(path)
 
 
 async def _run(
