@@ -61,7 +61,7 @@ def test_a_short_seeded_schedule_of_kills_bends_no_guarantee() -> None:
     assert [k["slot"] for k in report["kills"]] == [k.slot for k in planned]
     assert report["seed"] == SEED and len(report["restarts"]) == 1
     restart = report["restarts"][0]
-    assert {"ready_at", "down_s", "first_event_s", "first_lease_s"} <= restart.keys()
+    assert {"ready_at", "down_s", "pending_jobs", "first_event_s", "first_lease_s"} <= restart.keys()
 
     # The figures behind the checks.
     assert sum(report["jobs"].values()) == JOBS

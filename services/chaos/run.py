@@ -381,6 +381,8 @@ async def _run(
                 at = round(time.monotonic() - started, 2)
                 if kill.slot == schedule.BROKER:
                     assert broker is not None
+                    # A resume time means something only when there was work to resume.
+                    pending = sum(not (j in views.jobs and views.jobs[j].terminal) for j in job_ids)
                     killed, ready = await broker.kill_and_restart()
                     summary.kills.append({"at_s": at, "slot": kill.slot, "name": "nats-server"})
                     summary.restarts.append(
@@ -389,6 +391,7 @@ async def _run(
                             "killed_at": killed.isoformat(),
                             "ready_at": ready.isoformat(),
                             "down_s": round((ready - killed).total_seconds(), 3),
+                            "pending_jobs": pending,
                         }
                     )
                     say(f"[{at:6.1f}s] kill -9 broker; restarted on the same port and store")

@@ -4,6 +4,7 @@ oracle (services/chaos/)."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import sys
 
@@ -36,11 +37,16 @@ def render(summary: Summary) -> list[str]:
         by_service[service] = by_service.get(service, 0) + 1
     lines += [f"{service:<10} {n:>5}" for service, n in sorted(by_service.items())]
     if summary.restarts:
-        lines += ["", f"{'broker restart':<16} {'down s':>7} {'first event s':>14} {'first lease s':>14}"]
+        lines += [
+            "",
+            f"{'broker restart':<16} {'down s':>7} {'jobs pending':>13} {'first event s':>14} "
+            f"{'first lease s':>14}",
+        ]
         for r in summary.restarts:
             lines.append(
                 f"{'at ' + _words(r['at_s']) + 's':<16} {_words(r['down_s']):>7} "
-                f"{_words(r.get('first_event_s')):>14} {_words(r.get('first_lease_s')):>14}"
+                f"{_words(r.get('pending_jobs')):>13} {_words(r.get('first_event_s')):>14} "
+                f"{_words(r.get('first_lease_s')):>14}"
             )
     lines += ["", f"{'check':<46} {'':1} detail"]
     for check in summary.checks:
@@ -139,6 +145,10 @@ def chaos(
         settle_s=settle,
         keep=keep,
     )
+
+    if not click.get_current_context().find_root().params.get("verbose"):
+        # This process's own reconnects are expected here (it kills the broker): progress says it.
+        logging.getLogger("warden.bus").setLevel(logging.ERROR)
 
     def say(line: str) -> None:
         click.echo(line, err=True)
