@@ -58,6 +58,7 @@ class Lease(Struct, frozen=True, kw_only=True):
     expires_at: datetime
     ttl_s: float
     ended: str = ""  # "", "expired", "released", "revoked", "completed", "rejected", "failed"
+    trace: str = ""  # the grant's traceparent: the agent's inputs and the timers under it are its children
 
 
 class CheckRecord(Struct, frozen=True, kw_only=True):
@@ -89,6 +90,9 @@ class ProposalState(Struct, frozen=True, kw_only=True):
     rollback: Literal["", "requested", "done", "failed"] = ""
     rollback_reason: str = ""
     rollback_receipt: dict[str, Any] | None = None
+    # The traceparent of the span that last moved it (submitted, accepted, applied, rollback
+    # requested): the parent of whoever takes its next step (an approval, the applier, a rollback).
+    trace: str = ""
 
     def check(self, invariant: str) -> CheckRecord | None:
         return next((c for c in self.checks if c.invariant == invariant), None)
@@ -114,6 +118,8 @@ class Job(Struct, frozen=True, kw_only=True):
     reason: str = ""
     last_hash: str = ""
     proposal_log: tuple[ProposalState, ...] = ()
+    # The traceparent of the span that last made it runnable (its request, a requeue): a grant's parent.
+    trace: str = ""
 
     @property
     def terminal(self) -> bool:
@@ -129,6 +135,12 @@ class Job(Struct, frozen=True, kw_only=True):
 
     def proposal(self, proposal_id: UUID) -> ProposalState | None:
         return next((p for p in self.proposal_log if p.id == proposal_id), None)
+
+    def trace_of(self, epoch: int | None = None) -> str:
+        """The traceparent an input about this job runs under: lease `epoch`'s grant if there is
+        one, else what last made the job runnable."""
+        lease = next((lease for lease in self.leases if lease.epoch == epoch), None)
+        return lease.trace if lease is not None and lease.trace else self.trace
 
 
 def _with_proposal(job: Job, proposal_id: UUID, **changes: Any) -> Job:
@@ -166,6 +178,7 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
             contract=event.contract,
             submitter=event.submitter,
             last_hash=digest(event),
+            trace=event.trace,
         )
     if job is None:
         return None
@@ -178,6 +191,7 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
                 granted_at=event.timestamp,
                 expires_at=event.expires_at,
                 ttl_s=event.ttl_s,
+                trace=event.trace,
             )
             return replace(
                 job,
@@ -198,7 +212,12 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
         case JobRequeued():
             base = job.attempts if event.fresh_attempts else job.attempt_base
             return replace(
-                job, status="queued", pending_proposal=None, reason=event.reason, attempt_base=base
+                job,
+                status="queued",
+                pending_proposal=None,
+                reason=event.reason,
+                attempt_base=base,
+                trace=event.trace or job.trace,
             )
         case JobTombstoned():
             lease, leases = _end_lease(job, job.lease.ended if job.lease and job.lease.ended else "expired")
@@ -217,6 +236,7 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
                 submitted_at=event.timestamp,
                 payload_object=event.payload_object,
                 payload_hash=event.payload_hash,
+                trace=event.trace,
             )
             return replace(
                 job,
@@ -233,14 +253,21 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
             return _with_proposal(job, event.proposal_id, checks=(*checked.checks, check))
         case ProposalAccepted():
             job = _with_proposal(
-                job, event.proposal_id, status="accepted", decided_by=event.by, branch=event.branch
+                job,
+                event.proposal_id,
+                status="accepted",
+                decided_by=event.by,
+                branch=event.branch,
+                trace=event.trace,
             )
             return replace(job, status="accepted" if not job.terminal else job.status)
         case ProposalRejected():
             job = _with_proposal(job, event.proposal_id, status="rejected", decided_by=event.by)
             return _end_attempt_of(job, event.proposal_id, "rejected")
         case EffectApplied():
-            return _with_proposal(job, event.proposal_id, status="applied", receipt=event.receipt)
+            return _with_proposal(
+                job, event.proposal_id, status="applied", receipt=event.receipt, trace=event.trace
+            )
         case EffectFailed():
             if event.phase == "rollback":
                 return _with_proposal(job, event.proposal_id, rollback="failed")
@@ -250,7 +277,9 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
             asked = job.proposal(event.proposal_id)
             if asked is None or asked.rollback == "done":
                 return job
-            return _with_proposal(job, event.proposal_id, rollback="requested", rollback_reason=event.reason)
+            return _with_proposal(
+                job, event.proposal_id, rollback="requested", rollback_reason=event.reason, trace=event.trace
+            )
         case EffectRolledBack():
             return _with_proposal(job, event.proposal_id, rollback="done", rollback_receipt=event.receipt)
         case JobCompleted():

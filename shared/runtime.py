@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from uuid import UUID
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from eventsourcing.application import AggregateNotFoundError
 from eventsourcing.persistence import IntegrityError
@@ -50,16 +51,23 @@ class Context:
     # The embedded server's monitoring endpoint (`warden doctor --monitor`); "" when external.
     monitor_url: str = ""
 
-    async def save(self, *events: Event) -> None:
-        """Append events (atomically when several); raises IntegrityError on a lost race.
+    async def save(self, *events: Event) -> list[Event]:
+        """Append events (atomically when several) and return them as stored (with their trace
+        and hash chain); raises IntegrityError on a lost race.
 
         The application is synchronous and its recorder calls back onto this loop, so it runs
         in a worker thread; the events are folded into the view as soon as they are stored.
         """
+        # Every event carries the span that appended it (one job is one trace), unless it was
+        # built inside a narrower one (an invariant's verdict).
+        traced = telemetry.current_traceparent()
+        if traced:
+            events = tuple(e if e.trace else msgspec.structs.replace(e, trace=traced) for e in events)
         chained = self.views.chain(events)
         await anyio.to_thread.run_sync(lambda: self.app.save(*chained))
         for event in chained:
             self.views.apply(event)
+        return chained
 
     async def reload_job(self, job_id: Any) -> None:
         job = await anyio.to_thread.run_sync(self.app.job, job_id)
@@ -168,8 +176,9 @@ async def run_services(
     """Start every service (each reports ready through task_status) and run until cancelled."""
     async with anyio.create_task_group() as tg:
         await ctx.follow_events(tg)
+        # One configuration per process, named for every service it runs.
+        telemetry.configure("+".join(s.name for s in services) or "warden")
         for service in services:
-            telemetry.configure(service.name)
             await tg.start(service.run, ctx)
             log.info("service %s started", service.name)
         # Answer liveness pings only once every service is serving (`warden doctor` asks).

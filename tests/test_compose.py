@@ -131,7 +131,6 @@ def test_urls_handed_to_containers_point_at_declared_services_and_ports(compose:
         for i, host in enumerate(NODE_HOSTS, start=1)
     }
     collector = yaml.safe_load((ROOT / "ops" / "otel-collector.yaml").read_text())
-    otlp_port = int(collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"].rsplit(":", 1)[1])
     checked = 0
     for name, svc in svcs.items():
         env = svc.get("environment") or {}
@@ -140,8 +139,11 @@ def test_urls_handed_to_containers_point_at_declared_services_and_ports(compose:
             assert {(u.hostname, u.port) for u in urls} == set(node_ports.items()), name
             checked += 1
         if "OTEL_EXPORTER_OTLP_ENDPOINT" in env:
+            # The collector's receiver for the protocol the services speak (http/protobuf by default).
+            protocol = "grpc" if env.get("OTEL_EXPORTER_OTLP_PROTOCOL") == "grpc" else "http"
+            receiver = collector["receivers"]["otlp"]["protocols"][protocol]["endpoint"]
             url = urlsplit(env["OTEL_EXPORTER_OTLP_ENDPOINT"])
-            assert (url.hostname, url.port) == ("otel-collector", otlp_port)
+            assert (url.hostname, url.port) == ("otel-collector", int(receiver.rsplit(":", 1)[1]))
         if "WARDEN_PROJECTIONS_URL" in env:
             url = urlsplit(VAR.sub("secret", env["WARDEN_PROJECTIONS_URL"]))
             assert url.hostname in svcs and url.port == 5432
@@ -245,3 +247,20 @@ def test_git_patch_jobs_have_a_mounted_target_repository_the_checker_and_applier
         assert pairs.get("safe.directory") == target
     # The documented contract names the path the containers see.
     assert f'"repo": "{target}"' in readme and "WARDEN_TARGET_REPO" in readme
+
+
+def test_traces_reach_jaeger_through_the_collector_and_the_dashboard_links_there(
+    compose: dict[str, Any],
+) -> None:
+    svcs = services(compose)
+    collector = yaml.safe_load(host_file(svcs["otel-collector"], "/etc/otelcol/config.yaml").read_text())
+    pipeline = collector["service"]["pipelines"]["traces"]
+    assert pipeline["receivers"] == ["otlp"]
+    exporters = [collector["exporters"][name] for name in pipeline["exporters"]]
+    assert [urlsplit(f"//{e['endpoint']}").hostname for e in exporters] == ["jaeger"]
+    assert urlsplit(f"//{exporters[0]['endpoint']}").port == 4317  # Jaeger's OTLP/gRPC receiver
+    assert svcs["jaeger"]["image"].startswith(("jaegertracing/jaeger:", "jaegertracing/all-in-one:"))
+    assert "jaeger" in svcs["otel-collector"].get("depends_on", [])
+    template = svcs["api"]["environment"]["WARDEN_TRACE_URL"]
+    assert "{trace_id}" in template
+    assert urlsplit(template).port in published(svcs["jaeger"]).values()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 from services.api import spec
 from services.api.auth import Auth, Denied, Need
 from services.api.hub import Hub, sse
-from shared import bus, events, topology
+from shared import bus, events, telemetry, topology
 from shared.app import WardenApp
 from shared.messages import Accepted, AnyReply, OperatorCommand, Rejected, decode_input
 from shared.readmodel import ReadModel, queries
@@ -51,6 +52,8 @@ class Deps:
     js: JetStreamContext
     nc: Client | None = None  # for operator commands and job submission; read-only without it
     auth: Auth = field(default_factory=lambda: Auth("operators", TokenStore(None)))
+    # Where a job's trace opens, "{trace_id}" standing for its id (Jaeger: .../trace/{trace_id}).
+    trace_url: str = field(default_factory=lambda: os.environ.get("WARDEN_TRACE_URL", ""))
 
 
 def json(body: Any, status: int = 200) -> Response:
@@ -164,6 +167,12 @@ def build(deps: Deps) -> Starlette:
         if job is None:
             return error(404, f"no job {q['job_id']} in the read model (yet)")
         job["timeline"] = await in_thread(_stored_timeline, deps.app, q["job_id"])
+        traced = next((e["event"]["trace"] for e in job["timeline"] if e["event"].get("trace")), "")
+        job["trace_id"] = telemetry.trace_id_of(traced)
+        template = deps.trace_url
+        job["trace_url"] = (
+            template.replace("{trace_id}", job["trace_id"]) if template and job["trace_id"] else ""
+        )
         return json(job)
 
     async def list_agents(_r: Request, q: dict[str, Any]) -> Response:

@@ -100,6 +100,10 @@ class JobDetail(JobView, kw_only=True):
     failures: list[FailureRow]
     revocations: list[RevocationRow]
     timeline: list[StoredEventEntry]
+    # The job's one trace (its request's), and where a browser opens it when WARDEN_TRACE_URL
+    # names a template ("" otherwise).
+    trace_id: str = ""
+    trace_url: str = ""
 
 
 class AgentDetail(AgentRow, kw_only=True):

@@ -146,10 +146,20 @@ class Applier:
                 return
             kind, state = work
             try:
-                if kind == "apply":
-                    await self._apply(job, state)
-                else:
-                    await self._rollback(job, state)
+                # A child of the span that accepted the proposal, or that asked for its rollback.
+                with telemetry.span(
+                    "applier effect" if kind == "apply" else "applier rollback",
+                    parent=state.trace,
+                    job_id=job.id,
+                    agent=state.agent,
+                    epoch=state.epoch,
+                    proposal_id=state.id,
+                    effect=state.effect,
+                ):
+                    if kind == "apply":
+                        await self._apply(job, state)
+                    else:
+                        await self._rollback(job, state)
             except IntegrityError:
                 log.info("job %s moved before our record (a replica, or another event): re-reading", job_id)
                 await self.ctx.reload_job(job_id)

@@ -96,15 +96,33 @@ class Checker:
         return lock
 
     async def handle(self, msg: Msg) -> None:
-        with telemetry.tracer().start_as_current_span(
-            f"checker {msg.subject}",
-            context=telemetry.extract(msg.headers),  # type: ignore[arg-type]
+        named = telemetry.names_in(msg.data)
+        if msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
+            verb = msg.subject.rsplit(".", 1)[-1]
+            # An approval or denial is the next step of the proposal's own span.
+            job_id = self._proposal_job.get(named.proposal_id) if named.proposal_id else None
+            job = self.ctx.views.jobs.get(job_id) if job_id else None
+            state = job.proposal(named.proposal_id) if job and named.proposal_id else None
+            with telemetry.span(
+                f"checker {verb}",
+                parent=state.trace if state else None,
+                headers=msg.headers,
+                job_id=job_id,
+                proposal_id=named.proposal_id,
+            ):
+                await self.on_operator(msg, verb)
+            return
+        parsed = topology.parse_agent_subject(msg.subject)
+        assert parsed is not None, msg.subject  # the consumer's filter guarantees it
+        job = self.ctx.views.jobs.get(named.job_id) if named.job_id else None
+        with telemetry.span(
+            "checker proposal",
+            parent=job.trace_of(named.epoch) if job else None,  # the lease it was made under
+            headers=msg.headers,
+            job_id=named.job_id,
+            agent=parsed[0],
+            epoch=named.epoch,
         ):
-            if msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
-                await self.on_operator(msg, msg.subject.rsplit(".", 1)[-1])
-                return
-            parsed = topology.parse_agent_subject(msg.subject)
-            assert parsed is not None, msg.subject  # the consumer's filter guarantees it
             await self.on_propose(msg, parsed[0])
 
     # --- proposals -----------------------------------------------------------------------
@@ -127,6 +145,7 @@ class Checker:
     async def _propose(self, msg: Msg, agent: str, body: Propose) -> None:
         seq = input_seq(msg)
         pid = proposal_id_for(topology.INPUT_STREAM, seq)
+        telemetry.annotate(proposal_id=pid)
         job = self.ctx.views.jobs[body.job_id]
         state = job.proposal(pid)
         if state is None:  # first delivery (a redelivery finds its proposal already recorded)
@@ -236,17 +255,19 @@ class Checker:
             if expensive and pending:
                 await self.ctx.save(*pending)
                 pending = []
-            verdict, version = await self._run(inv, name, subject)
-            check = InvariantChecked(
-                originator_id=job.id,
-                originator_version=self.ctx.views.jobs[job.id].version + 1 + len(pending),
-                proposal_id=state.id,
-                invariant=name,
-                version=version,
-                verdict=verdict.verdict,
-                evidence=verdict.evidence,
-                trace=telemetry.current_traceparent(),
-            )
+            with telemetry.span(f"checker invariant {name}", invariant=name, proposal_id=state.id):
+                verdict, version = await self._run(inv, name, subject)
+                telemetry.annotate(verdict=verdict.verdict)
+                check = InvariantChecked(
+                    originator_id=job.id,
+                    originator_version=self.ctx.views.jobs[job.id].version + 1 + len(pending),
+                    proposal_id=state.id,
+                    invariant=name,
+                    version=version,
+                    verdict=verdict.verdict,
+                    evidence=verdict.evidence,
+                    trace=telemetry.current_traceparent(),
+                )
             if expensive:
                 await self.ctx.save(check)
             else:
@@ -324,6 +345,7 @@ class Checker:
                 trace=telemetry.current_traceparent(),
             ),
         )
+        telemetry.annotate(verdict="accepted")
         telemetry.instruments().decisions.add(1, {"decision": "accepted"})
         log.info("proposal %s accepted (%s)", state.id, by)
         return True
@@ -356,6 +378,7 @@ class Checker:
             why = f"proposal {state.id} rejected: {'; '.join(violations)}"
             events.append(after_attempt(job, base + 2, why, now(), by=self.name))
         await self.ctx.save(*events)
+        telemetry.annotate(verdict="rejected")
         telemetry.instruments().decisions.add(1, {"decision": "rejected"})
         log.info("proposal %s rejected (%s): %s", state.id, by, "; ".join(violations))
 

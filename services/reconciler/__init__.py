@@ -151,6 +151,19 @@ class Reconciler:
 
     async def _check(self, job_id: UUID) -> None:
         """Enforce whatever stopping condition is due on this job; reschedule the rest."""
+        job = self.ctx.views.jobs.get(job_id)
+        lease = job.live_lease if job else None
+        # A timer acts for the lease it watches: a child of its grant.
+        with telemetry.span(
+            "reconciler expiry",
+            parent=lease.trace if lease else job.trace if job else "",
+            job_id=job_id,
+            agent=lease.agent if lease else None,
+            epoch=lease.epoch if lease else None,
+        ):
+            await self._check_now(job_id)
+
+    async def _check_now(self, job_id: UUID) -> None:
         async with self._lock(job_id):
             for _ in range(5):
                 job = self.ctx.views.jobs.get(job_id)
@@ -201,6 +214,7 @@ class Reconciler:
                 )
             )
             await self.ctx.save(*events)
+            telemetry.annotate(standing="deadline")
             return "expired"
         if lease is None:
             return None
@@ -217,6 +231,7 @@ class Reconciler:
         if breach:
             revoke = self._revoke(job, lease, f"budget exceeded: {breach}", "budget", job.version + 1)
             await self.ctx.save(revoke, after_attempt(job, job.version + 2, revoke.reason, at))
+            telemetry.annotate(standing="budget_exceeded")
             telemetry.instruments().revocations.add(1, {"signal": "budget"})
             return "budget_exceeded"
         return "extended"
@@ -252,6 +267,7 @@ class Reconciler:
             f"(last at {seen.at.isoformat()})" if seen else "(none ever received)"
         )
         await self.ctx.save(expired, after_attempt(job, job.version + 2, reason, at))
+        telemetry.annotate(standing="expired")
         metrics = telemetry.instruments()
         metrics.lease_expiries.add(1)
         metrics.detection_latency.record(latency_ms)
@@ -295,9 +311,15 @@ class Reconciler:
         parsed = topology.parse_agent_subject(msg.subject)
         assert parsed is not None, msg.subject
         agent, verb = parsed
-        with telemetry.tracer().start_as_current_span(
+        named = telemetry.names_in(msg.data)
+        job = self.ctx.views.jobs.get(named.job_id) if named.job_id is not None else None
+        with telemetry.span(
             f"reconciler {verb}",
-            context=telemetry.extract(msg.headers),  # type: ignore[arg-type]
+            parent=job.trace_of(named.epoch) if job else None,  # the lease it beats under
+            headers=msg.headers,
+            job_id=named.job_id,
+            agent=agent,
+            epoch=named.epoch,
         ):
             kind: type[Heartbeat] | type[Release] = Heartbeat if verb == "heartbeat" else Release
             body = await decode_or_reject(self.ctx, msg, kind, sender=agent)

@@ -19,6 +19,7 @@ from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
 from shared import bus, telemetry, topology
+from shared.aggregates import Job
 from shared.authority import Action, AuthorityBook
 from shared.events import (
     AgentLevelChanged,
@@ -49,6 +50,12 @@ class Revoker:
         self.book = AuthorityBook(load_policy())
         self._versions: dict[Any, int] = {}
         self._dirty: set[str] = set()
+        # Per agent, the traceparent of the event that last changed its record, and of its
+        # revocation: what an action the policy calls for answers (its span's parent, or the
+        # link from the job it acts in). A lease revocation or a rollback answers the revocation,
+        # whatever was folded since (the lease's own grant, seen late).
+        self._cause: dict[str, str] = {}
+        self._revoked_by: dict[str, str] = {}
         self._wake = anyio.Event()
         self.ctx: Context
 
@@ -74,6 +81,10 @@ class Revoker:
         self._versions[event.originator_id] = event.originator_version
         changed = self.book.apply(event)
         if changed is not None:
+            if event.trace:
+                self._cause[changed] = event.trace
+                if isinstance(event, AgentRevoked):
+                    self._revoked_by[changed] = event.trace
             self._dirty.add(changed)
             self._wake.set()
 
@@ -81,8 +92,7 @@ class Revoker:
         self._fold(event)
 
     async def _save(self, *events: Event) -> None:
-        await self.ctx.save(*events)
-        for event in events:
+        for event in await self.ctx.save(*events):
             self._fold(event)
 
     async def _decide_loop(self) -> None:
@@ -99,6 +109,26 @@ class Revoker:
                         await anyio.lowlevel.checkpoint()
 
     async def _act(self, action: Action) -> None:
+        cause = self._cause.get(action.agent, "")
+        if action.kind in ("revoke_lease", "rollback"):
+            cause = self._revoked_by.get(action.agent, cause)
+        if action.kind == "rollback":
+            await self._request_rollback(action, by=self.name, cause=cause)
+            return
+        job = self.ctx.views.jobs.get(action.job_id) if action.job_id else None
+        # An agent's revocation continues the trace of the signal; a lease's stays in its job's.
+        with telemetry.span(
+            "revoker revocation" if action.kind in ("revoke", "revoke_lease") else f"revoker {action.kind}",
+            parent=job.trace_of(action.epoch) if job else cause,
+            link=cause if job else "",
+            agent=action.agent,
+            job_id=action.job_id,
+            epoch=action.epoch or None,
+            action=action.kind,
+        ):
+            await self._act_now(action)
+
+    async def _act_now(self, action: Action) -> None:
         views = self.ctx.views
         at = now()
         match action.kind:
@@ -167,8 +197,6 @@ class Revoker:
                 except IntegrityError:
                     await self.ctx.reload_job(job.id)
                     raise
-            case "rollback":
-                await self._request_rollback(action, by=self.name)
 
     def _fold_lease_gone(self, action: Action) -> None:
         """The lease already ended (expired, released): nothing to revoke, stop asking."""
@@ -176,7 +204,8 @@ class Revoker:
         if rec is not None and action.job_id is not None:
             rec.live_leases.pop(action.job_id, None)
 
-    async def _request_rollback(self, action: Action, by: str) -> None:
+    async def _request_rollback(self, action: Action, by: str, cause: str) -> None:
+        """`cause`: the traceparent of what asked for it (a revocation, an operator's command)."""
         assert action.proposal_id is not None
         job_id = action.job_id or self.book.proposal_job.get(action.proposal_id)
         job = self.ctx.views.jobs.get(job_id) if job_id else None
@@ -184,6 +213,20 @@ class Revoker:
             log.error("rollback of %s: its job is unknown", action.proposal_id)
             self.book.rollback_requested.add(action.proposal_id)
             return
+        state = job.proposal(action.proposal_id)
+        # In the proposal's job's trace, after the span that accepted it; the cause is linked.
+        with telemetry.span(
+            "revoker rollback",
+            parent=state.trace if state else job.trace,
+            link=cause,
+            job_id=job.id,
+            agent=action.agent,
+            proposal_id=action.proposal_id,
+        ):
+            await self._save_rollback(job, action, by)
+
+    async def _save_rollback(self, job: Job, action: Action, by: str) -> None:
+        assert action.proposal_id is not None
         try:
             await self._save(
                 RollbackRequested(
@@ -207,6 +250,10 @@ class Revoker:
 
     async def on_operator(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
+        with telemetry.span(f"revoker {verb}", headers=msg.headers):
+            await self._on_operator(msg, verb)
+
+    async def _on_operator(self, msg: Msg, verb: str) -> None:
         cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
         if cmd is None:
             return
@@ -240,6 +287,7 @@ class Revoker:
                     signal_at=now(),
                 ),
                 by=cmd.operator,
+                cause=telemetry.current_traceparent(),
             )
             return None
         if not cmd.agent:

@@ -98,16 +98,25 @@ class Scheduler:
             self._queue.remove((job.created_on, job.id))
 
     async def handle(self, msg: Msg) -> None:
-        with telemetry.tracer().start_as_current_span(
-            f"scheduler {msg.subject}",
-            context=telemetry.extract(msg.headers),  # type: ignore[arg-type]
-        ):
-            if msg.subject == topology.REQUEST_SUBJECT:
+        if msg.subject == topology.REQUEST_SUBJECT:
+            # The request opens the job's trace (under the submitter's, when it sent one).
+            with telemetry.span("scheduler request", headers=msg.headers):
                 await self.on_request(msg)
-            elif msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
-                await self.on_operator(msg, msg.subject.rsplit(".", 1)[-1])
-            else:
-                parsed = topology.parse_agent_subject(msg.subject)
+        elif msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
+            verb = msg.subject.rsplit(".", 1)[-1]
+            named = telemetry.names_in(msg.data).job_id
+            job = self.ctx.views.jobs.get(named) if named is not None else None
+            with telemetry.span(
+                f"scheduler {verb}", parent=job.trace if job else None, headers=msg.headers, job_id=named
+            ):
+                await self.on_operator(msg, verb)
+        else:
+            parsed = topology.parse_agent_subject(msg.subject)
+            with telemetry.span(
+                f"scheduler {parsed[1] if parsed else 'input'}",
+                headers=msg.headers,
+                agent=parsed[0] if parsed else None,
+            ):
                 if parsed is None:  # the malformed agent subjects are ours to refuse
                     await self.on_malformed(msg)
                     return
@@ -138,6 +147,7 @@ class Scheduler:
             await reject_input(self.ctx, msg, errors, sender=request.submitter)
             return
         job_id = job_id_for(request.idempotency_key)
+        telemetry.annotate(job_id=job_id)
         digest = request_digest(request)
         if job_id not in self.ctx.views.jobs:
             event = JobRequested(
@@ -308,28 +318,38 @@ class Scheduler:
         return False
 
     async def _grant(self, job: Job, agent: str, at: datetime, claim_seq: int) -> LeaseGrant | None:
-        stopping = job.contract.stopping
-        expires = at + timedelta(seconds=stopping.lease_ttl_s)
-        event = LeaseGranted(
-            originator_id=job.id,
-            originator_version=job.version + 1,
+        # A child of what made the job runnable, not of the claim (an agent's, about no job yet):
+        # the claim's span is linked.
+        with telemetry.span(
+            "scheduler grant",
+            parent=job.trace,
+            link=telemetry.current_traceparent(),
+            job_id=job.id,
             agent=agent,
             epoch=job.attempts + 1,
-            ttl_s=stopping.lease_ttl_s,
-            expires_at=expires,
-            claim_seq=claim_seq,
-            timestamp=at,
-            trace=telemetry.current_traceparent(),
-        )
-        self._granting.add(job.id)
-        try:
-            await self.ctx.save(event)
-        except IntegrityError:
-            await self.ctx.reload_job(job.id)  # another replica moved it first
-            self._track(self.ctx.views.jobs[job.id])
-            return None
-        finally:
-            self._granting.discard(job.id)
+        ):
+            stopping = job.contract.stopping
+            expires = at + timedelta(seconds=stopping.lease_ttl_s)
+            event = LeaseGranted(
+                originator_id=job.id,
+                originator_version=job.version + 1,
+                agent=agent,
+                epoch=job.attempts + 1,
+                ttl_s=stopping.lease_ttl_s,
+                expires_at=expires,
+                claim_seq=claim_seq,
+                timestamp=at,
+                trace=telemetry.current_traceparent(),
+            )
+            self._granting.add(job.id)
+            try:
+                await self.ctx.save(event)
+            except IntegrityError:
+                await self.ctx.reload_job(job.id)  # another replica moved it first
+                self._track(self.ctx.views.jobs[job.id])
+                return None
+            finally:
+                self._granting.discard(job.id)
         return LeaseGrant(
             job_id=job.id,
             kind=job.kind,

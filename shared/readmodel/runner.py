@@ -16,13 +16,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import Notification, Subscription, Tracking
 from eventsourcing.projection import Projection
+from opentelemetry.context import Context as OtelContext
 
+from shared import telemetry
 from shared.events import AnyEvent
 from shared.persistence import written
 from shared.readmodel.store import APPLICATION, PROJECTION_NAME, ReadModel
@@ -30,6 +33,8 @@ from shared.readmodel.store import APPLICATION, PROJECTION_NAME, ReadModel
 log = logging.getLogger("warden.projection")
 
 _STOP = object()
+# Batches up to this size are live folding, traced event by event (see fold_spans).
+LIVE_BATCH = 64
 
 
 def decode_notification(notification: Notification) -> AnyEvent | None:
@@ -45,6 +50,39 @@ def decode_notification(notification: Notification) -> AnyEvent | None:
         log.warning("stepping over notification %s (%s): %s", notification.id, notification.topic, event)
         return None
     return event
+
+
+@contextmanager
+def fold_spans(batch: Sequence[tuple[int, AnyEvent | None]]) -> Iterator[None]:
+    """One "projector fold" span per live event, a child of the span that appended it, lasting
+    until its batch is committed. A catch-up batch (a replay, a restart) gets none: a million
+    spans would cost more than the folding."""
+    if len(batch) > LIVE_BATCH:
+        yield
+        return
+    tracer = telemetry.tracer()
+    spans = [
+        tracer.start_span(
+            "projector fold",
+            context=telemetry.context_of(event.trace) or OtelContext(),
+            attributes={
+                "warden.event": type(event).__struct_config__.tag or "",
+                "warden.seq": seq,
+                "warden.aggregate_id": str(event.originator_id),
+            },
+        )
+        for seq, event in batch
+        if event is not None and event.trace
+    ]
+    try:
+        yield
+    except BaseException as exc:
+        for span in spans:
+            span.record_exception(exc)
+        raise
+    finally:
+        for span in spans:
+            span.end()
 
 
 class ReadModelProjection(Projection[ReadModel]):
@@ -104,7 +142,9 @@ class BatchingProjectionRunner:
             while not self._stopping.is_set():
                 batch, error, done = self._take()
                 if batch:
-                    position = self.projection.process_batch([(n.id, decode_notification(n)) for n in batch])
+                    decoded = [(n.id, decode_notification(n)) for n in batch]
+                    with fold_spans(decoded):
+                        position = self.projection.process_batch(decoded)
                     if self.on_commit is not None:
                         self.on_commit(position)
                 if error is not None:
