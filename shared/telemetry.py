@@ -18,13 +18,15 @@ import importlib
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, NamedTuple
 from uuid import UUID
 
 import msgspec
 from opentelemetry import metrics, propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from shared import topology
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricReader
@@ -190,15 +192,21 @@ class Names(msgspec.Struct):
     """What an input says it is about, read before it is validated: only to pick its span's parent."""
 
     job_id: UUID | None = None
-    epoch: int | None = None
+    # Bounded: a span attribute past int64 would fail the whole export batch.
+    epoch: Annotated[int, msgspec.Meta(ge=0, le=2**31)] | None = None
     proposal_id: UUID | None = None
 
 
 def names_in(data: bytes) -> Names:
-    """The job, lease and proposal an input names, or none of them when it is not that shape."""
+    """The job, lease and proposal an input names, or none of them when it is not that shape.
+
+    Hostile bytes (too large, nested thousands deep, not JSON) name nothing and raise nothing:
+    the handler records why the input is refused; its span only needs a parent."""
+    if len(data) > topology.MAX_INPUT_BYTES:
+        return Names()
     try:
         return msgspec.json.decode(data, type=Names)
-    except msgspec.DecodeError:  # its handler records why; a span only needs a parent
+    except (msgspec.MsgspecError, RecursionError, ValueError):
         return Names()
 
 

@@ -320,3 +320,19 @@ async def test_the_job_drawer_links_to_the_jobs_trace_when_a_trace_url_is_config
         async with httpx.AsyncClient(base_url=side.api.url) as http:
             job = (await http.get(f"/api/jobs/{job_id}")).json()
         assert (job["trace_id"], job["trace_url"]) == (trace_id, "")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"[" * 100_000,
+        b'{"job_id":' * 5000,
+        b"\xff",
+        b'{"epoch": 1e400}',
+        b'{"epoch": 99999999999999999999}',
+        b'{"job_id": "not-a-uuid", "epoch": 1}',
+        b"x" * (topology.MAX_INPUT_BYTES + 1),
+    ],
+)
+def test_hostile_bytes_name_no_job_and_raise_nothing_when_a_span_picks_its_parent(data: bytes) -> None:
+    assert telemetry.names_in(data) == telemetry.Names()

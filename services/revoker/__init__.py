@@ -214,7 +214,8 @@ class Revoker:
             self.book.rollback_requested.add(action.proposal_id)
             return
         state = job.proposal(action.proposal_id)
-        # In the proposal's job's trace, after the span that accepted it; the cause is linked.
+        # In the proposal's job's trace, after the span that last moved it (its application);
+        # the cause is linked.
         with telemetry.span(
             "revoker rollback",
             parent=state.trace if state else job.trace,
