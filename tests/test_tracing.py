@@ -284,6 +284,21 @@ new Promise((resolve) => {
 """
 
 
+DRAWER_OPEN = """
+new Promise((resolve) => {
+  const check = () => {
+    const shown = document.querySelector('#detail [data-detail-state]');
+    // The drawer's own children, as the page built them: stray text (a "null") shows as text:.
+    const body = document.getElementById('detail-body');
+    if (shown) { resolve([...body.childNodes].map((n) => n.nodeType === 3 ? `text:${n.textContent}` : n.tagName)); return true; }
+    return false;
+  };
+  if (!check()) new MutationObserver((m, o) => { if (check()) o.disconnect(); })
+    .observe(document.getElementById('detail'), { childList: true, subtree: true });
+})
+"""
+
+
 @pytest.mark.timeout(300)  # the first run may install chromium (see tests/test_dashboard.py)
 async def test_the_job_drawer_links_to_the_jobs_trace_when_a_trace_url_is_configured(
     nats_server: EmbeddedServer,
@@ -312,14 +327,22 @@ async def test_the_job_drawer_links_to_the_jobs_trace_when_a_trace_url_is_config
             href, shown = await page.evaluate(TRACE_LINK)
         assert (href, shown) == (f"http://traces.example:16686/trace/{trace_id}", trace_id)
 
-    # Without a template the drawer shows no link (the API says where none is configured).
+    # Without a template the drawer shows no link, and nothing in its place.
     monkeypatch.delenv("WARDEN_TRACE_URL")
-    async with read_side(nats_server.url, store, api=True) as side:
+    async with read_side(nats_server.url, store, api=True) as side, browser_page(chromium) as page:
         assert side.api is not None
         await side.caught_up()
         async with httpx.AsyncClient(base_url=side.api.url) as http:
             job = (await http.get(f"/api/jobs/{job_id}")).json()
         assert (job["trace_id"], job["trace_url"]) == (trace_id, "")
+        with anyio.fail_after(60):
+            await page.goto(side.api.url + "/")
+            await page.evaluate(READY)
+            await page.evaluate(card_in_state(str(job_id), "queued"))
+            await page.evaluate(f"document.querySelector('.job[data-job-id=\"{job_id}\"]').click()")
+            children = await page.evaluate(DRAWER_OPEN)
+        assert children[:2] == ["H2", "P"], children  # the state line follows the title directly
+        assert await page.evaluate("document.querySelectorAll('#detail a[data-trace-link]').length") == 0
 
 
 @pytest.mark.parametrize(

@@ -246,7 +246,7 @@ async function openJob(jobId) {
   if (state.openJob !== jobId) return;
   redrawDrawer(
     el("h2", {}, `${job.kind} `, el("span", { class: "muted" }, job.job_id)),
-    job.trace_url ? el("p", {}, el("a", { href: job.trace_url, target: "_blank", rel: "noopener", "data-trace-link": job.trace_id }, "open this job's trace")) : null,
+    ...(job.trace_url ? [el("p", {}, el("a", { href: job.trace_url, target: "_blank", rel: "noopener", "data-trace-link": job.trace_id }, "open this job's trace"))] : []),
     el("p", { "data-detail-state": job.state }, `state ${job.state} · attempts ${job.attempts}/${job.max_attempts}`,
       job.reason ? ` · ${job.reason}` : ""),
     jobBadges(job),
