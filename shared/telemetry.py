@@ -151,8 +151,11 @@ def configure(service: str, exporter: str | None = None) -> None:
     _configured = True
 
 
+_tracer = trace.get_tracer("warden")  # a proxy: it uses the provider configure() installs
+
+
 def tracer() -> trace.Tracer:
-    return trace.get_tracer("warden")
+    return _tracer
 
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
