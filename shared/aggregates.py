@@ -59,6 +59,7 @@ class Lease(Struct, frozen=True, kw_only=True):
     ttl_s: float
     ended: str = ""  # "", "expired", "released", "revoked", "completed", "rejected", "failed"
     trace: str = ""  # the grant's traceparent: the agent's inputs and the timers under it are its children
+    claim_seq: int = 0  # the input sequence of the claim it answered
 
 
 class CheckRecord(Struct, frozen=True, kw_only=True):
@@ -192,6 +193,7 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
                 expires_at=event.expires_at,
                 ttl_s=event.ttl_s,
                 trace=event.trace,
+                claim_seq=event.claim_seq,
             )
             return replace(
                 job,

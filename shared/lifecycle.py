@@ -113,6 +113,19 @@ async def fence(ctx: Context, msg: Msg, agent: str, verb: str, job: Job, epoch: 
     return fenced
 
 
+def late_heartbeat(agent: str, job: Job, epoch: int) -> bool:
+    """A heartbeat of a lease its own holder ended (by a proposal judged, a release): sent
+    before the holder heard the verdict, or a copy delivered again after a broker restart lost
+    its ack. It is answered ("ended") but not fenced: nothing was sent under a lost lease."""
+    return any(
+        lease.agent == agent and lease.epoch == epoch and lease.ended in HOLDER_ENDED for lease in job.leases
+    )
+
+
+# How a lease ends by its holder's own doing (not expired, not revoked).
+HOLDER_ENDED = frozenset({"completed", "released", "rejected", "failed"})
+
+
 def since_progress_ms(seen: HeartbeatSeen | None, detected_at: datetime) -> float | None:
     """What a stall cost: from the work's last sign of progress (as its last heartbeat reported
     it, never later than that heartbeat) to the expiry's detection; None when not reported."""

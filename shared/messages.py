@@ -81,6 +81,11 @@ class Claim(Input, frozen=True, tag="agent.claim"):
     # A claim nobody answered within this many seconds is stale: never grant on it.
     wait_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     sent_at: datetime | None = None
+    # The jobs whose leases the sender knows it holds. A live lease of the sender missing here
+    # was granted on a claim whose answer never reached it (a broker restart, a wait that ran
+    # out): it is handed back as this claim's answer instead of left to expire. None (older
+    # clients): nothing is handed back.
+    holding: Annotated[list[UUID], Meta(max_length=1000)] | None = None
 
 
 class Heartbeat(Input, frozen=True, tag="agent.heartbeat"):

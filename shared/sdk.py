@@ -17,7 +17,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 from uuid import UUID
 
@@ -240,6 +240,13 @@ class AgentClient:
         self.timeout = timeout
         self._stop = anyio.Event()
         self.stop_reason = ""
+        # The jobs whose leases this client was granted: every claim names them, so the scheduler
+        # hands back a lease whose grant never reached us (see Claim.holding). A job being worked
+        # maps to None; one let go without an answer that ended its lease (stalled, a proposal
+        # stored but not judged yet) is named until its lease has surely ended, so it is never
+        # handed back. One claim at a time, so a claim never leaves out a grant another is receiving.
+        self._holding: dict[UUID, datetime | None] = {}
+        self._claiming = anyio.Lock()
 
     def stop(self, reason: str = "told to stop") -> None:
         """Claim nothing more; a job in hand has its handler cancelled and its lease released."""
@@ -284,10 +291,20 @@ class AgentClient:
                 await self._pause(backoff.next())
 
     async def claim(self, wait_s: float | None = None) -> LeaseGrant | None:
-        """A lease on the oldest runnable job this agent may take, or None when there is none."""
-        reply = await self._send(
-            "claim", Claim(kinds=self.kinds, wait_s=wait_s or self.timeout, sent_at=now())
-        )
+        """A lease on the oldest runnable job this agent may take, or None when there is none.
+
+        The lease may be one granted earlier whose answer never arrived (see Claim.holding)."""
+        async with self._claiming:
+            at = now()
+            for job_id, until in list(self._holding.items()):
+                if until is not None and until < at:
+                    del self._holding[job_id]
+            body = Claim(
+                kinds=self.kinds, wait_s=wait_s or self.timeout, sent_at=at, holding=sorted(self._holding)
+            )
+            reply = await self._send("claim", body)
+            if isinstance(reply, LeaseGrant):
+                self._holding[reply.job_id] = None
         if isinstance(reply, LeaseGrant):
             return reply
         if isinstance(reply, NoWork):
@@ -387,6 +404,20 @@ class AgentClient:
         """Run `handler` under this lease: heartbeats meanwhile, then propose (or release).
 
         A handler that raises Stalled gets neither: heartbeats stop and the lease expires."""
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._work(grant, handler)
+            return outcome
+        finally:
+            self._let_go(grant, outcome)
+
+    def _let_go(self, grant: LeaseGrant, outcome: Outcome | None) -> None:
+        if outcome is not None and isinstance(outcome.reply, Accepted):
+            self._holding.pop(grant.job_id, None)  # judged or released: the lease is over
+        else:  # a lease nobody beats for ends within a TTL; twice that covers a late expiry
+            self._holding[grant.job_id] = now() + timedelta(seconds=2 * grant.ttl_s)
+
+    async def _work(self, grant: LeaseGrant, handler: Handler) -> Outcome:
         ctx = JobContext(grant=grant)
         lost: list[Outcome] = []
         result: Proposal | None = None
@@ -493,7 +524,14 @@ class AgentClient:
                     why = f"agent stopping: {self.stop_reason}"
                     released = await self._release_retrying(JobContext(grant=grant), why)
                     detail = f"{why}; {released}" if isinstance(released, str) else why
-                    outcome = Outcome(grant.job_id, grant.epoch, "released", detail)
+                    outcome = Outcome(
+                        grant.job_id,
+                        grant.epoch,
+                        "released",
+                        detail,
+                        None if isinstance(released, str) else released,
+                    )
+                    self._let_go(grant, outcome)
                 else:
                     outcome = await self.work(grant, handler)
                 result.outcomes.append(outcome)

@@ -34,7 +34,7 @@ from shared.events import (
     now,
 )
 from shared.handling import answer, decode_or_reject, give_up, input_seq, known_job
-from shared.lifecycle import after_attempt, budget_breach, fence, since_progress_ms
+from shared.lifecycle import after_attempt, budget_breach, fence, late_heartbeat, since_progress_ms
 from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
 from shared.runtime import Context
 from shared.validation import InvalidInput
@@ -347,6 +347,9 @@ class Reconciler:
     async def _heartbeat(self, msg: Msg, agent: str, hb: Heartbeat) -> None:
         job = self.ctx.views.jobs[hb.job_id]
         at = now()
+        if late_heartbeat(agent, job, hb.epoch):
+            await answer(self.ctx, msg, HeartbeatAck(standing="ended", reason=job.reason))
+            return
         standing = await self.fence(msg, agent, "heartbeat", job, hb.epoch)
         if standing is not None:
             await answer(self.ctx, msg, HeartbeatAck(standing=standing, reason=job.reason))

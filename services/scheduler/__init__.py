@@ -61,6 +61,15 @@ def _ordering_key(msg: Msg) -> str:
     return str(msg.subject)
 
 
+def _unknown_to(job: Job, name: str, claim: Claim, seq: int) -> bool:
+    lease = job.live_lease
+    if job.status != "leased" or lease is None or lease.agent != name:
+        return False
+    if lease.claim_seq == seq:
+        return True
+    return claim.holding is not None and job.id not in claim.holding and lease.claim_seq < seq
+
+
 class Scheduler:
     name = "scheduler"
 
@@ -263,6 +272,9 @@ class Scheduler:
 
     async def _lease_for(self, agent: Agent, claim: Claim, at: datetime, seq: int) -> LeaseGrant | NoWork:
         name = agent.name
+        unknown = await self._unknown_lease(name, claim, seq)
+        if unknown is not None:
+            return await self._grant_again(unknown)
         held = self.ctx.views.live_leases_of(name)
         # The agent's own limit, capped by what its autonomy level allows.
         limit = min(agent.max_concurrent, self.policy.at(agent.level).max_leases)
@@ -289,6 +301,40 @@ class Scheduler:
             if grant is not None:
                 return grant
         return NoWork(detail="no runnable job for this agent")
+
+    async def _unknown_lease(self, name: str, claim: Claim, seq: int) -> Job | None:
+        """A job whose live lease `name` holds without knowing it: granted on this very claim
+        (delivered again after a broker restart lost its ack), or on an earlier claim whose
+        answer never reached the agent (its claim says it does not hold it). Handed back, it is
+        worked; left alone, it would expire and spend an attempt. Only a lease with nothing
+        proposed under it yet, as the store has it (the view may not hold the proposal)."""
+        for job in list(self.ctx.views.jobs.values()):
+            if not _unknown_to(job, name, claim, seq):
+                continue
+            stored = await self.ctx.job_from_store(job.id)
+            if stored is not None and _unknown_to(stored, name, claim, seq):
+                return stored
+        return None
+
+    async def _grant_again(self, job: Job) -> LeaseGrant:
+        lease = job.live_lease
+        assert lease is not None
+        log.info(
+            "handing lease %d of job %s back to %s (its grant was not received)",
+            lease.epoch,
+            job.id,
+            lease.agent,
+        )
+        return LeaseGrant(
+            job_id=job.id,
+            kind=job.kind,
+            epoch=lease.epoch,
+            expires_at=lease.expires_at,
+            ttl_s=lease.ttl_s,
+            heartbeat_interval_s=job.contract.stopping.heartbeat_interval_s,
+            contract=job.contract,
+            previous_attempts=await self._previous_attempts(job.id, lease.epoch),
+        )
 
     @staticmethod
     def _failed_by(job: Job, name: str) -> bool:
