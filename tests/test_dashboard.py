@@ -477,6 +477,13 @@ async def test_an_operator_finds_approves_denies_rolls_back_and_suspends_from_th
                 == "suspended"
             )
 
+            # An address naming nothing says so (no blank drawer, no exception).
+            await page.goto(f"{url}/jobs/{uuid.uuid4()}")
+            missing = await page.evaluate(until(text_of("#detail .missing")))
+            assert "no job" in missing and "in the read model" in missing
+            await page.goto(f"{url}/agents/nobody")
+            assert "no agent nobody" in await page.evaluate(until(text_of("#detail .missing")))
+
             # Search: many jobs, found by id prefix, kind, agent and state, and paged through.
             for i in range(30):
                 await submit(nc, job_request(kind=f"bulk-{i % 3}", contract=quick_contract(ttl=30.0)))
