@@ -24,7 +24,7 @@ from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
 from shared.contract import Contract
 from shared.events import AnyEvent, tag_of
-from shared.forensics import ids
+from shared.forensics import ids, sentences
 from shared.messages import Accepted, JobRequest, OperatorCommand, Rejected
 from shared.persistence import written
 from shared.validation import InvalidInput, names_missing
@@ -57,11 +57,9 @@ def load_contract(path: Path | None, overrides: dict[str, Any]) -> Contract:
 
 
 def describe(event: AnyEvent) -> str:
-    fields = msgspec.to_builtins(event)
-    for key in ("originator_id", "originator_version", "timestamp", "trace", "type", "contract", "payload"):
-        fields.pop(key, None)
-    detail = " ".join(f"{k}={v}" for k, v in fields.items() if v not in (None, "", [], {}))
-    return f"{event.timestamp:%H:%M:%S.%f}"[:-3] + f" v{event.originator_version} {tag_of(event)} {detail}"
+    """A followed event: its time, version and type, then the one sentence explain prints."""
+    when = f"{event.timestamp:%H:%M:%S.%f}"[:-3]
+    return f"{when} v{event.originator_version} {tag_of(event)}: {sentences.describe(event)}"
 
 
 async def follow_job(nc: Client, job_id: UUID, *, quiet: bool, timeout: float | None) -> Job | None:

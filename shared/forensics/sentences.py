@@ -10,10 +10,16 @@ from collections.abc import Sequence
 import msgspec
 
 from shared.events import (
+    AgentLevelChanged,
+    AgentRegistered,
+    AgentReinstated,
+    AgentRevoked,
+    AgentSuspended,
     AnyEvent,
     EffectApplied,
     EffectFailed,
     EffectRolledBack,
+    InputRejected,
     InvariantChecked,
     JobCancelled,
     JobCompleted,
@@ -28,6 +34,7 @@ from shared.events import (
     ProposalAccepted,
     ProposalRejected,
     ProposalSubmitted,
+    ReplyRefused,
     RollbackRequested,
     tag_of,
 )
@@ -42,7 +49,8 @@ def describe(
     fenced: set[int] | None = None,
     ttls: dict[int, float] | None = None,
 ) -> str:
-    """One line for `event`; with the job's heartbeats and lease TTLs, expiries say more."""
+    """One line for `event`: the one sentence the CLI, the read model and explain all print.
+    With the job's heartbeats and lease TTLs, expiries say more."""
     beats = beats if beats is not None else {}
     fenced = fenced if fenced is not None else set()
     ttls = ttls if ttls is not None else {}
@@ -107,6 +115,21 @@ def describe(
             )
         case JobCompleted():
             return f"completed by {event.agent} (lease {event.epoch}) with proposal {event.proposal_id}"
+        case AgentRegistered():
+            return f"agent {event.name} registered at level {event.level}"
+        case AgentLevelChanged():
+            return f"{event.name} level {event.previous} → {event.level}: {event.reason}"
+        case AgentRevoked():
+            return f"{event.name} revoked by {event.by}: {event.reason}"
+        case AgentSuspended():
+            return f"{event.name} suspended by {event.by}: {event.reason}"
+        case AgentReinstated():
+            return f"{event.name} reinstated by {event.by}: {event.reason}"
+        case InputRejected():
+            first = event.errors[0].message if event.errors else "invalid"
+            return f"input on {event.subject} rejected: {first}"
+        case ReplyRefused():
+            return f"input on {event.subject} not answered: {event.reason}"
     fields = msgspec.to_builtins(event)
     for key in ("originator_id", "originator_version", "timestamp", "trace", "prev_hash", "type"):
         fields.pop(key, None)

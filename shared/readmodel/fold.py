@@ -31,7 +31,6 @@ from shared.events import (
     InputRejected,
     InvariantChecked,
     JobCompleted,
-    JobRequested,
     JobTombstoned,
     LeaseExpired,
     LeaseGranted,
@@ -45,6 +44,7 @@ from shared.events import (
     agent_id_for,
     tag_of,
 )
+from shared.forensics import sentences
 from shared.readmodel.db import Db
 from shared.readmodel.tables import (
     AGENTS,
@@ -79,43 +79,8 @@ def _ms_between(start: datetime | None, end: datetime) -> float | None:
 
 
 def summarize(event: Event) -> str:
-    """One line a person reads in a feed."""
-    match event:
-        case JobRequested():
-            return f"{event.kind} job requested" + (f" by {event.submitter}" if event.submitter else "")
-        case LeaseGranted():
-            return f"lease {event.epoch} granted to {event.agent} for {event.ttl_s:g}s"
-        case LeaseExpired():
-            return (
-                f"lease {event.epoch} of {event.agent} expired, "
-                f"detected {event.detection_latency_ms:.0f} ms after its deadline"
-            )
-        case LeaseRevoked():
-            return f"lease {event.epoch} of {event.agent} revoked ({event.signal}): {event.reason}"
-        case MessageRejected():
-            return f"{event.verb} from {event.agent} under epoch {event.epoch} rejected: {event.reason}"
-        case JobTombstoned():
-            return f"tombstoned after {event.attempts} attempt(s): {event.reason}"
-        case ProposalSubmitted():
-            return f"proposal from {event.agent} ({event.effect}, {event.size} bytes)"
-        case InvariantChecked():
-            return f"invariant {event.invariant}: {event.verdict}"
-        case ProposalRejected():
-            return f"proposal rejected: {', '.join(event.violations) or 'no reason given'}"
-        case AgentLevelChanged():
-            return f"{event.name} level {event.previous} → {event.level}: {event.reason}"
-        case AgentRevoked():
-            return f"{event.name} revoked by {event.by}: {event.reason}"
-        case InputRejected():
-            first = event.errors[0].message if event.errors else "invalid"
-            return f"input on {event.subject} rejected: {first}"
-        case ReplyRefused():
-            return f"input on {event.subject} not answered: {event.reason}"
-    for name in ("reason", "name", "agent", "kind"):
-        value = getattr(event, name, None)
-        if isinstance(value, str) and value:
-            return f"{tag_of(event)}: {value}"
-    return tag_of(event)
+    """One line a person reads in a feed: the sentence explain and the CLI print too."""
+    return sentences.describe(event)  # type: ignore[arg-type]
 
 
 class BatchFold:
