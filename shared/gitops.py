@@ -11,6 +11,7 @@ Everything here is synchronous (subprocesses); async callers run it in a worker 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import subprocess
@@ -283,12 +284,24 @@ def drift_evidence(repo: Path | str, base: str, head: str, limit: int = 20) -> d
     return evidence
 
 
+@contextmanager
+def _worktrees_locked(repo: Path | str) -> Iterator[None]:
+    """One process at a time adds, removes or prunes a repository's worktrees: git creates a
+    worktree's admin folder before the lock file that keeps `prune` off it, so another
+    checker's prune in between deleted it and the add failed (found by `warden chaos`)."""
+    common = Path(repo) / out(repo, "rev-parse", "--git-common-dir").strip()
+    with open(common / "warden-worktrees.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
 def add_worktree(repo: Path | str, commit: str) -> Path:
     """A detached temporary worktree at `commit` (remove it with `remove_worktree`)."""
     tmp = Path(tempfile.mkdtemp(prefix="warden-wt-"))
     path = tmp / "tree"
     try:
-        git(repo, "worktree", "add", "--detach", "--quiet", str(path), commit)
+        with _worktrees_locked(repo):
+            git(repo, "worktree", "add", "--detach", "--quiet", str(path), commit)
     except GitError:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -296,10 +309,11 @@ def add_worktree(repo: Path | str, commit: str) -> Path:
 
 
 def remove_worktree(repo: Path | str, path: Path) -> None:
-    git(repo, "worktree", "remove", "--force", str(path), check=False)
-    shutil.rmtree(path.parent, ignore_errors=True)
-    # A worktree whose remover died (a crash mid-check) is forgotten here.
-    git(repo, "worktree", "prune", check=False)
+    with _worktrees_locked(repo):
+        git(repo, "worktree", "remove", "--force", str(path), check=False)
+        shutil.rmtree(path.parent, ignore_errors=True)
+        # A worktree whose remover died (a crash mid-check) is forgotten here.
+        git(repo, "worktree", "prune", check=False)
 
 
 def landing_head(repo: Path | str, branch: str, target_branch: str) -> str | None:

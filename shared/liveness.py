@@ -20,14 +20,16 @@ from typing import Any
 
 import anyio
 from anyio.abc import TaskStatus
-from nats import micro
 from nats.aio.client import Client
-from nats.errors import NoRespondersError
+from nats.errors import FlushTimeoutError, NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.service import Service, ServiceConfig
 
 log = logging.getLogger("warden.liveness")
 
 PING_ROOT = "$SRV.PING"
+# How long a responder waits for its server to come back mid-start (as for a cluster's leaders).
+RESTART_WAIT_S = 60.0
 NAME_PREFIX = "warden-"
 
 
@@ -54,15 +56,15 @@ async def serve(
     registered: list[Any] = []
     try:
         for name in services:
-            registered.append(
-                await micro.add_service(
-                    nc,
-                    name=micro_name(name),
-                    version=_version(),
-                    description=f"Warden {name}",
-                    metadata={"service": name, **where},
-                )
+            config = ServiceConfig(
+                name=micro_name(name),
+                version=_version(),
+                description=f"Warden {name}",
+                metadata={"service": name, **where},
             )
+            service = Service(nc, config)
+            registered.append(service)
+            await _start(nc, service)
         task_status.started()
         await anyio.sleep_forever()
     finally:
@@ -72,6 +74,23 @@ async def serve(
                     await service.stop()
                 except Exception as exc:  # stopping anyway; a closed connection needs no goodbye
                     log.debug("stopping liveness responder %s: %r", service, exc)
+
+
+async def _start(nc: Client, service: Service) -> None:
+    """Subscribe a responder. A broker outage during the confirming flush is waited out, not
+    a crash: the subscriptions stand (nats-py sends them again on reconnect), only the PING's
+    answer was lost, so confirm again once the server is back (found by `warden chaos`)."""
+    try:
+        await service.start()
+    except FlushTimeoutError:
+        with anyio.fail_after(RESTART_WAIT_S):
+            while True:
+                log.warning("liveness responder %s: no answer from NATS; confirming again", service)
+                try:
+                    await nc.flush(timeout=2)
+                    return
+                except FlushTimeoutError:
+                    continue
 
 
 async def ping(nc: Client, service: str, timeout: float = 2.0) -> dict[str, Any] | None:
