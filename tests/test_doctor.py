@@ -13,7 +13,7 @@ from nats.js import api as js_api
 
 from services.cli.doctor import doctor_command
 from shared import credentials, doctor, topology
-from shared.server import EmbeddedServer
+from shared.server import EmbeddedServer, free_port
 from tests import opsnats
 from tests.harness import client, running
 
@@ -139,8 +139,6 @@ async def test_replicas_other_than_expected_and_silent_services_are_flagged(
 
 
 async def test_an_unreachable_monitoring_endpoint_is_a_failure(nats_server: EmbeddedServer) -> None:
-    from shared.server import free_port
-
     dead = f"http://127.0.0.1:{free_port()}"
     findings = failed(await doctor.diagnose(None, [dead], doctor.Expectations()))
     assert "unreachable" in findings[f"server {dead}"].detail
@@ -227,3 +225,10 @@ def test_a_refused_login_is_reported_at_once_not_waited_out(ops_server: opsnats.
     assert any(
         f["check"] == "server warden-1: sync_interval" and f["status"] == "ok" for f in report["findings"]
     )
+
+
+def test_a_server_that_does_not_answer_is_exit_4_like_every_client_command() -> None:
+    dead = f"nats://127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(doctor_command, ["--nats", dead, "--no-services"])
+    assert result.exit_code == 4, result.output
+    assert f"connection to {dead}: cannot connect" in result.output

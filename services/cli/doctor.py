@@ -11,7 +11,7 @@ import click
 from nats.aio.client import Client
 
 from services import registry
-from services.cli.main import STATE_FILE, cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.main import STATE_FILE, Exit, cli, data_dir_option, json_option, nats_option, resolve_url
 from shared import bus, credentials, doctor
 
 CONNECT_DEADLINE_S = 10.0
@@ -68,7 +68,8 @@ def doctor_command(
 ) -> None:
     """Check a running deployment: server versions, JetStream and `sync_interval: always`,
     stream settings (replicas, deny delete/purge, duplicate window), consumers' ack wait and
-    max ack pending, and that every service answers. Exits 1 when something is wrong.
+    max ack pending, and that every service answers. Exits 1 when something is wrong, 4 when
+    the server cannot be reached at all (as every client command does).
 
     Example: warden doctor --nats nats://nats-1:4222 --monitor http://nats-1:8222
     --monitor http://nats-2:8222 --monitor http://nats-3:8222 --replicas 3
@@ -117,6 +118,11 @@ def doctor_command(
                 await nc.close()
 
     findings = anyio.run(go)
+    # No answer at all is exit 4, like every client command; a refused login is a failed check.
+    unreachable = any(
+        f.check == f"connection to {url}" and f.status == "fail" and "authorization" not in f.detail.lower()
+        for f in findings
+    )
     if as_json:
         click.echo(
             json.dumps(
@@ -130,4 +136,6 @@ def doctor_command(
                 click.echo(f"      fix: {finding.fix}")
         failed = sum(1 for f in findings if f.status == "fail")
         click.echo("healthy" if failed == 0 else f"{failed} problem(s) found")
-    sys.exit(0 if doctor.healthy(findings) else 1)
+    if unreachable:
+        sys.exit(Exit.UNREACHABLE)
+    sys.exit(Exit.OK if doctor.healthy(findings) else Exit.FAILED)
