@@ -43,6 +43,7 @@ from shared.forensics import log as eventlog
 from shared.forensics.ledger import verify_log
 from shared.messages import JobRequest
 from shared.readmodel.store import URL_ENV, open_read_model
+from shared.runtime import close_connection
 from shared.server import EmbeddedServer
 from shared.views import Views
 
@@ -431,13 +432,7 @@ async def _run(
             await _await_read_model(js, fleet, 60.0)
             tg.cancel_scope.cancel()
     finally:
-        await bus_close(nc)
-
-
-async def bus_close(nc: Any) -> None:
-    from shared.runtime import close_connection
-
-    await close_connection(nc)
+        await close_connection(nc)
 
 
 async def _await_read_model(js: JetStreamContext, fleet: Fleet, deadline_s: float) -> None:
@@ -542,7 +537,7 @@ async def _check(
         )
         summary.checks = checks
     finally:
-        await bus_close(nc)
+        await close_connection(nc)
 
 
 async def _stored_inputs(
