@@ -227,6 +227,6 @@ async def test_following_a_job_steps_over_junk_and_ends_at_the_real_cancellation
         job = await follow_job(nc, job_id, quiet=False, timeout=10)
     assert job is not None and job.status == "cancelled"
     printed = capsys.readouterr()
-    assert "by=carol" in printed.out and "mallory" not in printed.out
+    assert "cancelled by carol" in printed.out and "mallory" not in printed.out
     for seq in junk:
         assert f"stepped over message {seq}, not written by Warden" in printed.err
