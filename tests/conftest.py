@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from shared.server import EmbeddedServer
+from tests import opsnats
 
 
 @pytest.fixture(autouse=True)
@@ -64,3 +65,14 @@ def permissive_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     path.write_text(PERMISSIVE_POLICY)
     monkeypatch.setenv("WARDEN_POLICY", str(path))
     return path
+
+
+@pytest.fixture
+def ops_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
+    """A server from ops/nats/single.conf with users and permissions as deployed (no agents yet)."""
+    opsnats.set_passwords(monkeypatch)
+    node = opsnats.start_single(tmp_path / "nats")
+    try:
+        yield node
+    finally:
+        node.server.stop()

@@ -17,7 +17,7 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,16 +41,6 @@ from tests.test_credentials import add_agent
 
 BUCKET = topology.PAYLOAD_BUCKET
 PAYLOADS = topology.PAYLOAD_STREAM
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
-    opsnats.set_passwords(monkeypatch)
-    node = opsnats.start_single(tmp_path / "nats")
-    try:
-        yield node
-    finally:
-        node.server.stop()
 
 
 def meta_subject(name: str) -> str:
@@ -157,9 +147,9 @@ async def payload_scene(node: opsnats.OpsServer) -> AsyncIterator[PayloadScene]:
 
 
 async def test_an_agent_cannot_list_the_stored_payloads_or_another_agents_chunks(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    async with payload_scene(server) as scene:
+    async with payload_scene(ops_server) as scene:
         nc = scene.mallory
         for subject, body in (
             (f"$JS.API.STREAM.INFO.{PAYLOADS}", {"subjects_filter": f"$O.{BUCKET}.M.>"}),
@@ -191,9 +181,9 @@ async def test_an_agent_cannot_list_the_stored_payloads_or_another_agents_chunks
 
 
 async def test_an_agent_cannot_read_any_stored_payload_nor_another_agents_chunks(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    async with payload_scene(server) as scene:
+    async with payload_scene(ops_server) as scene:
         nc = scene.mallory
         alice, own = meta_subject(scene.name_of("alice")), meta_subject(scene.name_of("mallory"))
         for subject, body in (
@@ -213,8 +203,10 @@ async def test_an_agent_cannot_read_any_stored_payload_nor_another_agents_chunks
         await scene.assert_untouched()
 
 
-async def test_an_agent_cannot_alter_a_stored_payloads_metadata_or_chunks(server: opsnats.OpsServer) -> None:
-    async with payload_scene(server) as scene:
+async def test_an_agent_cannot_alter_a_stored_payloads_metadata_or_chunks(
+    ops_server: opsnats.OpsServer,
+) -> None:
+    async with payload_scene(ops_server) as scene:
         nc = scene.mallory
         for agent in ("alice", "mallory"):
             name = scene.name_of(agent)
@@ -226,9 +218,9 @@ async def test_an_agent_cannot_alter_a_stored_payloads_metadata_or_chunks(server
 
 
 async def test_a_rollup_is_refused_to_an_agent_by_its_permissions_and_to_anyone_by_the_streams(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    async with payload_scene(server) as scene:
+    async with payload_scene(ops_server) as scene:
         nc = scene.mallory
         for rollup in ("all", "sub"):
             await refused_publish(nc, f"$O.{BUCKET}.C.{uuid.uuid4().hex}", b"", {"Nats-Rollup": rollup})
@@ -247,9 +239,9 @@ async def test_a_rollup_is_refused_to_an_agent_by_its_permissions_and_to_anyone_
 
 
 async def test_an_agent_cannot_delete_purge_or_shrink_the_payload_bucket_or_its_chunks(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    async with payload_scene(server) as scene:
+    async with payload_scene(ops_server) as scene:
         nc = scene.mallory
         config = (await scene.service.jetstream().stream_info(PAYLOADS)).config.as_dict()
         for subject, body in (
@@ -301,9 +293,9 @@ def as_service(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_the_operator_credential_submits_cancels_and_reads_with_the_warden_cli(
-    server: opsnats.OpsServer, as_service: None
+    ops_server: opsnats.OpsServer, as_service: None
 ) -> None:
-    url = server.server.url
+    url = ops_server.server.url
     async with running(url, ["scheduler", "reconciler"]):
         submitted = await warden(url, "submit", "--kind", "nightly", "--json")
         assert submitted.returncode == 0, submitted.stderr
@@ -320,9 +312,9 @@ async def test_the_operator_credential_submits_cancels_and_reads_with_the_warden
 
 
 async def test_the_operator_credential_cannot_pause_resume_delete_or_pull_from_any_services_consumer(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    url = server.server.url
+    url = ops_server.server.url
     async with (
         opsnats.connected(url, **opsnats.service_credentials()) as service,
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,
@@ -359,12 +351,12 @@ async def consumer_state(nc: Client, durable: str) -> dict[str, Any]:
 
 
 async def test_the_operator_credential_cannot_create_a_consumer_on_the_input_stream_named_or_not(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
     """A create request names its consumer in its body: `{"name": "scheduler"}` on the legacy
     subject rewrote the scheduler's durable (its filters gone, its limits reset) until the
     operator's permission refused every consumer create on the input stream."""
-    url = server.server.url
+    url = ops_server.server.url
     async with (
         opsnats.connected(url, **opsnats.service_credentials()) as service,
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,
@@ -409,9 +401,9 @@ async def test_the_operator_credential_cannot_create_a_consumer_on_the_input_str
 
 
 async def test_the_operator_credential_cannot_update_delete_or_purge_a_stream_nor_change_a_bucket(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    url = server.server.url
+    url = ops_server.server.url
     streams = (topology.INPUT_STREAM, topology.EVENT_STREAM, PAYLOADS)
     async with (
         opsnats.connected(url, **opsnats.service_credentials()) as service,
@@ -492,10 +484,10 @@ def test_warden_creds_list_says_what_each_kind_of_credential_may_and_may_not_do(
 
 
 async def test_the_operator_hears_replies_only_under_its_own_prefix_never_an_agents_lease_grant(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    url = server.server.url
-    password = add_agent(server, "mallory")
+    url = ops_server.server.url
+    password = add_agent(ops_server, "mallory")
     async with (
         opsnats.connected(url, **opsnats.service_credentials()) as service,
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,
@@ -552,11 +544,11 @@ def run_doctor(node: opsnats.OpsServer) -> dict[str, dict[str, str]]:
 
 
 async def test_the_input_streams_bounds_are_as_configured_and_warden_doctor_reports_and_checks_them(
-    server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+    ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WARDEN_INPUT_MAX_AGE_S", "60")  # shorter than the 120 s dedup window
     monkeypatch.setenv("WARDEN_INPUT_MAX_BYTES", str(8 * 1024 * 1024))
-    url = server.server.url
+    url = ops_server.server.url
     async with opsnats.connected(url, **opsnats.service_credentials()) as service:
         js = service.jetstream()
         await topology.ensure(js, str(service.connected_server_version))  # the server takes it
@@ -568,7 +560,7 @@ async def test_the_input_streams_bounds_are_as_configured_and_warden_doctor_repo
         )
         assert config.duplicate_window == 60
 
-        checks = await anyio.to_thread.run_sync(run_doctor, server)
+        checks = await anyio.to_thread.run_sync(run_doctor, ops_server)
         retention = checks[f"stream {topology.INPUT_STREAM}: retention"]
         assert retention["status"] == "ok"
         assert retention["detail"] == f"max_age 60s, max_bytes {8 * 1024 * 1024}, discard new"
@@ -580,7 +572,7 @@ async def test_the_input_streams_bounds_are_as_configured_and_warden_doctor_repo
         # Someone loosens the bounds by hand: doctor names what it found and what it expects.
         config.max_age, config.discard, config.duplicate_window = 3600, js_api.DiscardPolicy.OLD, 120
         await js.update_stream(config)
-        checks = await anyio.to_thread.run_sync(run_doctor, server)
+        checks = await anyio.to_thread.run_sync(run_doctor, ops_server)
         retention = checks[f"stream {topology.INPUT_STREAM}: retention"]
         assert retention["status"] == "fail"
         assert retention["detail"] == (
@@ -593,10 +585,10 @@ async def test_the_input_streams_bounds_are_as_configured_and_warden_doctor_repo
 
 
 async def test_a_full_input_stream_refuses_new_inputs_and_keeps_every_stored_one(
-    server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+    ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("WARDEN_INPUT_MAX_BYTES", str(64 * 1024))
-    url = server.server.url
+    url = ops_server.server.url
     async with opsnats.connected(url, **opsnats.service_credentials()) as service:
         js = service.jetstream()
         await topology.ensure(js, str(service.connected_server_version))

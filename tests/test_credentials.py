@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -22,17 +21,6 @@ from shared.messages import Accepted, Claim, JobRequest, OperatorCommand
 from shared.sdk import AgentClient, JobContext, connect_agent
 from tests import opsnats
 from tests.harness import running, submit
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
-    """A server from ops/nats/single.conf with the committed users file (no agents yet)."""
-    opsnats.set_passwords(monkeypatch)
-    node = opsnats.start_single(tmp_path / "nats")
-    try:
-        yield node
-    finally:
-        node.server.stop()
 
 
 def add_agent(node: opsnats.OpsServer, name: str) -> str:
@@ -119,10 +107,10 @@ def test_an_agents_permissions_name_only_its_own_subjects() -> None:
 
 
 async def test_an_agent_with_its_own_credentials_registers_claims_and_releases(
-    server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+    ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = server.server.url
-    password = add_agent(server, "fixer")  # added while the server runs: a reload, no restart
+    url = ops_server.server.url
+    password = add_agent(ops_server, "fixer")  # added while the server runs: a reload, no restart
     contract = Contract(stopping=Stopping(lease_ttl_s=30, heartbeat_interval_s=5))
     monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
     monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
@@ -146,11 +134,11 @@ async def test_an_agent_with_its_own_credentials_registers_claims_and_releases(
 
 
 async def test_an_agent_cannot_append_events_command_or_speak_as_another_agent(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    url = server.server.url
-    password = add_agent(server, "mallory")
-    add_agent(server, "alice")
+    url = ops_server.server.url
+    password = add_agent(ops_server, "mallory")
+    add_agent(ops_server, "alice")
     async with opsnats.connected(url, **opsnats.service_credentials()) as service:
         await topology.ensure(service.jetstream(), str(service.connected_server_version))
         before = await message_counts(service)
@@ -191,9 +179,9 @@ async def test_an_agent_cannot_append_events_command_or_speak_as_another_agent(
 
 
 async def test_an_operator_cannot_append_events_speak_as_an_agent_or_delete_a_stream(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    url = server.server.url
+    url = ops_server.server.url
     async with (
         opsnats.connected(url, **opsnats.service_credentials()) as service,
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,
@@ -217,10 +205,10 @@ async def test_an_operator_cannot_append_events_speak_as_an_agent_or_delete_a_st
 
 
 async def test_an_agent_connected_without_its_inbox_prefix_is_told_why_it_hears_nothing(
-    server: opsnats.OpsServer,
+    ops_server: opsnats.OpsServer,
 ) -> None:
-    url = server.server.url
-    password = add_agent(server, "lost")
+    url = ops_server.server.url
+    password = add_agent(ops_server, "lost")
     # bus.connect gives an agent's user its own prefix; a client that overrides it hears nothing.
     async with opsnats.connected(
         url, user=credentials.agent_user("lost"), password=password, inbox_prefix="_INBOX"
@@ -229,23 +217,23 @@ async def test_an_agent_connected_without_its_inbox_prefix_is_told_why_it_hears_
             await bus.request(nc, topology.agent_subject("lost", "register"), b"{}", timeout=30)
 
 
-async def test_a_removed_agent_can_no_longer_connect(server: opsnats.OpsServer) -> None:
-    url = server.server.url
-    password = add_agent(server, "gone")
+async def test_a_removed_agent_can_no_longer_connect(ops_server: opsnats.OpsServer) -> None:
+    url = ops_server.server.url
+    password = add_agent(ops_server, "gone")
     nc = await connect_agent(url, "gone", user=credentials.agent_user("gone"), password=password)
     await nc.close()
-    assert server.server.process is not None
+    assert ops_server.server.process is not None
     result = CliRunner().invoke(
         creds,
         [
             "remove-agent",
             "gone",
             "--users-file",
-            str(server.users_file),
+            str(ops_server.users_file),
         ],
     )
     assert result.exit_code == 0, result.output
-    server.reload()
+    ops_server.reload()
     with pytest.raises(Exception, match="Authorization Violation"):
         await connect_agent(
             url,
@@ -258,12 +246,12 @@ async def test_a_removed_agent_can_no_longer_connect(server: opsnats.OpsServer) 
 
 
 async def test_a_retry_grant_tells_an_agent_with_its_own_credentials_why_earlier_attempts_ended(
-    server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+    ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Agents may not read the log, so the scheduler tells a retry what became of the earlier
     attempts (here: a release with its reason) in the lease grant itself."""
-    url = server.server.url
-    passwords = {name: add_agent(server, name) for name in ("first", "second")}
+    url = ops_server.server.url
+    passwords = {name: add_agent(ops_server, name) for name in ("first", "second")}
     contract = Contract(stopping=Stopping(lease_ttl_s=30, heartbeat_interval_s=5, max_attempts=3))
     monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
     monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)

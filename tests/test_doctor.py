@@ -4,7 +4,6 @@ each broken guarantee with its fix."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,16 +17,6 @@ from tests import opsnats
 from tests.harness import client, running
 
 SERVICES = ("scheduler", "reconciler")
-
-
-@pytest.fixture
-def ops_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
-    opsnats.set_passwords(monkeypatch)
-    node = opsnats.start_single(tmp_path / "nats")
-    try:
-        yield node
-    finally:
-        node.server.stop()
 
 
 def failed(findings: list[doctor.Finding]) -> dict[str, doctor.Finding]:

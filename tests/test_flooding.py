@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,16 +42,6 @@ HEAD_START = 5_000
 # The whole flood: thousands of inputs, sent as fast as the server takes them.
 FLOOD = 20_000
 LEASE_TTL_S = 30.0
-
-
-@pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
-    opsnats.set_passwords(monkeypatch)
-    node = opsnats.start_single(tmp_path / "nats")
-    try:
-        yield node
-    finally:
-        node.server.stop()
 
 
 async def start_flooder(url: str, agent: str, password: str) -> anyio.abc.Process:
@@ -120,11 +109,11 @@ async def honest_job(
 
 
 async def test_a_flooding_agent_is_throttled_while_another_agents_job_completes(
-    server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+    ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    url = server.server.url
-    flooder_password = add_agent(server, "flooder")
-    honest_password = add_agent(server, "honest")
+    url = ops_server.server.url
+    flooder_password = add_agent(ops_server, "flooder")
+    honest_password = add_agent(ops_server, "honest")
     monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
     monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
     contract = Contract(stopping=Stopping(lease_ttl_s=LEASE_TTL_S, heartbeat_interval_s=5))

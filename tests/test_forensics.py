@@ -11,7 +11,7 @@ import json
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -809,17 +809,6 @@ async def test_an_effect_found_already_applied_is_explained_as_a_repeat_prevente
     (story,) = expl.proposals
     assert [(e.what, e.receipt, e.reused_receipt) for e in story.effects] == [("applied", receipt, True)]
     assert "not applied again" in explain.render(expl)
-
-
-@pytest.fixture
-def ops_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
-    """A server from ops/nats/single.conf, with users and permissions as deployed."""
-    opsnats.set_passwords(monkeypatch)
-    node = opsnats.start_single(tmp_path / "nats")
-    try:
-        yield node
-    finally:
-        node.server.stop()
 
 
 async def test_forensics_need_nothing_beyond_the_operators_read_access(

@@ -9,9 +9,8 @@ import logging
 import os
 import random
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -39,15 +38,11 @@ CONTRACT = Contract(stopping=Stopping(lease_ttl_s=60, heartbeat_interval_s=20))
 
 
 @pytest.fixture
-def server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[opsnats.OpsServer]:
-    opsnats.set_passwords(monkeypatch)
+def server(ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch) -> opsnats.OpsServer:
+    """The deployed configuration, with this process's services connecting as warden-service."""
     monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
     monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
-    node = opsnats.start_single(tmp_path / "nats")
-    try:
-        yield node
-    finally:
-        node.server.stop()
+    return ops_server
 
 
 @asynccontextmanager

@@ -36,6 +36,7 @@ from nats.js import JetStreamContext
 from services.chaos import oracle, schedule
 from services.chaos.oracle import Attempt, Check
 from services.demo import repo as demo_repo
+from services.demo.scenario import stand_in_exec_args
 from shared import bus, gitops, liveness, topology
 from shared.contract import CiGate, Contract, Scope, Stopping, Target
 from shared.events import EffectApplied, EffectFailed, LeaseGranted, ProposalAccepted, job_id_for
@@ -159,25 +160,7 @@ class Fleet:
         index = slot.partition("#")[2]
         name = f"c{self.run}-{index}-{self.generation[slot]}"
         self.names[slot] = name
-        return [
-            *cli,
-            "agent",
-            "exec",
-            "--name",
-            name,
-            "--kind",
-            self.kind,
-            "--grace",
-            "1",
-            "--env",
-            "WARDEN_DEMO_BEHAVIOUR",
-            "--env",
-            "WARDEN_DEMO_STATE",
-            "--",
-            sys.executable,
-            "-m",
-            "services.demo.agent_script",
-        ]
+        return [*cli, *stand_in_exec_args(name, self.kind)]
 
     def start(self, slot: str) -> None:
         command = self._command(slot)

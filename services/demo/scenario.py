@@ -61,6 +61,30 @@ FLEET = {
 }
 
 
+def stand_in_exec_args(name: str, kind: str) -> list[str]:
+    """`warden agent exec` arguments that run the demo's stand-in agent as `name` for `kind`
+    (the chaos run's agents are the same stand-ins)."""
+    return [
+        "agent",
+        "exec",
+        "--name",
+        name,
+        "--kind",
+        kind,
+        "--grace",
+        "1",
+        # The command's environment is an allow-list: the stand-ins need these two.
+        "--env",
+        "WARDEN_DEMO_BEHAVIOUR",
+        "--env",
+        "WARDEN_DEMO_STATE",
+        "--",
+        sys.executable,
+        "-m",
+        "services.demo.agent_script",
+    ]
+
+
 @dataclass
 class DemoOptions:
     jobs: int = 10
@@ -149,28 +173,7 @@ class Fleet:
         }
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
         self.procs[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli",
-                "agent",
-                "exec",
-                "--name",
-                name,
-                "--kind",
-                "feature",
-                "--grace",
-                "1",
-                # The command's environment is an allow-list: the demo's stand-ins need these two.
-                "--env",
-                "WARDEN_DEMO_BEHAVIOUR",
-                "--env",
-                "WARDEN_DEMO_STATE",
-                "--",
-                sys.executable,
-                "-m",
-                "services.demo.agent_script",
-            ],
+            [sys.executable, "-m", "services.cli", *stand_in_exec_args(name, "feature")],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
