@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,14 +22,14 @@ import anyio
 import msgspec
 from anyio.abc import TaskStatus
 from eventsourcing.application import AggregateNotFoundError
-from eventsourcing.persistence import IntegrityError
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shared import bus, liveness, telemetry, topology
 from shared.aggregates import Agent, Job
 from shared.app import WardenApp, open_app
-from shared.events import Event, agent_id_for
+from shared.decide import Clock
+from shared.events import Event, agent_id_for, now
 from shared.persistence.bridge import NatsBridge
 from shared.server import EmbeddedServer
 from shared.views import Views
@@ -50,6 +50,8 @@ class Context:
     followed: bool = False
     # The embedded server's monitoring endpoint (`warden doctor --monitor`); "" when external.
     monitor_url: str = ""
+    # Every decision reads time from here (tests inject a clock), never from the system directly.
+    clock: Clock = now
 
     async def save(self, *events: Event) -> list[Event]:
         """Append events (atomically when several) and return them as stored (with their trace
@@ -204,14 +206,3 @@ async def until_signal(
                 break
             tg.cancel_scope.cancel()
 
-
-async def retry_on_conflict(
-    attempt: Callable[[], Awaitable[bool]], reload: Callable[[], Awaitable[None]], tries: int = 5
-) -> bool:
-    """Optimistic concurrency: decide, append; on a lost race re-read and decide again."""
-    for _ in range(tries):
-        try:
-            return await attempt()
-        except IntegrityError:
-            await reload()
-    return False
