@@ -1,9 +1,10 @@
 """The CLI loads a command's module only when that command runs, and nothing else notices.
 
 `warden --help`, `--version` and completion of command names read the table in
-services/cli/main.py; these tests check that table against what the modules register, that the
-listing is exactly what click would print with every module loaded, and that the cheap paths
-stay cheap (no NATS client, no OpenTelemetry SDK, no other command's module).
+services/cli/main.py; these tests check that table against the commands the modules define, that
+the listing is exactly what click would print with every module loaded, that the cheap paths
+stay cheap (no NATS client, no OpenTelemetry SDK, no other command's module), and that importing
+a command's module registers nothing (main.py's table is the only registration).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import textwrap
 
 import click
 
-from services.cli.main import COMMANDS, KNOWN_ERRORS, cli
+from services.cli.app import KNOWN_ERRORS
+from services.cli.main import COMMANDS, cli
 
 PROBE = textwrap.dedent(
     """
@@ -37,8 +39,8 @@ PROBE = textwrap.dedent(
     cli.get_command(ctx, "explain")
     after_explain = loaded()
 
-    for listed in COMMANDS.values():
-        __import__("services.cli." + listed.module)
+    for name in COMMANDS:
+        cli.get_command(ctx, name)
     eager = ctx.make_formatter()
     click.Group.format_commands(cli, ctx, eager)  # click's own listing, every command loaded
     eager_completion = [(i.value, i.help) for i in click.Group.shell_complete(cli, ctx, "")]
@@ -65,7 +67,8 @@ def _probe() -> dict[str, object]:
 
 def test_the_command_listing_and_completion_load_no_command_and_match_clicks_own() -> None:
     probe = _probe()
-    assert probe["after_listing"] == ["services.cli.main"]
+    # The group, the options it shares with every command, and the table: no command's module.
+    assert probe["after_listing"] == ["services.cli.app", "services.cli.main", "services.cli.options"]
     assert probe["lazy"] == probe["eager"]
     assert "explain" in str(probe["lazy"]) and "revocations" in str(probe["lazy"])
     assert "chaos" in str(probe["lazy"])
@@ -82,16 +85,17 @@ def test_explain_loads_its_module_without_other_commands_or_the_telemetry_sdk() 
 
 
 def _every_command_loaded() -> dict[str, click.Command]:
-    for listed in COMMANDS.values():
-        importlib.import_module(f"services.cli.{listed.module}")
-    return dict(cli.commands)
+    ctx = click.Context(cli, info_name="warden")
+    loaded = {name: cli.get_command(ctx, name) for name in cli.list_commands(ctx)}
+    return {name: command for name, command in loaded.items() if command is not None}
 
 
-def test_the_table_names_every_registered_command_its_module_and_its_summary() -> None:
+def test_the_table_names_every_command_its_module_and_its_summary() -> None:
     registered = _every_command_loaded()
     assert set(registered) == set(COMMANDS)
     for name, command in registered.items():
         listed = COMMANDS[name]
+        assert command.name == name  # the name it is defined with, so its own usage line agrees
         assert command.callback is not None
         assert command.callback.__module__ == f"services.cli.{listed.module}", name
         stand_in = click.Command(name, help=listed.summary)
@@ -107,3 +111,23 @@ def test_each_known_error_is_named_by_the_module_that_defines_it() -> None:
         kind = getattr(importlib.import_module(known.module), known.name)
         assert isinstance(kind, type) and issubclass(kind, BaseException), known
         assert kind.__module__ == known.module, known
+
+
+ISOLATED = textwrap.dedent(
+    """
+    import importlib, json, sys
+    importlib.import_module("services.cli." + sys.argv[1])
+    print(json.dumps(sorted(m for m in sys.modules if m in ("services.cli.app", "services.cli.main"))))
+    """
+)
+
+
+def test_a_command_module_imported_on_its_own_loads_neither_the_group_nor_the_table() -> None:
+    # Each module imported first, in a fresh interpreter: no path back to the group means no
+    # import cycle through it, and no way to register a command as a side effect of importing.
+    for module in sorted({listed.module for listed in COMMANDS.values()}):
+        done = subprocess.run(
+            [sys.executable, "-c", ISOLATED, module], capture_output=True, text=True, timeout=60, check=False
+        )
+        assert done.returncode == 0, (module, done.stderr)
+        assert json.loads(done.stdout) == [], module

@@ -175,8 +175,6 @@ async def test_foreign_messages_never_wedge_a_job_or_an_agent_and_every_reader_n
     copy = ledger.verify_copy(json.loads(dossier.encode(bundle)), "dossier")
     assert copy.ok and [f.seq for f in copy.foreign] == sorted(junk + agent_junk)
 
-    from services.cli import forensics  # noqa: F401 - registers the commands
-
     def verify_from_the_cli() -> Result:
         return CliRunner().invoke(cli, ["ledger", "verify", "--nats", url], catch_exceptions=False)
 

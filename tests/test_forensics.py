@@ -334,7 +334,6 @@ async def test_a_forged_event_in_the_stream_is_reported_as_the_first_break(
 
 
 def cli_run(*args: str) -> Any:
-    from services.cli import forensics  # noqa: F401 - registers the commands
 
     return CliRunner().invoke(cli, list(args), catch_exceptions=False)
 

@@ -38,7 +38,7 @@ import click
 import msgspec
 import nats.errors
 
-from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.options import Exit, data_dir_option, json_option, nats_option, resolve_url
 from shared import paths, task
 from shared.bus import PermissionDenied
 from shared.events import now
@@ -510,7 +510,7 @@ def outcome_line(outcome: Outcome, as_json: bool) -> str:
     return f"{outcome.job_id} epoch {outcome.epoch}: {outcome.status} {outcome.detail}".rstrip()
 
 
-@cli.group()
+@click.group()
 def agent() -> None:
     """Run an agent under Warden's governance."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import anyio
 import click
 
-from services.cli.main import cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.options import data_dir_option, json_option, nats_option, resolve_url
 from shared import bus
 from shared.authority import RevocationFigures, revocation_figures
 
@@ -17,7 +17,7 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
-@cli.command()
+@click.command()
 @nats_option
 @data_dir_option
 @json_option

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from services.bench.runner import PARTS, Options, Report, run
-from services.cli.main import cli, json_option
+from services.cli.options import json_option, nats_url_option
 
 TARGETS = {
     "governed_ratio": 0.6,
@@ -99,14 +99,8 @@ def render(report: Report, console: Console) -> None:
     console.print(f"machine: {report.machine}")
 
 
-@cli.command()
-@click.option(
-    "--nats",
-    "nats_url",
-    envvar="WARDEN_NATS_URL",
-    default=None,
-    help="Benchmark this server (default: start an embedded one in a temporary folder).",
-)
+@click.command()
+@nats_url_option("Benchmark this server (default: start an embedded one in a temporary folder).")
 @click.option("--quick", is_flag=True, help="Small sizes: finishes in about a minute on 2 cores.")
 @click.option("--jobs", type=int, default=None, help="Jobs for the work queue and governed runs.")
 @click.option("--workers", type=int, default=None, help="Workers (bare) and agents (governed).")

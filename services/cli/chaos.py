@@ -12,7 +12,7 @@ import anyio
 import click
 
 from services.chaos.run import ChaosOptions, Summary, run_chaos
-from services.cli.main import Exit, cli, json_option
+from services.cli.options import Exit, json_option, nats_url_option
 
 
 def _words(value: object) -> str:
@@ -62,7 +62,7 @@ def render(summary: Summary) -> list[str]:
     return lines
 
 
-@cli.command()
+@click.command()
 @click.option("--seed", type=int, default=None, help="The schedule's seed (default: a random one, printed).")
 @click.option("--kills", type=click.IntRange(min=0), default=12, show_default=True, help="How many kill -9.")
 @click.option(
@@ -87,13 +87,7 @@ def render(summary: Summary) -> list[str]:
     default=None,
     help="How many of the kills hit the broker (embedded only; default: a sixth, at least one).",
 )
-@click.option(
-    "--nats",
-    "nats_url",
-    envvar="WARDEN_NATS_URL",
-    default=None,
-    help="Run against this server (default: an embedded one this command owns, and kills).",
-)
+@nats_url_option("Run against this server (default: an embedded one this command owns, and kills).")
 @click.option(
     "--settle",
     type=click.FloatRange(min=0),

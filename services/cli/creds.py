@@ -12,7 +12,7 @@ from typing import Any
 
 import click
 
-from services.cli.main import Exit, cli, data_dir_option, fail, json_option
+from services.cli.options import Exit, data_dir_option, fail, json_option
 from shared import credentials, tokens, topology
 
 
@@ -51,7 +51,7 @@ RELOAD_HINT = (
 )
 
 
-@cli.group()
+@click.group()
 def creds() -> None:
     """Per-agent NATS credentials: each agent gets its own user and password.
 

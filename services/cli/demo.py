@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from services.cli.main import Exit, cli, json_option
+from services.cli.options import Exit, json_option, nats_url_option
 from services.demo.scenario import DemoOptions, Summary, run_demo
 
 STATES = ("queued", "leased", "proposed", "accepted", "completed", "tombstoned", "cancelled")
@@ -80,15 +80,9 @@ def kept_lines(summary: Summary) -> list[str]:
     ]
 
 
-@cli.command()
+@click.command()
 @click.option("--jobs", type=int, default=10, show_default=True, help="How many jobs to run.")
-@click.option(
-    "--nats",
-    "nats_url",
-    envvar="WARDEN_NATS_URL",
-    default=None,
-    help="Run against this server (default: an embedded one in a temporary folder).",
-)
+@nats_url_option("Run against this server (default: an embedded one in a temporary folder).")
 @click.option("--http", default=None, help="Dashboard address (default 127.0.0.1:8765, or a free port).")
 @click.option(
     "--keep",

@@ -11,22 +11,22 @@ import click
 from nats.aio.client import Client
 
 from services import registry
-from services.cli.main import STATE_FILE, Exit, cli, data_dir_option, json_option, nats_option, resolve_url
-from shared import bus, credentials, doctor
+from services.cli.options import Exit, data_dir_option, json_option, nats_option, replicas_option, resolve_url
+from shared import bus, credentials, datadir, doctor
 
 CONNECT_DEADLINE_S = 10.0
 MARK = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
 
 
 def _monitor_from_state(data_dir: Path) -> list[str]:
-    state = data_dir / STATE_FILE
+    state = data_dir / datadir.STATE_FILE
     if not state.is_file():
         return []
     url = json.loads(state.read_text()).get("monitor_url")
     return [str(url)] if url else []
 
 
-@cli.command("doctor")
+@click.command("doctor")
 @nats_option
 @data_dir_option
 @click.option(
@@ -37,13 +37,7 @@ def _monitor_from_state(data_dir: Path) -> list[str]:
     help="A server's monitoring URL, e.g. http://nats-1:8222 (repeat for every cluster node; "
     "or WARDEN_MONITOR_URLS, space-separated). Default: the one `warden up` recorded in --data-dir.",
 )
-@click.option(
-    "--replicas",
-    envvar="WARDEN_REPLICAS",
-    default=1,
-    show_default=True,
-    help="Replicas every stream should have (3 on a three-node cluster; or WARDEN_REPLICAS).",
-)
+@replicas_option("Replicas every stream should have (3 on a three-node cluster; or WARDEN_REPLICAS).")
 @click.option(
     "--service",
     "services",

@@ -24,7 +24,7 @@ from click.shell_completion import CompletionItem
 from nats.js.errors import NotFoundError
 
 from services import registry
-from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.options import Exit, data_dir_option, json_option, nats_option, resolve_url
 from shared import bus, liveness, topology
 from shared.aggregates import JobStatus
 from shared.forensics import ids, log
@@ -142,7 +142,7 @@ JOB_COLUMNS = (
 )
 
 
-@cli.command("jobs")
+@click.command("jobs")
 @click.option("--state", type=click.Choice(JOB_STATES), default=None, help="Only jobs in this state.")
 @click.option("--agent", default=None, help="Only jobs whose latest lease is this agent's.")
 @click.option("--kind", default=None, help="Only jobs of this kind.")
@@ -185,7 +185,7 @@ AGENT_COLUMNS = (
 )
 
 
-@cli.command("agents")
+@click.command("agents")
 @click.option("--level", type=int, default=None, help="Only agents at this autonomy level.")
 @click.option(
     "--standing",
@@ -222,7 +222,7 @@ class ConsumerState:
     last_active: str | None
 
 
-@cli.command("status")
+@click.command("status")
 @projections_option
 @nats_option
 @data_dir_option
@@ -321,7 +321,7 @@ def render_status(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@cli.command("logs")
+@click.command("logs")
 @click.argument("job", shell_complete=complete_job_ids)
 @nats_option
 @data_dir_option

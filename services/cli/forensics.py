@@ -20,7 +20,7 @@ import click
 import msgspec
 from nats.js import JetStreamContext
 
-from services.cli.main import cli, data_dir_option, fail, json_option, nats_option, resolve_url
+from services.cli.options import data_dir_option, fail, json_option, nats_option, resolve_url
 from shared import bus
 from shared.events import agent_id_for
 from shared.forensics import explain as explains
@@ -71,7 +71,7 @@ def _print(data: msgspec.Struct | object) -> None:
     click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2).decode())
 
 
-@cli.group()
+@click.group()
 def ledger() -> None:
     """The phase ledger: every aggregate's events form a hash chain."""
 
@@ -159,7 +159,7 @@ def ledger_show(job: str, nats_url: str | None, data_dir: Path, as_json: bool) -
         click.echo(explains.render_phases(items))
 
 
-@cli.command()
+@click.command()
 @click.argument("job")
 @nats_option
 @data_dir_option
@@ -182,7 +182,7 @@ def _parse_time(text: str) -> datetime:
     return when if when.tzinfo is not None else when.astimezone()  # naive means local time
 
 
-@cli.command("at")
+@click.command("at")
 @click.argument("time", required=False)
 @click.option("--seq", type=int, default=None, help="A stream sequence instead of a time.")
 @click.option("--job", "jobs", multiple=True, help="Also show this job's full state (repeatable).")
@@ -220,7 +220,7 @@ def at_command(
         click.echo(msgspec.json.format(msgspec.json.encode(job), indent=2).decode())
 
 
-@cli.command("backtest")
+@click.command("backtest")
 @click.option(
     "--invariant",
     "spec",
@@ -267,7 +267,7 @@ def backtest_command(
         click.echo(backtests.render(report, all_results=all_results))
 
 
-@cli.command("dossier")
+@click.command("dossier")
 @click.argument("job")
 @click.option(
     "--out",

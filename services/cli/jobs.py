@@ -19,7 +19,7 @@ from nats.aio.client import Client
 from nats.js import api as js_api
 
 from services.cli.finding import complete_job_ids
-from services.cli.main import Exit, cli, data_dir_option, json_option, nats_option, resolve_url
+from services.cli.options import Exit, data_dir_option, json_option, nats_option, resolve_url
 from shared import bus, topology
 from shared.aggregates import TERMINAL, Job, evolve_job
 from shared.contract import Contract
@@ -94,7 +94,7 @@ async def follow_job(nc: Client, job_id: UUID, *, quiet: bool, timeout: float | 
     return state[0]
 
 
-@cli.command()
+@click.command()
 @click.option("--kind", required=True, help="What kind of job (agents claim by kind).")
 @click.option("--key", "idempotency_key", default=None, help="Idempotency key (default: random).")
 @click.option(
@@ -233,8 +233,8 @@ def level_option(verb: str) -> Callable[[Callable[..., Any]], Callable[..., Any]
     return click.option("--level", type=int, default=None, help=f"The new level (default: one step; {verb}).")
 
 
-def operator_command(verb: str, *, needs: str) -> None:
-    @cli.command(
+def operator_command(verb: str, *, needs: str) -> click.Command:
+    @click.command(
         verb,
         help=f"Operator: {OPERATOR_HELP.get(verb, verb)} TARGET is the {needs}"
         f"{' name' if needs == 'agent' else ' id'}. Recorded as an event naming who and why. "
@@ -291,11 +291,16 @@ def operator_command(verb: str, *, needs: str) -> None:
 
         sys.exit(anyio.run(go))
 
+    return command
 
-operator_command("requeue", needs="job")
-operator_command("cancel", needs="job")
-for _verb in ("revoke", "suspend", "reinstate", "promote", "demote"):
-    operator_command(_verb, needs="agent")
-operator_command("rollback", needs="proposal")
-operator_command("approve", needs="proposal")
-operator_command("deny", needs="proposal")
+
+requeue = operator_command("requeue", needs="job")
+cancel = operator_command("cancel", needs="job")
+revoke = operator_command("revoke", needs="agent")
+suspend = operator_command("suspend", needs="agent")
+reinstate = operator_command("reinstate", needs="agent")
+promote = operator_command("promote", needs="agent")
+demote = operator_command("demote", needs="agent")
+rollback = operator_command("rollback", needs="proposal")
+approve = operator_command("approve", needs="proposal")
+deny = operator_command("deny", needs="proposal")

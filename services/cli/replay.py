@@ -26,7 +26,7 @@ from eventsourcing.persistence import Notification
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from services.cli.main import cli, data_dir_option, fail, json_option, nats_option, resolve_url
+from services.cli.options import data_dir_option, fail, json_option, nats_option, resolve_url
 from shared import topology
 from shared.app import PERSISTENCE_MODULE, WardenApp
 from shared.persistence.bridge import URL_ENV, BridgeError
@@ -188,7 +188,7 @@ def print_report(report: Report, console: Console) -> None:
             )
 
 
-@cli.command()
+@click.command()
 @nats_option
 @data_dir_option
 @click.option(

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import click
 
-from services.cli.main import cli
 from shared import schemas
 
 
-@cli.group("schemas")
+@click.group("schemas")
 def schemas_group() -> None:
     """JSON Schema generated from the message Structs."""
 

@@ -11,7 +11,7 @@ import click
 from anyio.abc import TaskStatus
 
 from services import registry
-from services.cli.main import cli, data_dir_option, nats_url_option
+from services.cli.options import data_dir_option, nats_url_option, replicas_option
 from services.cli.readside_options import api_token_note, read_side_options
 from shared import datadir, runtime
 
@@ -20,13 +20,7 @@ service_nats_option = nats_url_option(
     "in --data-dir, or joins the one a running `warden up` started there."
 )
 
-replicas_option = click.option(
-    "--replicas",
-    envvar="WARDEN_REPLICAS",
-    default=1,
-    show_default=True,
-    help="Stream replicas: 3 on a three-node cluster (or WARDEN_REPLICAS).",
-)
+stream_replicas_option = replicas_option("Stream replicas: 3 on a three-node cluster (or WARDEN_REPLICAS).")
 
 
 def _serve(
@@ -69,10 +63,10 @@ def _serve(
         anyio.run(main)
 
 
-@cli.command()
+@click.command()
 @service_nats_option
 @data_dir_option
-@replicas_option
+@stream_replicas_option
 @read_side_options
 def up(nats_url: str | None, data_dir: Path, replicas: int) -> None:
     """Run every service in one process (with an embedded server unless --nats is given).
@@ -83,11 +77,11 @@ def up(nats_url: str | None, data_dir: Path, replicas: int) -> None:
     _serve(None, nats_url, data_dir, replicas, join=False)
 
 
-@cli.command("run")
+@click.command("run")
 @click.argument("service", type=click.Choice(sorted(registry.SERVICES)))
 @service_nats_option
 @data_dir_option
-@replicas_option
+@stream_replicas_option
 @read_side_options
 def run_service(service: str, nats_url: str | None, data_dir: Path, replicas: int) -> None:
     """Run one service (replicas of a service are safe to run side by side).
