@@ -10,7 +10,7 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ from services.bench.stats import Figures
 from shared import bus
 from shared.server import EmbeddedServer
 
-PARTS = ("raw", "governed", "detection", "replay", "memory", "explain")
+PARTS = ("raw", "governed", "detection", "replay", "memory", "explain", "fleet")
 
 
 @dataclass
@@ -36,6 +36,8 @@ class Options:
     replay_events: int = 1_000_000
     parts: tuple[str, ...] = PARTS
     quick: bool = False
+    fleet_agents: int = 1000
+    fleet_leases: int = 10_000
 
     @classmethod
     def quick_mode(cls, parts: tuple[str, ...] = PARTS) -> Options:
@@ -48,6 +50,8 @@ class Options:
             replay_events=50_000,
             parts=parts,
             quick=True,
+            fleet_agents=50,
+            fleet_leases=500,
         )
 
 
@@ -197,6 +201,16 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
             from services.bench import explain
 
             await explain.run(report, nc, url, options, services, progress)
+        if "fleet" in options.parts:
+            from services.bench import fleet
+
+            # The fleet runs its own scheduler and reconciler (with a policy that lets one agent
+            # hold its share of the leases): nothing else may answer its claims.
+            await anyio.to_thread.run_sync(services.stop)
+            sizes = fleet.FleetOptions.quick() if options.quick else fleet.FleetOptions()
+            sizes = replace(sizes, agents=options.fleet_agents, leases=options.fleet_leases)
+            progress(f"fleet: {sizes.agents:,} agents holding {sizes.leases:,} leases")
+            report.figures.update(await fleet.run(url, nc, sizes, progress))
     finally:
         await anyio.to_thread.run_sync(services.stop)
         for conn in connections:

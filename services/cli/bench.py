@@ -19,6 +19,7 @@ TARGETS = {
     "revocation_p99_ms": 50.0,
     "replay_rate": 100_000.0,
     "memory_growth": 0.10,
+    "fleet_detection_p99_ms": 50.0,
 }
 
 
@@ -62,7 +63,29 @@ def render(report: Report, console: Console) -> None:
         "replay_projections",
         f"{_num(replay_ratio, '×', 2)} of raw (target ≥ {TARGETS['replay_rate']:,.0f}/s)",
     )
+    row("fleet: leases granted", "fleet_grants")
+    beats = f.get("fleet_heartbeats")
+    if beats is not None:
+        row(
+            "fleet: heartbeats answered",
+            "fleet_heartbeats",
+            f"of {_num(beats.extra.get('expected_rate'), '/s')} sent; {beats.extra.get('unanswered', 0):,} unanswered",
+        )
+    row(
+        "fleet: detection past deadline",
+        "fleet_detection",
+        f"p99 target ≤ {TARGETS['fleet_detection_p99_ms']:.0f} ms under the fleet's load",
+    )
     console.print(table)
+    fleet_memory = f.get("fleet_memory")
+    if fleet_memory is not None:
+        held = fleet_memory.extra.get("live_leases", 0)
+        rss = ", ".join(
+            f"{k[len('rss_kib_') :]} {_num(v / 1024, ' MiB', 1)}"
+            for k, v in fleet_memory.extra.items()
+            if k.startswith("rss_kib_")
+        )
+        console.print(f"fleet: resident memory holding {held:,} live leases: {rss}")
     explained = {k: v for k, v in f.items() if k.startswith("explain_")}
     if explained:
         latency = Table(title="warden explain on a large log (target: the command under 1 s)")
@@ -106,6 +129,10 @@ def render(report: Report, console: Console) -> None:
 @click.option("--workers", type=int, default=None, help="Workers (bare) and agents (governed).")
 @click.option("--payload", type=int, default=None, help="Bytes of payload per job.")
 @click.option("--events", "replay_events", type=int, default=None, help="History size for replay and memory.")
+@click.option("--fleet-agents", type=int, default=None, help="Simulated agents in the fleet part.")
+@click.option(
+    "--fleet-leases", type=int, default=None, help="Live leases the fleet holds, shared by its agents."
+)
 @click.option("--part", "parts", multiple=True, type=click.Choice(PARTS), help="Run only these parts.")
 @json_option
 def bench(
@@ -115,6 +142,8 @@ def bench(
     workers: int | None,
     payload: int | None,
     replay_events: int | None,
+    fleet_agents: int | None,
+    fleet_leases: int | None,
     parts: tuple[str, ...],
     as_json: bool,
 ) -> None:
@@ -122,7 +151,10 @@ def bench(
 
     Parts: raw baselines and the governed lifecycle (jobs/s, p50/p99), time-to-failure-detection
     for dead and hung agents, revocation latency, projection replay rate, each service's
-    memory after 100k and after all events, and `warden explain` latency at both sizes. Figures guide work; no test asserts them.
+    memory after 100k and after all events, `warden explain` latency at both sizes, and a
+    fleet (1,000 simulated agents holding 10,000 leases, heartbeating at their contract's
+    interval: heartbeats answered per second, detection of leases killed under that load, the
+    services' memory). Figures guide work; no test asserts them.
     """
     chosen = parts or PARTS
     options = Options.quick_mode(chosen) if quick else Options(parts=chosen)
@@ -131,6 +163,8 @@ def bench(
         "workers": workers,
         "payload": payload,
         "replay_events": replay_events,
+        "fleet_agents": fleet_agents,
+        "fleet_leases": fleet_leases,
     }
     for key, value in overrides.items():
         if value is not None:
