@@ -4,38 +4,36 @@ It enforces every stopping condition itself, on a timer per job (not JetStream's
 lease whose TTL passes without a heartbeat gets `lease.expired` with the last heartbeat seen and
 the detection latency, appended atomically with the job's requeue or tombstone. A hung agent
 (connected, silent) and a dead one look the same here: silence past the deadline.
+
+What is due is decided by `shared.decide.leases` (pure); this module keeps the table (the last
+heartbeat of each live lease, one timer per job, one lock per job in hand), saves and replies.
+Every entry of the table goes when its lease or job ends.
 """
 
 from __future__ import annotations
 
 import heapq
 import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from functools import partial
+from typing import Any
 from uuid import UUID
 
 import anyio
 from anyio.abc import TaskStatus
-from eventsourcing.persistence import IntegrityError, OperationalError
+from eventsourcing.persistence import OperationalError
 from nats.aio.msg import Msg
 from nats.js.errors import NotFoundError
 
 from shared import bus, telemetry, throttle, topology
-from shared.aggregates import Job, Lease
-from shared.events import (
-    Event,
-    HeartbeatSeen,
-    JobTombstoned,
-    LeaseExpired,
-    LeaseGranted,
-    LeaseReleased,
-    LeaseRevoked,
-    Usage,
-    now,
-)
+from shared.aggregates import Job
+from shared.decide import Contended, retry
+from shared.decide import leases as rules
+from shared.events import Event, HeartbeatSeen, LeaseExpired, LeaseGranted, MessageRejected
 from shared.handling import answer, decode_or_reject, give_up, input_seq, known_job
-from shared.lifecycle import after_attempt, budget_breach, fence, late_heartbeat, since_progress_ms
-from shared.messages import Accepted, Heartbeat, HeartbeatAck, Release, Standing, decode_input
+from shared.messages import Heartbeat, Release, Reply, decode_input
 from shared.runtime import Context
 from shared.validation import InvalidInput
 
@@ -46,18 +44,27 @@ RETRY_S = 1.0
 # a lost race whose winning write had an unknown outcome, e.g. during a cluster failover) would
 # have none and never expire. This often, every live job's next check is derived again.
 SWEEP_S = 5.0
+# Heap entries of checks no longer due (their job ended, or was rescheduled earlier) are
+# skipped when they surface; past this many per live check the heap is rebuilt without them.
+STALE_TIMERS_PER_DUE = 2
 
 
 class Reconciler:
     name = "reconciler"
 
     def __init__(self) -> None:
-        self.heartbeats: dict[tuple[UUID, int], HeartbeatSeen] = {}
+        # The last heartbeat of each job's live lease: (its epoch, what was seen).
+        self.heartbeats: dict[UUID, tuple[int, HeartbeatSeen]] = {}
         self._timers: list[tuple[datetime, UUID]] = []
         # The one live check time per job; heap entries that disagree with it are stale.
         self._due: dict[UUID, datetime] = {}
         self._wake = anyio.Event()
+        # One lock per job while a check or an agent message about it is in hand.
         self._locks: dict[UUID, anyio.Lock] = {}
+        self._routes: dict[str, tuple[type[Heartbeat] | type[Release], Callable[..., Awaitable[Reply]]]] = {
+            "heartbeat": (Heartbeat, self._heartbeat),
+            "release": (Release, self._release),
+        }
         self.ctx: Context
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
@@ -81,32 +88,35 @@ class Reconciler:
     # --- the lease table -----------------------------------------------------------------
 
     def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
+        if job is None:
+            return
+        self._forget_ended(job)
         # A grant, a new job (its deadline), or a state reloaded after a lost race.
-        if job is not None and (event is None or isinstance(event, LeaseGranted) or job.version == 1):
+        if event is None or isinstance(event, LeaseGranted) or job.version == 1:
             self._schedule(job)
 
-    def deadline_of(self, job: Job, lease: Lease) -> datetime:
-        seen = self.heartbeats.get((job.id, lease.epoch))
-        if seen is None:
-            return lease.expires_at
-        return max(lease.expires_at, seen.at + timedelta(seconds=lease.ttl_s))
-
-    def _next_check(self, job: Job) -> datetime | None:
-        if job.terminal or job.status == "accepted":
-            return None  # decided: what remains is Warden's own effect, not the agent's
-        times: list[datetime] = []
-        if job.contract.stopping.deadline is not None:
-            times.append(job.contract.stopping.deadline)
+    def _forget_ended(self, job: Job) -> None:
+        """Drop what the table holds for a lease or a job that has ended."""
         lease = job.live_lease
-        if lease is not None and job.pending_proposal is None:
-            times.append(self.deadline_of(job, lease))
-            wall = job.contract.stopping.budgets.wall_clock_s
-            if wall is not None:
-                times.append(lease.granted_at + timedelta(seconds=wall))
-        return min(times) if times else None
+        beat = self.heartbeats.get(job.id)
+        if beat is not None and (lease is None or lease.epoch != beat[0]):
+            del self.heartbeats[job.id]
+        if job.terminal and self._due.pop(job.id, None) is not None:
+            self._compact_timers()
+
+    def _compact_timers(self) -> None:
+        if len(self._timers) > STALE_TIMERS_PER_DUE * len(self._due) + 64:
+            self._timers = [(at, job_id) for job_id, at in self._due.items()]
+            heapq.heapify(self._timers)
+
+    def seen(self, job: Job) -> HeartbeatSeen | None:
+        """The last heartbeat seen under the job's live lease."""
+        lease = job.live_lease
+        beat = self.heartbeats.get(job.id)
+        return beat[1] if beat is not None and lease is not None and beat[0] == lease.epoch else None
 
     def _schedule(self, job: Job) -> None:
-        at = self._next_check(job)
+        at = rules.next_check(job, self.seen(job))
         if at is None:
             return
         due = self._due.get(job.id)
@@ -124,7 +134,7 @@ class Reconciler:
             if not self._timers:
                 await self._wake.wait()
                 continue
-            delay = (self._timers[0][0] - now()).total_seconds()
+            delay = (self._timers[0][0] - self.ctx.clock()).total_seconds()
             if delay > 0:
                 with anyio.move_on_after(delay):
                     await self._wake.wait()
@@ -143,11 +153,19 @@ class Reconciler:
                 if not job.terminal:
                     self._schedule(job)
 
-    def _lock(self, job_id: UUID) -> anyio.Lock:
+    @asynccontextmanager
+    async def _locked(self, job_id: UUID) -> AsyncIterator[None]:
+        """One check or message per job at a time; the lock goes once nobody holds or awaits it."""
         lock = self._locks.get(job_id)
         if lock is None:
             lock = self._locks[job_id] = anyio.Lock()
-        return lock
+        try:
+            async with lock:
+                yield
+        finally:
+            # A waiter is handed the lock on release, so an unlocked lock has none.
+            if not lock.locked() and self._locks.get(job_id) is lock:
+                del self._locks[job_id]
 
     async def _check(self, job_id: UUID) -> None:
         """Enforce whatever stopping condition is due on this job; reschedule the rest."""
@@ -164,114 +182,52 @@ class Reconciler:
             await self._check_now(job_id)
 
     async def _check_now(self, job_id: UUID) -> None:
-        async with self._lock(job_id):
-            for _ in range(5):
+        async with self._locked(job_id):
+
+            async def step() -> None:
                 job = self.ctx.views.jobs.get(job_id)
-                if job is None or job.terminal:
-                    return
-                try:
-                    await self._enforce(job, now())
-                except IntegrityError:
-                    await self.ctx.reload_job(job_id)
-                    continue
-                except (OperationalError, TimeoutError) as exc:
-                    # The store is unreachable for now (a cluster electing a stream leader):
-                    # the check stays due and runs again shortly; the service must not die.
-                    log.warning("check of job %s failed (%r); retrying in %ss", job_id, exc, RETRY_S)
-                    self._retry_soon(job_id)
-                    return
-                break
+                if job is not None and not job.terminal:
+                    await self._carry_out(rules.enforce(job, self.seen(job), self.ctx.clock()))
+
+            try:
+                await retry(step, partial(self.ctx.reload_job, job_id), what=f"check of job {job_id}")
+            except (OperationalError, TimeoutError, Contended) as exc:
+                # The store is unreachable for now (a cluster electing a stream leader), or the
+                # job keeps moving: the check stays due and runs again shortly; the service
+                # must not die.
+                log.warning("check of job %s failed (%r); retrying in %ss", job_id, exc, RETRY_S)
+                self._retry_soon(job_id)
+                return
             job = self.ctx.views.jobs.get(job_id)
             if job is not None:
                 self._schedule(job)
 
     def _retry_soon(self, job_id: UUID) -> None:
-        at = now() + timedelta(seconds=RETRY_S)
+        at = self.ctx.clock() + timedelta(seconds=RETRY_S)
         self._due[job_id] = at
         heapq.heappush(self._timers, (at, job_id))
         self._wake.set()
 
-    async def _enforce(self, job: Job, at: datetime) -> Standing | None:
-        """Append what the clock says is due; returns how the live lease now stands."""
-        lease = job.live_lease
-        if job.status == "accepted":
-            return "extended"
-        deadline = job.contract.stopping.deadline
-        if deadline is not None and deadline <= at:
-            events: list[Event] = []
-            if lease is not None:
-                events.append(
-                    self._revoke(
-                        job, lease, f"job deadline {deadline.isoformat()} passed", "deadline", job.version + 1
-                    )
-                )
-            events.append(
-                JobTombstoned(
-                    originator_id=job.id,
-                    originator_version=job.version + 1 + len(events),
-                    reason=f"deadline {deadline.isoformat()} passed",
-                    attempts=job.attempts,
-                )
-            )
-            await self.ctx.save(*events)
-            telemetry.annotate(standing="deadline")
-            return "expired"
-        if lease is None:
-            return None
-        if job.pending_proposal is not None:
-            # The agent's part is done once it proposed: a check (CI, an operator's approval)
-            # may outlast its TTL, and the attempt's fate is now the decision's.
-            return "extended"
-        lease_deadline = self.deadline_of(job, lease)
-        if lease_deadline <= at:
-            await self._expire(job, lease, lease_deadline, at)
-            return "expired"
-        seen = self.heartbeats.get((job.id, lease.epoch))
-        breach = budget_breach(job, seen.usage if seen else Usage(), lease, at)
-        if breach:
-            revoke = self._revoke(job, lease, f"budget exceeded: {breach}", "budget", job.version + 1)
-            await self.ctx.save(revoke, after_attempt(job, job.version + 2, revoke.reason, at))
-            telemetry.annotate(standing="budget_exceeded")
-            telemetry.instruments().revocations.add(1, {"signal": "budget"})
-            return "budget_exceeded"
-        return "extended"
-
-    def _revoke(self, job: Job, lease: Lease, reason: str, signal: str, version: int) -> LeaseRevoked:
-        return LeaseRevoked(
-            originator_id=job.id,
-            originator_version=version,
-            agent=lease.agent,
-            epoch=lease.epoch,
-            reason=reason,
-            signal=signal,
-            by=self.name,
-            signal_at=now(),
-        )
-
-    async def _expire(self, job: Job, lease: Lease, deadline: datetime, at: datetime) -> None:
-        latency_ms = (at - deadline).total_seconds() * 1000
-        seen = self.heartbeats.get((job.id, lease.epoch))
-        expired = LeaseExpired(
-            originator_id=job.id,
-            originator_version=job.version + 1,
-            agent=lease.agent,
-            epoch=lease.epoch,
-            deadline=deadline,
-            detected_at=at,
-            detection_latency_ms=latency_ms,
-            last_heartbeat=seen,
-            since_progress_ms=since_progress_ms(seen, at),
-            timestamp=at,
-        )
-        reason = f"lease {lease.epoch} of {lease.agent} expired: no heartbeat for {lease.ttl_s}s " + (
-            f"(last at {seen.at.isoformat()})" if seen else "(none ever received)"
-        )
-        await self.ctx.save(expired, after_attempt(job, job.version + 2, reason, at))
-        telemetry.annotate(standing="expired")
+    async def _carry_out(self, enforced: rules.Enforced) -> None:
+        """Save what enforcement decided, and count it."""
+        if not enforced.events:
+            return
+        await self.ctx.save(*enforced.events)
+        standing = {"deadline": "deadline", "expired": "expired", "budget": "budget_exceeded"}
+        telemetry.annotate(standing=standing.get(enforced.cause, enforced.cause))
         metrics = telemetry.instruments()
-        metrics.lease_expiries.add(1)
-        metrics.detection_latency.record(latency_ms)
-        log.info("%s (detected %.1f ms after the deadline)", reason, latency_ms)
+        if enforced.cause == "budget":
+            metrics.revocations.add(1, {"signal": "budget"})
+        for event in enforced.events:
+            if isinstance(event, LeaseExpired):
+                metrics.lease_expiries.add(1)
+                metrics.detection_latency.record(event.detection_latency_ms)
+                log.info(
+                    "lease %d of %s expired (detected %.1f ms after the deadline)",
+                    event.epoch,
+                    event.agent,
+                    event.detection_latency_ms,
+                )
 
     async def _recover_heartbeats(self) -> None:
         """After a restart, the last heartbeat of each live lease is read back from the stream."""
@@ -289,20 +245,24 @@ class Reconciler:
             except TimeoutError:
                 # Unknown: count the restart as its last sign of life rather than expire a lease
                 # that may be beating; a silent one still expires one TTL from now.
-                self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(at=now(), input_seq=0, note="restart")
+                restart = HeartbeatSeen(at=self.ctx.clock(), input_seq=0, note="restart")
+                self.heartbeats[job.id] = (lease.epoch, restart)
                 continue
             try:
                 hb = decode_input(raw.data or b"", Heartbeat)
             except InvalidInput:
                 continue
             if hb.job_id == job.id and hb.epoch == lease.epoch and raw.time is not None:
-                self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(
-                    at=raw.time,
-                    input_seq=raw.seq or 0,
-                    progress=hb.progress,
-                    usage=hb.usage,
-                    note=hb.note,
-                    progress_at=hb.progress_at,
+                self.heartbeats[job.id] = (
+                    lease.epoch,
+                    HeartbeatSeen(
+                        at=raw.time,
+                        input_seq=raw.seq or 0,
+                        progress=hb.progress,
+                        usage=hb.usage,
+                        note=hb.note,
+                        progress_at=hb.progress_at,
+                    ),
                 )
 
     # --- agent messages --------------------------------------------------------------------
@@ -321,75 +281,57 @@ class Reconciler:
             agent=agent,
             epoch=named.epoch,
         ):
-            kind: type[Heartbeat] | type[Release] = Heartbeat if verb == "heartbeat" else Release
-            body = await decode_or_reject(self.ctx, msg, kind, sender=agent)
+            kind, decide = self._routes[verb]
+            body: Any = await decode_or_reject(self.ctx, msg, kind, sender=agent)
             if body is None:
                 return
             if not await known_job(self.ctx, msg, body.job_id, agent):
                 return
-            async with self._lock(body.job_id):
-                for _ in range(5):
-                    try:
-                        if isinstance(body, Heartbeat):
-                            await self._heartbeat(msg, agent, body)
-                        else:
-                            await self._release(msg, agent, body)
-                        return
-                    except IntegrityError:
-                        await self.ctx.reload_job(body.job_id)
-                raise RuntimeError(f"job {body.job_id} kept changing under the reconciler")
+            async with self._locked(body.job_id):
+                reply = await retry(
+                    partial(decide, msg, agent, body),
+                    partial(self.ctx.job_from_store, body.job_id),
+                    what=f"{verb} of job {body.job_id}",
+                )
+            await answer(self.ctx, msg, reply)
 
-    async def fence(self, msg: Msg, agent: str, verb: str, job: Job, epoch: int) -> Standing | None:
-        """None when (agent, job, epoch) names the live lease; else record the rejection."""
-        fenced = await fence(self.ctx, msg, agent, verb, job, epoch)
-        return fenced.standing if fenced is not None else None
+    async def _job(self, job_id: UUID) -> Job:
+        job = self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+        if job is None:  # known_job found it: a store that loses a job is a fault, not input
+            raise LookupError(f"job {job_id} is no longer in the store")
+        return job
 
-    async def _heartbeat(self, msg: Msg, agent: str, hb: Heartbeat) -> None:
-        job = self.ctx.views.jobs[hb.job_id]
-        at = now()
-        if late_heartbeat(agent, job, hb.epoch):
-            await answer(self.ctx, msg, HeartbeatAck(standing="ended", reason=job.reason))
+    async def _save(self, verb: str, events: list[Event]) -> None:
+        if not events:
             return
-        standing = await self.fence(msg, agent, "heartbeat", job, hb.epoch)
-        if standing is not None:
-            await answer(self.ctx, msg, HeartbeatAck(standing=standing, reason=job.reason))
-            return
-        lease = job.live_lease
-        assert lease is not None
-        sent_at = msg.metadata.timestamp or at
-        self.heartbeats[(job.id, lease.epoch)] = HeartbeatSeen(
-            at=sent_at,
+        await self.ctx.save(*events)
+        if any(isinstance(e, MessageRejected) for e in events):
+            telemetry.instruments().rejected_inputs.add(1, {"subject": verb, "fenced": "yes"})
+
+    async def _heartbeat(self, msg: Msg, agent: str, hb: Heartbeat) -> Reply:
+        job = await self._job(hb.job_id)
+        at = self.ctx.clock()
+        seen = HeartbeatSeen(
+            at=msg.metadata.timestamp or at,
             input_seq=input_seq(msg),
             progress=hb.progress,
             usage=hb.usage,
             note=hb.note,
             progress_at=hb.progress_at,
         )
-        standing_now = await self._enforce(job, at)
-        job = self.ctx.views.jobs[hb.job_id]
-        if standing_now == "extended":
-            expires = self.deadline_of(job, lease)
-            await answer(self.ctx, msg, HeartbeatAck(standing="extended", expires_at=expires))
+        beat = rules.heartbeat(job, agent, hb.epoch, seen, at)
+        if beat.seen is not None:
+            self.heartbeats[job.id] = (hb.epoch, beat.seen)
+        if beat.cause:
+            await self._carry_out(
+                rules.Enforced(standing=beat.reply.standing, events=beat.events, cause=beat.cause)
+            )
         else:
-            await answer(self.ctx, msg, HeartbeatAck(standing=standing_now or "ended", reason=job.reason))
+            await self._save("heartbeat", beat.events)
+        return beat.reply
 
-    async def _release(self, msg: Msg, agent: str, rel: Release) -> None:
-        job = self.ctx.views.jobs[rel.job_id]
-        standing = await self.fence(msg, agent, "release", job, rel.epoch)
-        if standing is not None:
-            await answer(self.ctx, msg, HeartbeatAck(standing=standing, reason=job.reason))
-            return
-        lease = job.live_lease
-        assert lease is not None
-        reason = f"released by {agent}: {rel.reason or 'no reason given'}"
-        await self.ctx.save(
-            LeaseReleased(
-                originator_id=job.id,
-                originator_version=job.version + 1,
-                agent=agent,
-                epoch=lease.epoch,
-                reason=rel.reason,
-            ),
-            after_attempt(job, job.version + 2, reason, now()),
-        )
-        await answer(self.ctx, msg, Accepted(job_id=job.id, detail="lease released"))
+    async def _release(self, msg: Msg, agent: str, rel: Release) -> Reply:
+        job = await self._job(rel.job_id)
+        outcome = rules.release(job, agent, rel, input_seq(msg), self.ctx.clock())
+        await self._save("release", outcome.events)
+        return outcome.reply
