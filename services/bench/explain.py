@@ -12,18 +12,15 @@ import random
 import subprocess
 import sys
 import time
-from typing import TYPE_CHECKING
 
 import anyio
 from nats.aio.client import Client
 
 from services.bench.history import write_history
+from services.bench.report import Options, Progress, Report, Services
 from services.bench.stats import Figures, percentile
 from shared import topology
 from shared.forensics import explain, ids
-
-if TYPE_CHECKING:
-    from services.bench.runner import Options, Progress, Report, Services
 
 SAMPLE = 20  # jobs explained in-process per size
 COMMANDS = 5  # `warden explain` processes per size

@@ -15,12 +15,13 @@ import time
 import uuid
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import anyio
 from nats.aio.client import Client
 
 from services.bench import raw
+from services.bench.projections import rebuild_rate
+from services.bench.report import Options, Progress, Report, Services
 from services.bench.stats import Figures
 from shared import topology
 from shared.contract import Contract
@@ -39,9 +40,6 @@ from shared.events import (
     tag_of,
 )
 from shared.persistence.jetstream import ORIGINATOR_HEADER, TOPIC_HEADER, VERSION_HEADER
-
-if TYPE_CHECKING:
-    from services.bench.runner import Options, Progress, Report, Services
 
 EVENTS_PER_JOB = 11
 BATCH = 1000  # the server's limit for one atomic batch
@@ -277,10 +275,5 @@ async def run(
             nc, topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.>"
         )
         progress("rebuilding every projection from the event stream")
-        try:
-            from services.bench.projections import rebuild_rate
-        except ImportError:
-            report.notes.append("projection replay not measured: the read side is not installed")
-        else:
-            report.figures["replay_projections"] = await rebuild_rate(url)
+        report.figures["replay_projections"] = await rebuild_rate(url)
         report.figures["replay_raw"] = report.figures["replay_raw_events"]

@@ -7,15 +7,14 @@ import time
 from pathlib import Path
 
 import anyio
-from rich.progress import Progress
 
 from services.bench.stats import Figures
-from services.cli.replay import rebuild
 from shared import topology
 from shared.app import PERSISTENCE_MODULE, WardenApp
 from shared.persistence.bridge import URL_ENV
 from shared.persistence.jetstream import JetStreamApplicationRecorder
 from shared.readmodel import open_read_model
+from shared.readmodel.replay import rebuild
 
 
 async def rebuild_rate(url: str) -> Figures:
@@ -30,8 +29,7 @@ async def rebuild_rate(url: str) -> Figures:
             assert isinstance(recorder, JetStreamApplicationRecorder)
             position = recorder.max_notification_id() or 0
             started = time.perf_counter()
-            with Progress(disable=True) as progress:
-                count = rebuild(recorder, fresh, f"{topology.EVENT_ROOT}.*", position, progress)
+            count = rebuild(recorder, fresh, f"{topology.EVENT_ROOT}.*", position)
             elapsed = time.perf_counter() - started
         finally:
             fresh.close()

@@ -4,81 +4,19 @@ from __future__ import annotations
 
 import os
 import platform
-import signal
-import subprocess
-import sys
 import tempfile
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import anyio
 from nats.aio.client import Client
 
-from services.bench import lifecycle, raw
-from services.bench.stats import Figures
+from services.bench import explain, fleet, history, lifecycle, raw
+from services.bench.report import Options, Progress, Report, Services
 from shared import bus
 from shared.server import EmbeddedServer
-
-PARTS = ("raw", "governed", "detection", "replay", "memory", "explain", "fleet")
-
-
-@dataclass
-class Options:
-    jobs: int = 2000
-    workers: int = 4
-    payload: int = 0
-    leases: int = 20
-    ttl: float = 1.0
-    publish: int = 50_000
-    replay_events: int = 1_000_000
-    parts: tuple[str, ...] = PARTS
-    quick: bool = False
-    fleet_agents: int = 1000
-    fleet_leases: int = 10_000
-
-    @classmethod
-    def quick_mode(cls, parts: tuple[str, ...] = PARTS) -> Options:
-        return cls(
-            jobs=150,
-            workers=4,
-            leases=6,
-            ttl=0.5,
-            publish=5_000,
-            replay_events=50_000,
-            parts=parts,
-            quick=True,
-            fleet_agents=50,
-            fleet_leases=500,
-        )
-
-
-@dataclass
-class Report:
-    machine: dict[str, Any]
-    options: dict[str, Any]
-    figures: dict[str, Figures] = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-
-    def ratio(self, ours: str, theirs: str) -> float | None:
-        a, b = self.figures.get(ours), self.figures.get(theirs)
-        if a is None or b is None or not a.rate or not b.rate:
-            return None
-        return a.rate / b.rate
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "machine": self.machine,
-            "options": self.options,
-            "figures": {k: v.as_dict() for k, v in self.figures.items()},
-            "ratios": {
-                "governed_vs_work_queue": self.ratio("governed", "work_queue"),
-                "replay_vs_raw_replay": self.ratio("replay_projections", "replay_raw"),
-            },
-            "notes": self.notes,
-        }
 
 
 def machine() -> dict[str, Any]:
@@ -88,58 +26,6 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
-
-
-class Services:
-    """Warden's services in their own process (`warden up --nats URL`), as deployed."""
-
-    def __init__(self, url: str, data_dir: Path) -> None:
-        self.url = url
-        self.data_dir = data_dir
-        self.proc: subprocess.Popen[str] | None = None
-
-    def start(self) -> None:
-        env = {**os.environ, "WARDEN_HTTP": "127.0.0.1:0"}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli",
-                "up",
-                "--nats",
-                self.url,
-                "--data-dir",
-                str(self.data_dir),
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        assert self.proc.stdout is not None
-        lines = []
-        for line in self.proc.stdout:
-            lines.append(line)
-            if "warden ready" in line:
-                return
-        raise RuntimeError(f"warden up failed: {''.join(lines)}")
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-Progress = Callable[[str], None]
 
 
 async def run(url: str | None, options: Options, progress: Progress) -> Report:
@@ -194,16 +80,10 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
             report.figures["detection_hung"] = hung
             report.figures["revocation"] = revocation
         if "replay" in options.parts or "memory" in options.parts:
-            from services.bench import history
-
             await history.run(report, nc, url, options, services, progress)
         if "explain" in options.parts:
-            from services.bench import explain
-
             await explain.run(report, nc, url, options, services, progress)
         if "fleet" in options.parts:
-            from services.bench import fleet
-
             # The fleet runs its own scheduler and reconciler (with a policy that lets one agent
             # hold its share of the leases): nothing else may answer its claims.
             await anyio.to_thread.run_sync(services.stop)

@@ -10,7 +10,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from services.bench.runner import PARTS, Options, Report, run
+from services.bench.report import PARTS, Options, Report
+from services.bench.runner import run
 from services.cli.options import json_option, nats_url_option
 
 TARGETS = {

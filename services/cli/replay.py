@@ -13,16 +13,12 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from functools import partial
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import click
-from eventsourcing.persistence import Notification
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -30,120 +26,10 @@ from services.cli.options import data_dir_option, fail, json_option, nats_option
 from shared import topology
 from shared.app import PERSISTENCE_MODULE, WardenApp
 from shared.persistence.bridge import URL_ENV, BridgeError
-from shared.persistence.jetstream import TOPIC_HEADER, VERSION_HEADER, JetStreamApplicationRecorder
-from shared.readmodel import StoreURLError, configured_url, open_read_model, queries
-from shared.readmodel.runner import decode_notification
-from shared.readmodel.store import ReadModel
-from shared.readmodel.tables import TABLES, Table, ts
-
-PAGE = 1000
-
-
-@dataclass
-class Difference:
-    table: str
-    key: list[Any]
-    problem: str  # "differs", "missing from the live read model", "not reproduced by replay"
-    columns: dict[str, dict[str, Any]] = field(default_factory=dict)
-
-
-@dataclass
-class Report:
-    position: int
-    events: int
-    store: str
-    scope: dict[str, Any]
-    compared: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)
-    differences: list[Difference] = field(default_factory=list)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "position": self.position,
-            "events": self.events,
-            "rebuilt_into": self.store,
-            "scope": self.scope,
-            "compared": self.compared,
-            "skipped_moved_on": self.skipped,
-            "identical": not self.differences,
-            "differences": [d.__dict__ for d in self.differences],
-        }
-
-
-def notifications(
-    recorder: JetStreamApplicationRecorder, subject: str, start: int, stop: int
-) -> Iterator[list[Notification]]:
-    """Pages of the events on `subject` from `start` up to stream sequence `stop`."""
-    io = recorder.io
-
-    def keep(record: Any) -> bool:
-        return TOPIC_HEADER in record.headers and VERSION_HEADER in record.headers
-
-    while start <= stop:
-        records = io.run(partial(io.scan, subject, start, limit=PAGE, stop=stop, keep=keep))
-        page = [n for r in records if (n := recorder._notification(r)) is not None]
-        if not page:
-            return
-        yield page
-        start = page[-1].id + 1
-
-
-def rebuild(
-    recorder: JetStreamApplicationRecorder,
-    fresh: ReadModel,
-    subject: str,
-    position: int,
-    progress: Progress,
-) -> int:
-    task = progress.add_task("replaying", total=position or None)
-    count = 0
-    for page in notifications(recorder, subject, 1, position):
-        fresh.project([(n.id, decode_notification(n)) for n in page])
-        count += len(page)
-        progress.update(task, completed=page[-1].id)
-    progress.update(task, completed=position)
-    return count
-
-
-def compare(
-    live: ReadModel,
-    fresh: ReadModel,
-    report: Report,
-    *,
-    job: str | None,
-    since: str | None,
-    until: str | None,
-) -> None:
-    tables: list[Table] = [t for t in TABLES if job is None or t.job_column is not None]
-    for table in tables:
-        live_rows = queries.dump(live, table, job_id=job)
-        fresh_rows = queries.dump(fresh, table, job_id=job)
-        compared = skipped = 0
-        for key in sorted(set(live_rows) | set(fresh_rows), key=repr):
-            got, want = live_rows.get(key), fresh_rows.get(key)
-            row = want or got
-            assert row is not None
-            when = row[table.time]
-            if (since and (when is None or when < since)) or (until and (when is None or when > until)):
-                continue
-            if got is not None and int(got["seq"]) > report.position:
-                skipped += 1  # changed by the live projector after the position we replayed to
-                continue
-            compared += 1
-            if got is None:
-                report.differences.append(
-                    Difference(table.name, list(key), "missing from the live read model")
-                )
-            elif want is None:
-                report.differences.append(Difference(table.name, list(key), "not reproduced by replay"))
-            elif got != want:
-                columns = {
-                    c: {"live": got[c], "replay": want[c]} for c in table.column_names if got[c] != want[c]
-                }
-                report.differences.append(Difference(table.name, list(key), "differs", columns))
-        report.compared[table.name] = compared
-        if skipped:
-            report.skipped[table.name] = skipped
+from shared.persistence.jetstream import JetStreamApplicationRecorder
+from shared.readmodel import StoreURLError, configured_url, open_read_model
+from shared.readmodel import replay as replays
+from shared.readmodel.tables import ts
 
 
 def parse_when(value: str | None, name: str) -> str | None:
@@ -163,7 +49,7 @@ def _short(value: Any, width: int = 60) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def print_report(report: Report, console: Console) -> None:
+def print_report(report: replays.Report, console: Console) -> None:
     compared = sum(report.compared.values())
     console.print(
         f"replayed {report.events} events (stream positions up to {report.position}) into {report.store}; "
@@ -255,14 +141,19 @@ def replay(
                 transient=True,
                 disable=as_json or not err.is_terminal,
             ) as progress:
-                events = rebuild(recorder, fresh, subject, position, progress)
-            report = Report(
+                task = progress.add_task("replaying", total=position or None)
+                events = replays.rebuild(
+                    recorder, fresh, subject, position, lambda at: progress.update(task, completed=at)
+                )
+            report = replays.Report(
                 position=position,
                 events=events,
                 store=target if into else "a temporary SQLite store",
                 scope={"job": str(job_id) if job_id else None, "since": since_ts, "until": until_ts},
             )
-            compare(live, fresh, report, job=str(job_id) if job_id else None, since=since_ts, until=until_ts)
+            replays.compare(
+                live, fresh, report, job=str(job_id) if job_id else None, since=since_ts, until=until_ts
+            )
         finally:
             fresh.close()
     finally:
