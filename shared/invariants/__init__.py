@@ -30,74 +30,51 @@ import importlib
 import inspect
 import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime
 from importlib.metadata import entry_points
-from typing import Any, Literal, Protocol, runtime_checkable
-from uuid import UUID
+from typing import Any
 
 import anyio
 
-from shared.aggregates import Agent, Job, Lease
-from shared.messages import Propose
+from shared.aggregates import Job
+from shared.invariants.base import (
+    Invariant,
+    Subject,
+    Verdict,
+    VerdictKind,
+    errored,
+    failed,
+    not_applicable,
+    passed,
+)
+from shared.invariants.builtin import BUILTINS
 from shared.policy import Policy
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "ENV",
+    "FunctionInvariant",
+    "Invariant",
+    "InvariantConfigError",
+    "Registry",
+    "Subject",
+    "Verdict",
+    "VerdictKind",
+    "coerce",
+    "errored",
+    "failed",
+    "invariant",
+    "load",
+    "not_applicable",
+    "passed",
+    "required",
+]
 
 ENTRY_POINT_GROUP = "warden.invariants"
 ENV = "WARDEN_INVARIANTS"
 
-VerdictKind = Literal["pass", "fail", "error"]
-
 
 class InvariantConfigError(RuntimeError):
     """A configured invariant cannot be loaded, or two share a name."""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    verdict: VerdictKind
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def passed(self) -> bool:
-        return self.verdict == "pass"
-
-
-def passed(**evidence: Any) -> Verdict:
-    return Verdict("pass", evidence)
-
-
-def failed(reason: str, **evidence: Any) -> Verdict:
-    return Verdict("fail", {"reason": reason, **evidence})
-
-
-def errored(reason: str, **evidence: Any) -> Verdict:
-    return Verdict("error", {"reason": reason, **evidence})
-
-
-def not_applicable(reason: str) -> Verdict:
-    return Verdict("pass", {"applicable": False, "reason": f"not applicable: {reason}"})
-
-
-@dataclass(frozen=True)
-class Subject:
-    """What an invariant judges: the whole proposal and the state it would change."""
-
-    proposal_id: UUID
-    proposal: Propose  # payload already read from the object store when it was large
-    job: Job
-    agent: Agent | None
-    lease: Lease | None  # the lease the proposal was made under
-    received_at: datetime  # when the input stream stored it
-    branch: str  # for git.patch: where the change would land (the agent's authority decides)
-    policy: Policy
-
-
-@runtime_checkable
-class Invariant(Protocol):
-    name: str
-    version: str
-
-    async def check(self, subject: Subject) -> Verdict: ...
 
 
 class FunctionInvariant:
@@ -197,8 +174,6 @@ class Registry:
 
 def load(env: str | None = None) -> Registry:
     """Built-ins, then installed entry points, then WARDEN_INVARIANTS (or `env`)."""
-    from shared.invariants.builtin import BUILTINS
-
     registry = Registry(BUILTINS)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

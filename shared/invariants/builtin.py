@@ -24,7 +24,7 @@ from jsonschema.exceptions import SchemaError
 from jsonschema.validators import validator_for
 
 from shared import gitops
-from shared.invariants import Invariant, Subject, Verdict, errored, failed, not_applicable, passed
+from shared.invariants.base import Invariant, Subject, Verdict, errored, failed, not_applicable, passed
 from shared.lifecycle import budget_breach
 from shared.paths import GlobError, compile_glob, unsafe_path
 
