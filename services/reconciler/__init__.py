@@ -105,7 +105,7 @@ class Reconciler:
             self._compact_timers()
 
     def _compact_timers(self) -> None:
-        if len(self._timers) > STALE_TIMERS_PER_DUE * len(self._due) + 64:
+        if len(self._timers) > STALE_TIMERS_PER_DUE * len(self._due):
             self._timers = [(at, job_id) for job_id, at in self._due.items()]
             heapq.heapify(self._timers)
 

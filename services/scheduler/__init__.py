@@ -3,12 +3,17 @@
 Grants are appended with optimistic concurrency on the job's subject, so two scheduler replicas
 racing for one job never both grant it: the loser re-reads and offers the agent the next job.
 Runnable jobs are offered oldest first (by request time, requeues keep their place): none starves.
+
+What each input comes to is decided by `shared.decide.jobs` and `shared.decide.leases` (pure);
+a handler here decodes, loads what the rule needs, decides, saves and replies.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
 from functools import partial
 from uuid import UUID
@@ -21,37 +26,20 @@ from nats.aio.msg import Msg
 
 from shared import bus, telemetry, throttle, topology
 from shared.aggregates import Agent, Job
-from shared.contract import partial_semantic_errors, semantic_errors
-from shared.events import (
-    AgentRegistered,
-    Event,
-    JobCancelled,
-    JobRequested,
-    JobRequeued,
-    LeaseGranted,
-    agent_id_for,
-    job_id_for,
-    now,
-)
+from shared.contract import partial_semantic_errors
+from shared.decide import Refusal, retry
+from shared.decide import jobs as job_rules
+from shared.decide import leases as rules
+from shared.decide.leases import RECENT_CLAIM_S
+from shared.events import job_id_for
 from shared.handling import answer, decode_or_reject, give_up, input_seq, reject_input
-from shared.messages import (
-    Accepted,
-    Claim,
-    JobRequest,
-    LeaseGrant,
-    NoWork,
-    OperatorCommand,
-    Register,
-    request_digest,
-)
+from shared.messages import Claim, JobRequest, LeaseGrant, NoWork, OperatorCommand, Register, Reply
 from shared.policy import load_policy
 from shared.runtime import Context
 from shared.task import PreviousAttempt, previous_attempts
-from shared.validation import FieldError, missing
+from shared.validation import FieldError
 
 log = logging.getLogger("warden.scheduler")
-# An agent that claimed within this window counts as present when choosing who retries a job.
-RECENT_CLAIM_S = 30.0
 
 
 def _ordering_key(msg: Msg) -> str:
@@ -61,13 +49,34 @@ def _ordering_key(msg: Msg) -> str:
     return str(msg.subject)
 
 
-def _unknown_to(job: Job, name: str, claim: Claim, seq: int) -> bool:
-    lease = job.live_lease
-    if job.status != "leased" or lease is None or lease.agent != name:
-        return False
-    if lease.claim_seq == seq:
-        return True
-    return claim.holding is not None and job.id not in claim.holding and lease.claim_seq < seq
+class RecentClaims:
+    """When each agent last claimed, kept only for the window in which a claim counts as
+    presence (an older one never does), so it holds the agents claiming lately and no more."""
+
+    def __init__(self, window_s: float = RECENT_CLAIM_S) -> None:
+        self.window = timedelta(seconds=window_s)
+        # Oldest claim first: pruning stops at the first one still inside the window.
+        self._at: OrderedDict[str, datetime] = OrderedDict()
+
+    def saw(self, name: str, at: datetime) -> None:
+        self._at.pop(name, None)
+        self._at[name] = at
+        self.prune(at)
+
+    def prune(self, at: datetime) -> None:
+        cutoff = at - self.window
+        while self._at:
+            name, seen = next(iter(self._at.items()))
+            if seen >= cutoff:
+                return
+            del self._at[name]
+
+    def present(self, at: datetime) -> list[str]:
+        cutoff = at - self.window
+        return [name for name, seen in self._at.items() if seen >= cutoff]
+
+    def __len__(self) -> int:
+        return len(self._at)
 
 
 class Scheduler:
@@ -75,13 +84,18 @@ class Scheduler:
 
     def __init__(self) -> None:
         self._queue: list[tuple[datetime, UUID]] = []
-        self._queued: set[UUID] = set()
+        # Each queued job's place in `_queue` (its request time).
+        self._queued: dict[UUID, datetime] = {}
         self.policy = load_policy()
-        self._last_claim: dict[str, datetime] = {}
+        self._last_claim = RecentClaims()
         # Jobs a claim handled concurrently is granting right now: another claim passes them by
         # rather than race its own process to the same version (a lost race is still a publish
         # every core subscriber of the job's subject sees).
         self._granting: set[UUID] = set()
+        self._agent_verbs: dict[str, Callable[[Msg, str], Awaitable[None]]] = {
+            "register": self.on_register,
+            "claim": self.on_claim,
+        }
         self.ctx: Context
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
@@ -100,11 +114,17 @@ class Scheduler:
 
     def _track(self, job: Job) -> None:
         if job.status == "queued" and job.id not in self._queued:
-            self._queued.add(job.id)
+            self._queued[job.id] = job.created_on
             bisect.insort(self._queue, (job.created_on, job.id))
-        elif job.status != "queued" and job.id in self._queued:
-            self._queued.discard(job.id)
-            self._queue.remove((job.created_on, job.id))
+        elif job.status != "queued":
+            self._untrack(job.id)
+
+    def _untrack(self, job_id: UUID) -> None:
+        created = self._queued.pop(job_id, None)
+        if created is not None:
+            self._queue.remove((created, job_id))
+
+    # --- routing ---------------------------------------------------------------------------
 
     async def handle(self, msg: Msg) -> None:
         if msg.subject == topology.REQUEST_SUBJECT:
@@ -126,14 +146,17 @@ class Scheduler:
                 headers=msg.headers,
                 agent=parsed[0] if parsed else None,
             ):
-                if parsed is None:  # the malformed agent subjects are ours to refuse
+                route = self._agent_verbs.get(parsed[1]) if parsed else None
+                if parsed is None or route is None:  # the malformed agent subjects are ours to refuse
                     await self.on_malformed(msg)
                     return
-                agent, verb = parsed
-                if verb == "register":
-                    await self.on_register(msg, agent)
-                else:
-                    await self.on_claim(msg, agent)
+                await route(msg, parsed[0])
+
+    async def _reply(self, msg: Msg, outcome: Reply | Refusal, sender: str = "") -> None:
+        if isinstance(outcome, Refusal):
+            await reject_input(self.ctx, msg, outcome.errors, sender, job_id=outcome.job_id)
+        else:
+            await answer(self.ctx, msg, outcome)
 
     async def on_malformed(self, msg: Msg) -> None:
         sender = topology.input_agent(msg.subject) or ""
@@ -144,41 +167,37 @@ class Scheduler:
         )
         await reject_input(self.ctx, msg, [error], sender)
 
+    # --- requests and registrations ----------------------------------------------------------
+
     async def on_request(self, msg: Msg) -> None:
         request = await decode_or_reject(self.ctx, msg, JobRequest, also=self._contract_rules)
         if request is None:
             return
-        errors = [
-            FieldError(path=p, message=m)
-            for p, m in semantic_errors(request.contract, now(), max_level=self.policy.top_level)
-        ]
-        if errors:
-            await reject_input(self.ctx, msg, errors, sender=request.submitter)
-            return
         job_id = job_id_for(request.idempotency_key)
         telemetry.annotate(job_id=job_id)
-        digest = request_digest(request)
-        if job_id not in self.ctx.views.jobs:
-            event = JobRequested(
-                originator_id=job_id,
-                originator_version=1,
-                idempotency_key=request.idempotency_key,
-                kind=request.kind,
-                contract=request.contract,
-                submitter=request.submitter,
+        # A terminal job may have left the view: a lost race on version 1 reads it from the store.
+        known = [self.ctx.views.jobs.get(job_id)]
+
+        async def step() -> Reply | Refusal:
+            decided = job_rules.admit(
+                request,
+                known[0],
+                max_level=self.policy.top_level,
                 input_seq=input_seq(msg),
-                request_digest=digest,
-                trace=telemetry.current_traceparent(),
+                at=self.ctx.clock(),
             )
-            try:
-                await self.ctx.save(event)
-            except IntegrityError:  # the same key raced in through another replica or a redelivery
-                await self.ctx.reload_job(job_id)
-            else:
+            if isinstance(decided, Refusal):
+                return decided
+            if decided.events:
+                await self.ctx.save(*decided.events)
                 telemetry.instruments().jobs.add(1, {"state": "requested"})
-                await answer(self.ctx, msg, Accepted(job_id=job_id))
-                return
-        await self._repeated_key(msg, request, digest, self.ctx.views.jobs[job_id])
+            return decided.reply
+
+        async def reload() -> None:  # the same key raced in through another replica or a redelivery
+            known[0] = await self.ctx.job_from_store(job_id)
+
+        outcome = await retry(step, reload, what=f"request of job {job_id}")
+        await self._reply(msg, outcome, request.submitter)
 
     def _contract_rules(self, data: bytes, type_errors: list[FieldError]) -> list[FieldError]:
         """The contract's rules on a request that has type errors, for the parts that have types."""
@@ -188,79 +207,43 @@ class Scheduler:
         contract = raw.get("contract") if isinstance(raw, dict) else None
         return [
             FieldError(path=p, message=m)
-            for p, m in partial_semantic_errors(contract, now(), max_level=self.policy.top_level)
+            for p, m in partial_semantic_errors(contract, self.ctx.clock(), max_level=self.policy.top_level)
         ]
-
-    async def _repeated_key(self, msg: Msg, request: JobRequest, digest: str, first: Job) -> None:
-        """The same key and body is the same job (a retry); the same key with another body is refused."""
-        # Recomputed from the job as recorded, so events from before digests were kept compare too.
-        recorded = request_digest(
-            JobRequest(
-                idempotency_key=first.idempotency_key,
-                kind=first.kind,
-                contract=first.contract,
-                submitter=first.submitter,
-            )
-        )
-        if recorded == digest:
-            await answer(self.ctx, msg, Accepted(job_id=first.id, duplicate=True))
-            return
-        error = FieldError(
-            path="$.idempotency_key",
-            message=(
-                f"idempotency key {request.idempotency_key!r} already names job {first.id}, "
-                f"requested with a different body (sha256 {recorded[:16]}, this one {digest[:16]})"
-            ),
-        )
-        await reject_input(self.ctx, msg, [error], sender=request.submitter, job_id=first.id)
 
     async def on_register(self, msg: Msg, name: str) -> None:
         reg = await decode_or_reject(self.ctx, msg, Register, sender=name)
         if reg is None:
             return
-        for _ in range(5):
-            agent = self.ctx.views.agents.get(name)
-            event = AgentRegistered(
-                originator_id=agent_id_for(name),
-                originator_version=agent.version + 1 if agent else 1,
-                name=name,
-                max_concurrent=reg.max_concurrent,
-                kinds=reg.kinds,
-                level=agent.level if agent else 0,
-            )
-            try:
-                await self.ctx.save(event)
-                break
-            except IntegrityError:
-                await self.ctx.agent_from_store(name)
-        await answer(self.ctx, msg, Accepted(detail=f"agent {name} registered"))
+        known = [self.ctx.views.agents.get(name)]
+
+        async def step() -> Reply:
+            decided = job_rules.register(known[0], name, reg, self.ctx.clock())
+            await self.ctx.save(*decided.events)
+            return decided.reply
+
+        async def reload() -> None:
+            known[0] = await self.ctx.agent_from_store(name)
+
+        await self._reply(msg, await retry(step, reload, what=f"registration of {name}"), name)
+
+    # --- claims --------------------------------------------------------------------------------
 
     async def on_claim(self, msg: Msg, name: str) -> None:
         claim = await decode_or_reject(self.ctx, msg, Claim, sender=name)
         if claim is None:
             return
-        at = now()
-        if claim.sent_at is not None and claim.sent_at + timedelta(seconds=claim.wait_s) < at:
-            # Its sender stopped waiting: a grant now would be a lease nobody holds.
+        at = self.ctx.clock()
+        if rules.claim_too_late(claim, at):
             await answer(self.ctx, msg, NoWork(detail="claim arrived after its wait"))
             return
-        self._last_claim[name] = at
+        self._last_claim.saw(name, at)
         agent = self.ctx.views.agents.get(name) or await self.ctx.agent_from_store(name)
-        if agent is None:
-            error = FieldError(
-                path="$", message=f"agent {name} is not registered (the store has no such agent)"
-            )
-            await reject_input(self.ctx, msg, [error], name)
-            return
-        if agent.standing != "active":
+        refusal = rules.claimant_refusal(name, agent)
+        if refusal is not None and agent is not None:
             agent = await self.ctx.agent_from_store(name) or agent  # never refuse on a lagging view
-        if agent.standing != "active":
-            await reject_input(
-                self.ctx,
-                msg,
-                [FieldError(path="$", message=f"agent {name} is {agent.standing}: {agent.standing_reason}")],
-                name,
-            )
+            refusal = rules.claimant_refusal(name, agent)
+        if refusal is not None or agent is None:
+            await self._reply(msg, refusal or Refusal.of("$", f"agent {name} is not registered"), name)
             return
         verdict = await self._lease_for(agent, claim, at, input_seq(msg))
         if isinstance(verdict, NoWork) and await self.ctx.view_current():
@@ -270,49 +253,68 @@ class Scheduler:
             verdict = await self._lease_for(agent, claim, at, input_seq(msg))
         await answer(self.ctx, msg, verdict)
 
+    def _candidates(self, passed: set[UUID]) -> Iterator[Job]:
+        """The queued jobs, oldest first, but those being granted here now or `passed` by."""
+        for _created, job_id in list(self._queue):
+            if job_id in self._granting or job_id in passed:
+                continue
+            job = self.ctx.views.jobs.get(job_id)
+            if job is None:
+                self._untrack(job_id)
+                continue
+            if job.status != "queued":  # reloaded after a lost race: no longer runnable
+                self._track(job)
+                continue
+            yield job
+
     async def _lease_for(self, agent: Agent, claim: Claim, at: datetime, seq: int) -> LeaseGrant | NoWork:
         name = agent.name
         unknown = await self._unknown_lease(name, claim, seq)
         if unknown is not None:
             return await self._grant_again(unknown)
         held = self.ctx.views.live_leases_of(name)
-        # The agent's own limit, capped by what its autonomy level allows.
-        limit = min(agent.max_concurrent, self.policy.at(agent.level).max_leases)
-        if held >= limit:
-            return NoWork(detail=f"agent {name} holds {held} of {limit} leases (level {agent.level})")
-        kinds = set(claim.kinds or agent.kinds)
-        for _created, job_id in list(self._queue):
-            job = self.ctx.views.jobs[job_id]
-            if job.status != "queued":  # reloaded after a lost race: no longer runnable
-                self._track(job)
-                continue
-            if job_id in self._granting:
-                continue
-            if kinds and job.kind not in kinds:
-                continue
-            if job.contract.required_level > agent.level:
-                continue
-            if self._failed_by(job, name) and self._someone_else_for(job, name, at):
-                continue
-            deadline = job.contract.stopping.deadline
-            if deadline is not None and deadline <= at:
-                continue  # the reconciler tombstones it
-            grant = await self._grant(job, name, at, seq)
-            if grant is not None:
-                return grant
-        return NoWork(detail="no runnable job for this agent")
+        present = [
+            other
+            for other_name in self._last_claim.present(at)
+            if other_name != name and (other := self.ctx.views.agents.get(other_name)) is not None
+        ]
+        # A job this claim lost to another replica is passed by, as in one walk down the queue:
+        # so at most one try per queued job, and the last try finds none left (no work).
+        lost: list[UUID] = []
+
+        async def step() -> LeaseGrant | NoWork:
+            decided = rules.grant(
+                self._candidates(set(lost)),
+                agent,
+                claim,
+                policy=self.policy,
+                held=held,
+                present=present,
+                at=at,
+                claim_seq=seq,
+            )
+            if isinstance(decided, NoWork):
+                return decided
+            return await self._grant(decided, lost)
+
+        async def reload() -> None:  # another replica moved it first
+            stored = await self.ctx.job_from_store(lost[-1])
+            if stored is None:
+                self._untrack(lost[-1])
+            else:
+                self._track(stored)
+
+        return await retry(step, reload, tries=len(self._queue) + 1, what=f"claim of {name}")
 
     async def _unknown_lease(self, name: str, claim: Claim, seq: int) -> Job | None:
-        """A job whose live lease `name` holds without knowing it: granted on this very claim
-        (delivered again after a broker restart lost its ack), or on an earlier claim whose
-        answer never reached the agent (its claim says it does not hold it). Handed back, it is
-        worked; left alone, it would expire and spend an attempt. Only a lease with nothing
-        proposed under it yet, as the store has it (the view may not hold the proposal)."""
+        """A job whose live lease `name` holds without knowing it (`leases.unknown_to`): handed
+        back, it is worked; left alone, it would expire and spend an attempt. Only a lease with
+        nothing proposed under it yet, as the store has it (the view may not hold the proposal)."""
         for job in list(self.ctx.views.jobs.values()):
-            if not _unknown_to(job, name, claim, seq):
+            if not rules.unknown_to(job, name, claim, seq):
                 continue
             stored = await self.ctx.job_from_store(job.id)
-            if stored is not None and _unknown_to(stored, name, claim, seq):
+            if stored is not None and rules.unknown_to(stored, name, claim, seq):
                 return stored
         return None
 
@@ -325,87 +327,32 @@ class Scheduler:
             job.id,
             lease.agent,
         )
-        return LeaseGrant(
-            job_id=job.id,
-            kind=job.kind,
-            epoch=lease.epoch,
-            expires_at=lease.expires_at,
-            ttl_s=lease.ttl_s,
-            heartbeat_interval_s=job.contract.stopping.heartbeat_interval_s,
-            contract=job.contract,
-            previous_attempts=await self._previous_attempts(job.id, lease.epoch),
-        )
+        return rules.lease_grant(job, lease, await self._previous_attempts(job.id, lease.epoch))
 
-    @staticmethod
-    def _failed_by(job: Job, name: str) -> bool:
-        """Did `name` lose an attempt at this job since its last fresh start?"""
-        return any(
-            lease.agent == name and lease.ended not in ("", "completed") and lease.epoch > job.attempt_base
-            for lease in job.leases
-        )
-
-    def _someone_else_for(self, job: Job, name: str, at: datetime) -> bool:
-        """Is another agent, asking for work lately, able to take this job? A retry prefers it:
-        the agent that failed a job tends to fail it the same way (the liar keeps lying). With
-        no one else around, the same agent gets it again, so no job starves."""
-        recent = at - timedelta(seconds=RECENT_CLAIM_S)
-        for other, seen in self._last_claim.items():
-            if other == name or seen < recent:
-                continue
-            agent = self.ctx.views.agents.get(other)
-            if (
-                agent is not None
-                and agent.standing == "active"
-                and agent.level >= job.contract.required_level
-                and (not agent.kinds or job.kind in agent.kinds)
-                and not self._failed_by(job, other)
-            ):
-                return True
-        return False
-
-    async def _grant(self, job: Job, agent: str, at: datetime, claim_seq: int) -> LeaseGrant | None:
+    async def _grant(self, decided: rules.Granted, lost: list[UUID]) -> LeaseGrant:
+        job, event = decided.job, decided.event
         # A child of what made the job runnable, not of the claim (an agent's, about no job yet):
-        # the claim's span is linked.
+        # the claim's span is linked. The grant carries this span (one job is one trace).
         with telemetry.span(
             "scheduler grant",
             parent=job.trace,
             link=telemetry.current_traceparent(),
             job_id=job.id,
-            agent=agent,
-            epoch=job.attempts + 1,
+            agent=event.agent,
+            epoch=event.epoch,
         ):
-            stopping = job.contract.stopping
-            expires = at + timedelta(seconds=stopping.lease_ttl_s)
-            event = LeaseGranted(
-                originator_id=job.id,
-                originator_version=job.version + 1,
-                agent=agent,
-                epoch=job.attempts + 1,
-                ttl_s=stopping.lease_ttl_s,
-                expires_at=expires,
-                claim_seq=claim_seq,
-                timestamp=at,
-                trace=telemetry.current_traceparent(),
-            )
             self._granting.add(job.id)
             try:
                 await self.ctx.save(event)
-            except IntegrityError:
-                await self.ctx.reload_job(job.id)  # another replica moved it first
-                self._track(self.ctx.views.jobs[job.id])
-                return None
+                moved: IntegrityError | None = None
+            except IntegrityError as exc:
+                moved = exc
             finally:
                 self._granting.discard(job.id)
-        return LeaseGrant(
-            job_id=job.id,
-            kind=job.kind,
-            epoch=event.epoch,
-            expires_at=expires,
-            ttl_s=stopping.lease_ttl_s,
-            heartbeat_interval_s=stopping.heartbeat_interval_s,
-            contract=job.contract,
-            previous_attempts=await self._previous_attempts(job.id, event.epoch),
-        )
+        if moved is not None:  # raised past the span: a lost race is no fault of the grant's
+            lost.append(job.id)
+            raise moved
+        return rules.lease_grant(job, event, await self._previous_attempts(job.id, event.epoch))
 
     async def _previous_attempts(self, job_id: UUID, epoch: int) -> list[PreviousAttempt]:
         """A retry's grant tells how the earlier attempts ended (one read of the job, retries only)."""
@@ -414,54 +361,26 @@ class Scheduler:
         events = await anyio.to_thread.run_sync(self.ctx.app.events_of, job_id)
         return previous_attempts(events, epoch)
 
+    # --- operators -----------------------------------------------------------------------------
+
     async def on_operator(self, msg: Msg, verb: str) -> None:
         cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
         if cmd is None:
             return
-        if cmd.job_id is None:
-            await reject_input(self.ctx, msg, [FieldError(path="$.job_id", message=f"{verb} needs a job_id")])
-            return
-        for _ in range(5):
-            job = self.ctx.views.jobs.get(cmd.job_id) or await self.ctx.job_from_store(cmd.job_id)
-            if job is None:
-                await reject_input(self.ctx, msg, [missing("$.job_id", f"job {cmd.job_id}")])
-                return
-            event: Event
-            if verb == "requeue":
-                if job.status not in ("tombstoned", "cancelled"):
-                    await reject_input(
-                        self.ctx,
-                        msg,
-                        [
-                            FieldError(
-                                path="$.job_id", message=f"job is {job.status}; only a dead job is requeued"
-                            )
-                        ],
-                    )
-                    return
-                event = JobRequeued(
-                    originator_id=job.id,
-                    originator_version=job.version + 1,
-                    reason=cmd.reason,
-                    by=cmd.operator,
-                    fresh_attempts=True,
-                )
-            else:
-                if job.terminal:
-                    await reject_input(
-                        self.ctx, msg, [FieldError(path="$.job_id", message=f"job is already {job.status}")]
-                    )
-                    return
-                event = JobCancelled(
-                    originator_id=job.id,
-                    originator_version=job.version + 1,
-                    reason=cmd.reason,
-                    by=cmd.operator,
-                )
-            try:
-                await self.ctx.save(event)
-            except IntegrityError:
-                await self.ctx.reload_job(job.id)
-                continue
-            await answer(self.ctx, msg, Accepted(job_id=job.id, detail=f"{verb} recorded"))
-            return
+        job_id = cmd.job_id
+        known = [
+            (self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)) if job_id else None
+        ]
+
+        async def step() -> Reply | Refusal:
+            decided = job_rules.operate(verb, known[0], cmd, self.ctx.clock())
+            if isinstance(decided, Refusal):
+                return decided
+            await self.ctx.save(*decided.events)
+            return decided.reply
+
+        async def reload() -> None:
+            assert job_id is not None  # only a save about a job can lose a race
+            known[0] = await self.ctx.job_from_store(job_id)
+
+        await self._reply(msg, await retry(step, reload, what=f"{verb} of job {job_id}"))

@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from uuid import uuid4
 
-from services.scheduler import _unknown_to
 from shared.aggregates import Job, project_job
 from shared.contract import Contract, Stopping
+from shared.decide.leases import unknown_to
 from shared.events import JobRequested, LeaseGranted, ProposalSubmitted, now
 from shared.messages import Claim
 
@@ -54,20 +54,20 @@ def leased(agent: str = "a", *, proposed: bool = False) -> Job:
 
 
 def test_the_claim_a_lease_answered_delivered_again_gets_that_lease() -> None:
-    assert _unknown_to(leased(), "a", Claim(holding=None), CLAIM_SEQ)
+    assert unknown_to(leased(), "a", Claim(holding=None), CLAIM_SEQ)
 
 
 def test_a_later_claim_that_does_not_name_the_lease_gets_it_back() -> None:
-    assert _unknown_to(leased(), "a", Claim(holding=[]), CLAIM_SEQ + 5)
+    assert unknown_to(leased(), "a", Claim(holding=[]), CLAIM_SEQ + 5)
 
 
 def test_a_claim_naming_the_lease_or_naming_nothing_at_all_does_not() -> None:
     job = leased()
-    assert not _unknown_to(job, "a", Claim(holding=[job.id]), CLAIM_SEQ + 5)
-    assert not _unknown_to(job, "a", Claim(holding=None), CLAIM_SEQ + 5)  # an older client
+    assert not unknown_to(job, "a", Claim(holding=[job.id]), CLAIM_SEQ + 5)
+    assert not unknown_to(job, "a", Claim(holding=None), CLAIM_SEQ + 5)  # an older client
 
 
 def test_another_agents_lease_an_earlier_claim_or_a_proposed_job_is_never_handed_back() -> None:
-    assert not _unknown_to(leased("b"), "a", Claim(holding=[]), CLAIM_SEQ + 5)
-    assert not _unknown_to(leased(), "a", Claim(holding=[]), CLAIM_SEQ - 1)
-    assert not _unknown_to(leased(proposed=True), "a", Claim(holding=[]), CLAIM_SEQ + 5)
+    assert not unknown_to(leased("b"), "a", Claim(holding=[]), CLAIM_SEQ + 5)
+    assert not unknown_to(leased(), "a", Claim(holding=[]), CLAIM_SEQ - 1)
+    assert not unknown_to(leased(proposed=True), "a", Claim(holding=[]), CLAIM_SEQ + 5)
