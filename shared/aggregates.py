@@ -49,6 +49,10 @@ from shared.events import (
 
 JobStatus = Literal["queued", "leased", "proposed", "accepted", "completed", "tombstoned", "cancelled"]
 TERMINAL: frozenset[str] = frozenset({"completed", "tombstoned", "cancelled"})
+# How a lease ended ("" while it lives).
+LeaseEnd = Literal["", "expired", "released", "revoked", "completed", "rejected", "failed"]
+# How far a rollback of an applied proposal went ("" when none was asked for).
+RollbackState = Literal["", "requested", "done", "failed"]
 
 
 class Lease(Struct, frozen=True, kw_only=True):
@@ -57,7 +61,7 @@ class Lease(Struct, frozen=True, kw_only=True):
     granted_at: datetime
     expires_at: datetime
     ttl_s: float
-    ended: str = ""  # "", "expired", "released", "revoked", "completed", "rejected", "failed"
+    ended: LeaseEnd = ""
     trace: str = ""  # the grant's traceparent: the agent's inputs and the timers under it are its children
     claim_seq: int = 0  # the input sequence of the claim it answered
 
@@ -88,7 +92,7 @@ class ProposalState(Struct, frozen=True, kw_only=True):
     decided_by: str = ""
     branch: str = ""
     receipt: dict[str, Any] | None = None
-    rollback: Literal["", "requested", "done", "failed"] = ""
+    rollback: RollbackState = ""
     rollback_reason: str = ""
     rollback_receipt: dict[str, Any] | None = None
     # The traceparent of the span that last moved it (submitted, accepted, applied, rollback
@@ -149,7 +153,7 @@ def _with_proposal(job: Job, proposal_id: UUID, **changes: Any) -> Job:
     return replace(job, proposal_log=log)
 
 
-def _end_attempt_of(job: Job, proposal_id: UUID, how: str) -> Job:
+def _end_attempt_of(job: Job, proposal_id: UUID, how: LeaseEnd) -> Job:
     """A decided-against proposal ends the lease it was made under: the attempt is spent."""
     state = job.proposal(proposal_id)
     lease, leases = job.lease, job.leases
@@ -159,7 +163,7 @@ def _end_attempt_of(job: Job, proposal_id: UUID, how: str) -> Job:
     return replace(job, lease=lease, leases=leases, pending_proposal=pending)
 
 
-def _end_lease(job: Job, how: str) -> tuple[Lease | None, tuple[Lease, ...]]:
+def _end_lease(job: Job, how: LeaseEnd) -> tuple[Lease | None, tuple[Lease, ...]]:
     if job.lease is None:
         return None, job.leases
     ended = replace(job.lease, ended=how)

@@ -180,7 +180,6 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
                 "WARDEN_NATS_URL) and that the server is running (`warden up`), or raise --timeout"
             )
     holder.append(nc)
-    nc._warden_errors = errors  # type: ignore[attr-defined]
     nc._warden_watches = watches  # type: ignore[attr-defined]
     return nc
 
@@ -208,10 +207,6 @@ def refused(nc: Client, *subjects: str) -> Iterator[_DenialWatch]:
             f"the NATS server refused this connection's credentials: {watch.error} "
             "(check the user's permissions: `warden creds list`)"
         ) from watch.error
-
-
-def recent_errors(nc: Client) -> list[Exception]:
-    return list(getattr(nc, "_warden_errors", []))
 
 
 async def request(

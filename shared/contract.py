@@ -14,8 +14,6 @@ from msgspec import Meta, Struct, field
 
 from shared.paths import glob_problem
 
-EFFECT_KINDS = ("git.patch", "file.write", "webhook", "none")
-
 PositiveSeconds = Annotated[float, Meta(gt=0, le=86_400 * 7)]
 NonNegInt = Annotated[int, Meta(ge=0)]
 NonNegFloat = Annotated[float, Meta(ge=0)]
@@ -151,9 +149,3 @@ def partial_semantic_errors(raw: object, now: datetime, *, max_level: int) -> li
             continue
         typed[name] = value
     return semantic_errors(msgspec.convert(typed, Contract), now, max_level=max_level)
-
-
-def to_builtins(contract: Contract) -> dict[str, Any]:
-    result = msgspec.to_builtins(contract)
-    assert isinstance(result, dict)
-    return result

@@ -130,7 +130,9 @@ class LeaseRevoked(Event, frozen=True, tag="lease.revoked"):
     agent: str
     epoch: int
     reason: str
-    signal: str  # "budget", "deadline", "operator", "violation", "agent-revoked"
+    # budget, deadline, operator, violation or agent-revoked. A str, not a Literal: a stored
+    # field's type never changes, and a signal added later must still decode in an older replica.
+    signal: str
     by: str = "warden"
     signal_at: datetime | None = None
 
@@ -346,7 +348,6 @@ AnyEvent = (
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__
 TAGS: dict[type[Event], str] = {t: t.__struct_config__.tag for t in EVENT_TYPES}  # type: ignore[misc]
-JOB_EVENT_TAGS = frozenset(tag for t, tag in TAGS.items() if not tag.startswith(("agent.", "input.")))
 
 _decoder = msgspec.json.Decoder(AnyEvent)
 _encoder = msgspec.json.Encoder()

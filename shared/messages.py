@@ -155,20 +155,6 @@ class OperatorCommand(Input, frozen=True, tag="operator.command"):
 
 InputT = TypeVar("InputT", bound=Input)
 
-AgentInput = Register | Claim | Heartbeat | Propose | Release
-
-_AGENT_TYPES: dict[str, type[Input]] = {
-    "register": Register,
-    "claim": Claim,
-    "heartbeat": Heartbeat,
-    "propose": Propose,
-    "release": Release,
-}
-
-
-def agent_input_type(verb: str) -> type[Input]:
-    return _AGENT_TYPES[verb]
-
 
 def decode_input(data: bytes, tp: type[InputT], max_bytes: int | None = None) -> InputT:
     """Decode one input of the subject's declared type; the `type` tag may be omitted.

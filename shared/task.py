@@ -46,7 +46,9 @@ class PreviousAttempt(Struct, frozen=True, kw_only=True):
 
     epoch: int
     agent: str = ""
-    outcome: str  # "rejected", "expired", "revoked", "released"
+    # rejected, expired, revoked or released. A str, not a Literal: this is part of the lease
+    # grant reply, and an outcome added later must still decode in an older SDK.
+    outcome: str
     reason: str = ""
     verdicts: list[Verdict] = field(default_factory=list)
 

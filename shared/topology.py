@@ -39,7 +39,6 @@ EVENT_ROOT = f"{PREFIX}.evt"
 REQUEST_SUBJECT = f"{INPUT_ROOT}.request"
 # Header naming where the submitter (or agent) waits for Warden's verdict on its input.
 REPLY_HEADER = "Warden-Reply-To"
-TRACE_HEADER = "traceparent"
 
 AGENT_VERBS = ("register", "claim", "heartbeat", "propose", "release")
 # Where an agent uploads a large proposal's payload, in chunks, before proposing: raw bytes, not

@@ -122,7 +122,3 @@ class Hub:
             while self.position < position:
                 await self._advanced.wait()
         return self.position >= position
-
-    @property
-    def clients(self) -> int:
-        return len(self._clients)

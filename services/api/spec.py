@@ -11,6 +11,7 @@ from typing import Any, Literal
 import msgspec
 from msgspec import Struct
 
+from shared.aggregates import RollbackState
 from shared.messages import AnyReply, JobRequest, OperatorCommand
 from shared.readmodel.tables import (
     FAILURE_KINDS,
@@ -49,7 +50,7 @@ class JobView(JobRow, kw_only=True):
     approval_required: bool = False
     awaiting_approval: bool = False  # its pending proposal waits for `approve` or `deny`
     pending_proposal: str | None = None  # that proposal, while it waits
-    rollback: str = ""  # "", "requested", "done", "failed": how far a rollback of it went
+    rollback: RollbackState = ""  # how far a rollback of it went
 
 
 class JobPage(Struct, kw_only=True):

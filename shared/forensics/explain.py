@@ -14,7 +14,6 @@ today.
 
 from __future__ import annotations
 
-import contextlib
 from datetime import datetime
 from uuid import UUID
 
@@ -44,7 +43,6 @@ __all__ = [
     "collect",
     "explain",
     "explain_job",
-    "parse_job_id",
     "phases",
     "render",
     "render_phases",
@@ -152,9 +150,3 @@ def explain(job_log: JobLog) -> Explanation:
 
 async def explain_job(js: JetStreamContext, job_id: UUID) -> Explanation:
     return explain(await collect(js, job_id))
-
-
-def parse_job_id(text: str) -> UUID:
-    with contextlib.suppress(ValueError):
-        return UUID(text)
-    raise ValueError(f"{text!r} is not a job id")

@@ -133,9 +133,12 @@ class Fenced(Struct, frozen=True, kw_only=True):
     input_seqs: list[int]
 
 
+RevocationWhat = Literal["lease", "agent", "agent-suspended", "agent-reinstated", "rollback"]
+
+
 class Revocation(Struct, frozen=True, kw_only=True):
     at: datetime
-    what: str  # "lease", "agent", "agent-suspended", "agent-reinstated", "rollback"
+    what: RevocationWhat
     agent: str
     epoch: int | None
     signal: str

@@ -53,6 +53,7 @@ from shared.forensics.model import (
     HeartbeatSummary,
     ProposalStory,
     Revocation,
+    RevocationWhat,
 )
 from shared.messages import Heartbeat, Propose, decode_input
 from shared.validation import InvalidInput
@@ -203,7 +204,7 @@ def _ending(
         case JobCompleted():
             return "completed", event.timestamp, f"completed with proposal {event.proposal_id}", {}
     assert event is not None
-    return lease.ended or "", event.timestamp, "", {}  # type: ignore[return-value]
+    return lease.ended, event.timestamp, "", {}
 
 
 def attempts(job: Job | None, endings: dict[int, log.LoggedEvent], job_log: JobLog) -> list[Attempt]:
@@ -407,7 +408,11 @@ def revocations(
                     reason=e.reason,
                 )
             )
-    what_of = {AgentRevoked: "agent", AgentSuspended: "agent-suspended", AgentReinstated: "agent-reinstated"}
+    what_of: dict[type[AnyEvent], RevocationWhat] = {
+        AgentRevoked: "agent",
+        AgentSuspended: "agent-suspended",
+        AgentReinstated: "agent-reinstated",
+    }
     for name, items in job_log.agent_events.items():
         for item in items:
             event = item.event

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Literal
 from uuid import UUID
 
 from msgspec import Struct, field
@@ -121,7 +122,7 @@ async def state_at(
 
 
 class Change(Struct, frozen=True, kw_only=True):
-    what: str  # "job" or "agent"
+    what: Literal["job", "agent"]
     id: str
     before: JobAt | AgentAt | None
     after: JobAt | AgentAt | None

@@ -76,10 +76,6 @@ class NatsBridge:
         self._closed = False
 
     @property
-    def owns_connection(self) -> bool:
-        return self._thread is not None
-
-    @property
     def closed(self) -> bool:
         return self._closed
 

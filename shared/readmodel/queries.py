@@ -384,18 +384,6 @@ def search_jobs(
     return Page(items=items, total=total, limit=limit, offset=offset)
 
 
-def jobs_by_id(store: ReadModel, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """The rows (with flags) of these jobs, keyed by id."""
-    out: dict[str, dict[str, Any]] = {}
-    with store.reading() as db:
-        for start in range(0, len(job_ids), 500):
-            chunk = list(job_ids[start : start + 500])
-            marks = ", ".join("?" * len(chunk))
-            for job in _jobs_with_flags(db, f" WHERE job_id IN ({marks})", chunk):
-                out[job["job_id"]] = job
-    return out
-
-
 def approvals(store: ReadModel, limit: int, offset: int) -> Page:
     """Proposals waiting for a person's approval, oldest first, each with its checks so far
     and its job's kind."""

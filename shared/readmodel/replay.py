@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from eventsourcing.persistence import Notification
 
@@ -28,7 +28,7 @@ PAGE = 1000
 class Difference:
     table: str
     key: list[Any]
-    problem: str  # "differs", "missing from the live read model", "not reproduced by replay"
+    problem: Literal["differs", "missing from the live read model", "not reproduced by replay"]
     columns: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
+
+from shared.aggregates import LeaseEnd
 
 # --- rows -----------------------------------------------------------------------------------
 
@@ -86,7 +88,7 @@ class LeaseRow(Struct, kw_only=True):
     granted_at: str
     expires_at: str
     ttl_s: float
-    ended: str = ""  # "", "expired", "released", "revoked", "completed"
+    ended: LeaseEnd = ""
     ended_at: str | None = None
     seq: int
     updated_at: str
@@ -103,7 +105,7 @@ class ProposalRow(Struct, kw_only=True):
     size: int
     content_hash: str
     payload_object: str = ""
-    verdict: str = "pending"  # "pending", "accepted", "rejected"
+    verdict: Literal["pending", "accepted", "rejected"] = "pending"
     violations: list[str] | None = None
     checks_passed: int = 0
     checks_failed: int = 0
@@ -203,6 +205,8 @@ def _columns(row: type[Struct]) -> tuple[Column, ...]:
         t = f.type
         if isinstance(t, msgspec.inspect.UnionType):
             (t,) = [a for a in t.types if not isinstance(a, msgspec.inspect.NoneType)]
+        if isinstance(t, msgspec.inspect.LiteralType) and all(isinstance(v, str) for v in t.values):
+            t = msgspec.inspect.StrType()
         sql = _SQL_TYPES.get(type(t))
         out.append(Column(f.name, sql or "TEXT", json=sql is None))
     return tuple(out)
@@ -329,7 +333,6 @@ TIMELINE = Table(
 )
 
 TABLES: tuple[Table, ...] = (JOBS, AGENTS, LEVELS, LEASES, PROPOSALS, CHECKS, FAILURES, REVOCATIONS, TIMELINE)
-TABLES_BY_NAME = {t.name: t for t in TABLES}
 
 JOB_STATES = ("queued", "leased", "proposed", "accepted", "completed", "tombstoned", "cancelled")
 FAILURE_KINDS = (
@@ -349,10 +352,6 @@ def ts(moment: datetime) -> str:
     """A timestamp as stored: UTC, fixed width, so text order is time order in any backend."""
     # isoformat is several times faster than strftime, and this runs for every event.
     return moment.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
-
-
-def parse_ts(text: str) -> datetime:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
 
 
 _json = msgspec.json.Encoder(order="deterministic")
