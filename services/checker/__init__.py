@@ -10,13 +10,18 @@ The input message is acked only after the decision, so a crash mid-check redeliv
 proposal id is derived from its stream position, and checks already recorded for it are not run
 again. A contract with `approval_required` waits after its checks for an operator's
 `warden approve|deny PROPOSAL` (handled here too, recorded with who and why).
+
+Every rule (admit or fence, record, decide, approve, deny) is a pure function in
+shared.decide.proposals; the handlers here decode, load, run the invariants, decide, save and
+reply, and every lost race goes through shared.decide.retry.
 """
 
 from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from functools import partial
@@ -24,24 +29,15 @@ from uuid import UUID
 
 import anyio
 from anyio.abc import TaskStatus
-from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
 from shared import bus, invariants, proposals, telemetry, throttle, topology
 from shared.aggregates import Agent, Job, Lease, ProposalState
-from shared.events import (
-    Event,
-    InvariantChecked,
-    MessageRejected,
-    ProposalAccepted,
-    ProposalRejected,
-    ProposalSubmitted,
-    now,
-    proposal_id_for,
-)
-from shared.handling import answer, decode_or_reject, give_up, input_seq, known_job, reject_input
+from shared.decide import Refusal, after, retry
+from shared.decide import proposals as decide
+from shared.events import Event, InvariantChecked, ProposalSubmitted, proposal_id_for
+from shared.handling import answer, decode_or_reject, give_up, input_seq, reject_input
 from shared.invariants import Invariant, Subject, Verdict
-from shared.lifecycle import after_attempt, fence
 from shared.messages import Accepted, OperatorCommand, Propose, Rejected
 from shared.policy import Policy, load_policy
 from shared.runtime import Context
@@ -49,7 +45,11 @@ from shared.validation import FieldError, missing
 
 log = logging.getLogger("warden.checker")
 
-_RETRIES = 10
+# How many proposals of ended jobs stay known, so a late approve or deny of one is answered
+# with what became of it rather than "no such proposal".
+ENDED_PROPOSALS_KEPT = 10_000
+
+OperatorRule = Callable[[Job, ProposalState, OperatorCommand], Awaitable[decide.Decision | Refusal]]
 
 
 class Checker:
@@ -58,15 +58,19 @@ class Checker:
     def __init__(self, registry: invariants.Registry | None = None) -> None:
         # Loaded at start so a misconfigured WARDEN_INVARIANTS fails `warden run`, not a proposal.
         self.registry = registry or invariants.load()
+        # One lock per job with a proposal in hand; it goes when no handler holds or awaits it.
         self._locks: dict[UUID, anyio.Lock] = {}
+        # The job of each proposal of a live job (an operator names only the proposal); a job's
+        # entries move to the bounded `_ended` when it ends.
         self._proposal_job: dict[UUID, UUID] = {}
+        self._ended: OrderedDict[UUID, UUID] = OrderedDict()
+        self._operator_rules: dict[str, OperatorRule] = {"approve": self._approve, "deny": self._deny}
         self.ctx: Context
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
         self.ctx = ctx
         for job in ctx.views.jobs.values():
-            for state in job.proposal_log:
-                self._proposal_job[state.id] = job.id
+            self._index(job)
         ctx.views.listeners.append(self._on_event)
         async with anyio.create_task_group() as tg:
             # Every message gets its own handler at once (one key each): one waiting for its job's
@@ -85,22 +89,51 @@ class Checker:
             )
             task_status.started()
 
-    def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
-        if isinstance(event, ProposalSubmitted) and job is not None:
-            self._proposal_job[event.proposal_id] = job.id
+    # --- what it keeps per job -------------------------------------------------------------
 
-    def _lock(self, job_id: UUID) -> anyio.Lock:
-        lock = self._locks.get(job_id)
-        if lock is None:
-            lock = self._locks[job_id] = anyio.Lock()
-        return lock
+    def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
+        if job is not None and (event is None or isinstance(event, ProposalSubmitted) or job.terminal):
+            self._index(job)
+
+    def _index(self, job: Job) -> None:
+        if not job.terminal:
+            for state in job.proposal_log:
+                self._proposal_job[state.id] = job.id
+            return
+        for state in job.proposal_log:
+            self._proposal_job.pop(state.id, None)
+            self._ended[state.id] = job.id
+            self._ended.move_to_end(state.id)
+        while len(self._ended) > ENDED_PROPOSALS_KEPT:
+            self._ended.popitem(last=False)
+
+    def _job_of(self, proposal_id: UUID) -> UUID | None:
+        return self._proposal_job.get(proposal_id) or self._ended.get(proposal_id)
+
+    @asynccontextmanager
+    async def _exclusive(self, job_id: UUID) -> AsyncIterator[None]:
+        """One handler at a time per job; the lock is dropped once nobody holds or awaits it."""
+        lock = self._locks.setdefault(job_id, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            # Released to a waiter, it is still locked; otherwise nobody needs it any more.
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._locks.pop(job_id, None)
+
+    async def _job(self, job_id: UUID) -> Job | None:
+        # A job that ended may have left the view (a late approval, a redelivered proposal).
+        return self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+
+    # --- routing ---------------------------------------------------------------------------
 
     async def handle(self, msg: Msg) -> None:
         named = telemetry.names_in(msg.data)
         if msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
             verb = msg.subject.rsplit(".", 1)[-1]
             # An approval or denial is the next step of the proposal's own span.
-            job_id = self._proposal_job.get(named.proposal_id) if named.proposal_id else None
+            job_id = self._job_of(named.proposal_id) if named.proposal_id else None
             job = self.ctx.views.jobs.get(job_id) if job_id else None
             state = job.proposal(named.proposal_id) if job and named.proposal_id else None
             with telemetry.span(
@@ -131,70 +164,53 @@ class Checker:
         body = await decode_or_reject(self.ctx, msg, Propose, sender=agent)
         if body is None:
             return
-        if not await known_job(self.ctx, msg, body.job_id, agent):
-            return
-        async with _in_progress(msg), self._lock(body.job_id):
-            for _ in range(_RETRIES):
-                try:
-                    await self._propose(msg, agent, body)
-                    return
-                except IntegrityError:
-                    await self.ctx.reload_job(body.job_id)
-            raise RuntimeError(f"job {body.job_id} kept changing under the checker")
+        async with _in_progress(msg), self._exclusive(body.job_id):
+            await retry(
+                partial(self._propose, msg, agent, body),
+                partial(self.ctx.reload_job, body.job_id),
+                what=f"the checker's record on job {body.job_id}",
+            )
 
     async def _propose(self, msg: Msg, agent: str, body: Propose) -> None:
         seq = input_seq(msg)
         pid = proposal_id_for(topology.INPUT_STREAM, seq)
         telemetry.annotate(proposal_id=pid)
-        job = self.ctx.views.jobs[body.job_id]
-        state = job.proposal(pid)
+        at = self.ctx.clock()
+        job = await self._job(body.job_id)
+        state = job.proposal(pid) if job is not None else None
         if state is None:  # first delivery (a redelivery finds its proposal already recorded)
-            fenced = await fence(self.ctx, msg, agent, "propose", job, body.epoch)
-            if fenced is not None:
-                await answer(
-                    self.ctx, msg, Rejected(errors=[FieldError(path="$.epoch", message=fenced.reason)])
-                )
+            refused = decide.admit(job, body.job_id, agent, body.epoch, input_seq=seq, at=at)
+            if isinstance(refused, Refusal):
+                await reject_input(self.ctx, msg, refused.errors, agent)
                 return
-            if job.pending_proposal is not None:
-                reason = f"proposal {job.pending_proposal} is already pending under lease {body.epoch}"
-                await self.ctx.save(
-                    MessageRejected(
-                        originator_id=job.id,
-                        originator_version=job.version + 1,
-                        agent=agent,
-                        epoch=body.epoch,
-                        verb="propose",
-                        reason=reason,
-                        input_seq=seq,
-                        current_epoch=body.epoch,
-                    )
-                )
-                await answer(self.ctx, msg, Rejected(errors=[FieldError(path="$", message=reason)]))
+            if refused is not None:
+                await self.ctx.save(*refused.events)
+                if refused.why == "lease":
+                    telemetry.instruments().rejected_inputs.add(1, {"subject": "propose", "fenced": "yes"})
+                await answer(self.ctx, msg, Rejected(errors=refused.refusal.errors))
                 return
+            assert job is not None
             resolved, problem = await self._resolve(agent, body)
             # A refused upload is recorded with the size it declared.
             size = resolved.object_size if resolved else body.payload.size if body.payload else 0
-            await self.ctx.save(
-                ProposalSubmitted(
-                    originator_id=job.id,
-                    originator_version=job.version + 1,
-                    proposal_id=pid,
-                    agent=agent,
-                    epoch=body.epoch,
-                    content_hash=proposals.sha256(msg.data),
-                    size=len(msg.data) + size,
-                    input_seq=seq,
-                    effect=body.effect,
-                    payload_object=resolved.object_name if resolved else "",
-                    payload_hash=resolved.object_hash if resolved else "",
-                    trace=telemetry.current_traceparent(),
-                )
+            received = decide.Received(
+                proposal_id=pid,
+                agent=agent,
+                epoch=body.epoch,
+                input_seq=seq,
+                content_hash=proposals.sha256(msg.data),
+                size=len(msg.data) + size,
+                effect=body.effect,
+                payload_object=resolved.object_name if resolved else "",
+                payload_hash=resolved.object_hash if resolved else "",
             )
+            await self.ctx.save(*decide.submit(job, received, at))
             log.info("proposal %s submitted by %s for job %s", pid, agent, job.id)
-            job = self.ctx.views.jobs[body.job_id]
-            state = job.proposal(pid)
-            assert state is not None
+            job = await self._job(body.job_id)
+            state = job.proposal(pid) if job is not None else None
+            assert job is not None and state is not None
         else:
+            assert job is not None
             resolved, problem = await self._resolve(agent, body)
         await answer(
             self.ctx,
@@ -203,14 +219,12 @@ class Checker:
         )
         if state.status != "submitted":
             return  # decided before a crash; the redelivery has nothing left to do
-        if job.terminal:
-            await self._reject(job, state, [f"job is {job.status}: {job.reason}"], by=self.name)
+        early = decide.before_checks(job, state, None if resolved else problem, at)
+        if early is not None:
+            await self._save_decision(state, early, self.name)
             return
-        if resolved is None:
-            await self._reject(job, state, [f"payload: {problem}"], by=self.name)
-            return
-        received_at = msg.metadata.timestamp or now()
-        await self._check_and_decide(job, state, resolved.proposal, received_at)
+        assert resolved is not None
+        await self._check_and_decide(job, state, resolved.proposal, msg.metadata.timestamp or at)
 
     async def _resolve(self, agent: str, body: Propose) -> tuple[proposals.Resolved | None, str]:
         try:
@@ -231,63 +245,59 @@ class Checker:
             agent=agent,
             lease=_lease_of(job, state.epoch),
             received_at=received_at,
-            branch=_branch(policy, level, state.agent, job),
+            branch=decide.branch(policy, level, state.agent, job),
             policy=policy,
         )
-        violations: list[str] = []
+        judged: list[decide.Judgement] = []
         # Verdicts of cheap checks wait to be appended with the decision, in one atomic write;
         # before a slow check they are appended on their own, so a crash during it re-runs
         # only that check.
-        pending: list[Event] = []
-        checked = [c.invariant for c in state.checks]
+        unsaved: list[InvariantChecked] = []
         for name in invariants.required(policy, level, job):
             recorded = state.check(name)
             if recorded is not None:
-                if recorded.verdict != "pass":
-                    violations.append(f"{name}: {recorded.verdict} (recorded)")
+                judged.append(decide.Judgement(invariant=name, verdict=recorded.verdict, recorded=True))
                 continue
             inv = self.registry.get(name)
-            judge = getattr(inv, "is_expensive", None)
-            expensive = bool(judge(subject)) if judge is not None else bool(getattr(inv, "expensive", False))
-            if expensive and violations:
-                violations.append(f"{name}: not run, an earlier invariant already failed")
+            expensive = _expensive(inv, subject)
+            skipped = decide.not_run(name, expensive, judged)
+            if skipped is not None:
+                judged.append(skipped)
                 continue
-            if expensive and pending:
-                await self.ctx.save(*pending)
-                pending = []
+            if expensive and unsaved:
+                await self._save_verdicts(job.id, unsaved)
+                unsaved = []
             with telemetry.span(f"checker invariant {name}", invariant=name, proposal_id=state.id):
                 verdict, version = await self._run(inv, name, subject)
                 telemetry.annotate(verdict=verdict.verdict)
-                check = InvariantChecked(
-                    originator_id=job.id,
-                    originator_version=self.ctx.views.jobs[job.id].version + 1 + len(pending),
-                    proposal_id=state.id,
-                    invariant=name,
-                    version=version,
-                    verdict=verdict.verdict,
-                    evidence=verdict.evidence,
+                check = decide.verdict(
+                    job,
+                    state.id,
+                    name,
+                    version,
+                    verdict.verdict,
+                    verdict.evidence,
                     trace=telemetry.current_traceparent(),
+                    at=self.ctx.clock(),
                 )
             if expensive:
-                await self.ctx.save(check)
+                await self._save_verdicts(job.id, [check])
             else:
-                pending.append(check)
-            checked.append(name)
-            if not verdict.passed:
-                violations.append(f"{name}: {verdict.evidence.get('reason') or verdict.verdict}")
-        job = self.ctx.views.jobs[job.id]
-        state = job.proposal(state.id) or state
-        if violations:
-            await self._reject(job, state, violations, by=self.name, prefix=pending)
-            return
-        if job.contract.approval_required:
-            if pending:
-                await self.ctx.save(*pending)
-            log.info("proposal %s passed its checks; waiting for an operator's approval", state.id)
-            return
-        await self._authorise(
-            job, state, by=self.name, reason="every required invariant passed", prefix=pending, checks=checked
+                unsaved.append(check)
+            reason = verdict.evidence.get("reason") or ""
+            judged.append(decide.Judgement(invariant=name, verdict=verdict.verdict, reason=str(reason)))
+        current = await self._job(job.id)
+        assert current is not None
+        state = current.proposal(state.id) or state
+        standing = await self._standing(current, state, policy)
+        decided = decide.check_and_decide(
+            current, state, judged, agent=standing, policy=policy, at=self.ctx.clock(), unsaved=unsaved
         )
+        await self._save_decision(state, decided, self.name)
+
+    async def _save_verdicts(self, job_id: UUID, drafts: list[InvariantChecked]) -> None:
+        job = await self._job(job_id)
+        await self.ctx.save(*after(job, *drafts))
 
     async def _run(self, inv: Invariant | None, name: str, subject: Subject) -> tuple[Verdict, str]:
         if inv is None:
@@ -304,83 +314,23 @@ class Checker:
 
     # --- decisions -------------------------------------------------------------------------
 
-    async def _authority_refusals(self, job: Job, state: ProposalState, policy: Policy) -> list[str]:
-        """What the agent's standing and level, at this moment, say against the effect.
+    async def _standing(self, job: Job, state: ProposalState, policy: Policy) -> Agent | None:
+        """The agent as its authority stands now. A refusal is never read off a lagging view:
+        when the view's copy would refuse, the agent is read from the store."""
+        agent = self.ctx.views.agents.get(state.agent)
+        if decide.authority_refusals(job, state, policy, agent):
+            agent = await self.ctx.agent_from_store(state.agent)
+        return agent
 
-        A refusal is never read off a lagging view: before one, the agent is read from the store."""
-        refusals = _refusals(job, state, policy, self.ctx.views.agents.get(state.agent))
-        if refusals:
-            refusals = _refusals(job, state, policy, await self.ctx.agent_from_store(state.agent))
-        return refusals
-
-    async def _authorise(
-        self,
-        job: Job,
-        state: ProposalState,
-        *,
-        by: str,
-        reason: str,
-        prefix: Sequence[Event] = (),
-        checks: list[str] | None = None,
-    ) -> bool:
-        """Accept unless the agent's authority forbids it now; True when accepted. `prefix`
-        (check verdicts not yet appended) goes in the same atomic write."""
-        policy = load_policy()
-        refusals = await self._authority_refusals(job, state, policy)
-        if refusals:
-            await self._reject(job, state, refusals, by=by, reason=reason, prefix=prefix)
-            return False
-        agent = self.ctx.views.agents[state.agent]
-        await self.ctx.save(
-            *prefix,
-            ProposalAccepted(
-                originator_id=job.id,
-                originator_version=job.version + 1 + len(prefix),
-                proposal_id=state.id,
-                checks=checks if checks is not None else [c.invariant for c in state.checks],
-                by=by,
-                reason=reason,
-                effect=state.effect,
-                branch=_branch(policy, agent.level, agent.name, job) if state.effect == "git.patch" else "",
-                trace=telemetry.current_traceparent(),
-            ),
-        )
-        telemetry.annotate(verdict="accepted")
-        telemetry.instruments().decisions.add(1, {"decision": "accepted"})
-        log.info("proposal %s accepted (%s)", state.id, by)
-        return True
-
-    async def _reject(
-        self,
-        job: Job,
-        state: ProposalState,
-        violations: list[str],
-        *,
-        by: str,
-        reason: str = "",
-        prefix: Sequence[Event] = (),
-    ) -> None:
-        """Reject, and spend the attempt: the job is requeued, or tombstoned when none is left."""
-        base = job.version + len(prefix)
-        events: list[Event] = [
-            *prefix,
-            ProposalRejected(
-                originator_id=job.id,
-                originator_version=base + 1,
-                proposal_id=state.id,
-                violations=violations,
-                by=by,
-                reason=reason,
-                trace=telemetry.current_traceparent(),
-            ),
-        ]
-        if not job.terminal:
-            why = f"proposal {state.id} rejected: {'; '.join(violations)}"
-            events.append(after_attempt(job, base + 2, why, now(), by=self.name))
-        await self.ctx.save(*events)
-        telemetry.annotate(verdict="rejected")
-        telemetry.instruments().decisions.add(1, {"decision": "rejected"})
-        log.info("proposal %s rejected (%s): %s", state.id, by, "; ".join(violations))
+    async def _save_decision(self, state: ProposalState, decided: decide.Decision, by: str) -> None:
+        if decided.events:
+            await self.ctx.save(*decided.events)
+        if decided.outcome == "awaiting approval":
+            log.info("proposal %s passed its checks; waiting for an operator's approval", state.id)
+            return
+        telemetry.annotate(verdict=decided.outcome)
+        telemetry.instruments().decisions.add(1, {"decision": decided.outcome})
+        log.info("proposal %s %s (%s): %s", state.id, decided.outcome, by, decided.detail)
 
     # --- operator approvals ----------------------------------------------------------------
 
@@ -393,82 +343,65 @@ class Checker:
                 self.ctx, msg, [FieldError(path="$.proposal_id", message=f"{verb} needs a proposal_id")]
             )
             return
-        job_id = self._proposal_job.get(cmd.proposal_id)
+        job_id = self._job_of(cmd.proposal_id)
         if job_id is None:
             await reject_input(
-                self.ctx,
-                msg,
-                [missing("$.proposal_id", f"proposal {cmd.proposal_id}")],
-                cmd.operator,
+                self.ctx, msg, [missing("$.proposal_id", f"proposal {cmd.proposal_id}")], cmd.operator
             )
             return
-        for _ in range(_RETRIES):
-            try:
-                problem, detail = await self._operate(verb, cmd, job_id)
-            except IntegrityError:
-                await self.ctx.reload_job(job_id)
-                continue
-            if problem:
-                await reject_input(
-                    self.ctx, msg, [FieldError(path="$.proposal_id", message=problem)], cmd.operator
-                )
-            else:
-                await answer(
-                    self.ctx, msg, Accepted(job_id=job_id, proposal_id=cmd.proposal_id, detail=detail)
-                )
-            return
-        raise RuntimeError(f"operator {verb} on {cmd.proposal_id} kept conflicting")
+        outcome = await retry(
+            partial(self._operate, self._operator_rules[verb], cmd, job_id),
+            partial(self.ctx.reload_job, job_id),
+            what=f"operator {verb} of proposal {cmd.proposal_id}",
+        )
+        if isinstance(outcome, Refusal):
+            await reject_input(self.ctx, msg, outcome.errors, cmd.operator)
+        else:
+            await answer(
+                self.ctx, msg, Accepted(job_id=job_id, proposal_id=cmd.proposal_id, detail=outcome.detail)
+            )
 
-    async def _operate(self, verb: str, cmd: OperatorCommand, job_id: UUID) -> tuple[str, str]:
-        """("", what happened) when recorded; (why not, "") when refused."""
+    async def _operate(
+        self, rule: OperatorRule, cmd: OperatorCommand, job_id: UUID
+    ) -> decide.Decision | Refusal:
         assert cmd.proposal_id is not None
-        job = self.ctx.views.jobs[job_id]
-        state = job.proposal(cmd.proposal_id)
-        assert state is not None
-        if state.status != "submitted":
-            return f"proposal {state.id} is already {state.status}", ""
-        who = f"{cmd.operator}: {cmd.reason}"
-        if verb == "deny":
-            await self._reject(job, state, [f"denied by {who}"], by=cmd.operator, reason=cmd.reason)
-            return "", f"proposal {state.id} denied"
-        if not job.contract.approval_required:
-            return f"job {job.id} does not wait for approval; the checker decides it", ""
-        if job.terminal:
-            return f"job {job.id} is {job.status}", ""
+        job = await self._job(job_id)
+        state = job.proposal(cmd.proposal_id) if job is not None else None
+        if job is None or state is None:
+            return Refusal(errors=[missing("$.proposal_id", f"proposal {cmd.proposal_id}")])
+        decided = await rule(job, state, cmd)
+        if isinstance(decided, decide.Decision):
+            await self._save_decision(state, decided, cmd.operator)
+        return decided
+
+    async def _deny(self, job: Job, state: ProposalState, cmd: OperatorCommand) -> decide.Decision | Refusal:
+        return decide.deny(job, state, operator=cmd.operator, reason=cmd.reason, at=self.ctx.clock())
+
+    async def _approve(
+        self, job: Job, state: ProposalState, cmd: OperatorCommand
+    ) -> decide.Decision | Refusal:
         policy = load_policy()
         agent = self.ctx.views.agents.get(state.agent)
-        pending = [
-            n for n in invariants.required(policy, agent.level if agent else 0, job) if state.check(n) is None
-        ]
-        if pending:
-            return f"checks still running ({', '.join(pending)}); approve once they have passed", ""
-        if await self._authorise(job, state, by=cmd.operator, reason=cmd.reason):
-            return "", f"proposal {state.id} approved by {cmd.operator}"
-        return "", f"proposal {state.id} rejected: the agent's authority no longer allows it"
+        required = invariants.required(policy, agent.level if agent else 0, job)
+        return decide.approve(
+            job,
+            state,
+            operator=cmd.operator,
+            reason=cmd.reason,
+            required=required,
+            agent=await self._standing(job, state, policy),
+            policy=policy,
+            at=self.ctx.clock(),
+        )
 
 
 def _lease_of(job: Job, epoch: int) -> Lease | None:
     return next((lease for lease in job.leases if lease.epoch == epoch), None)
 
 
-def _refusals(job: Job, state: ProposalState, policy: Policy, agent: Agent | None) -> list[str]:
-    if agent is None:
-        return [f"authority: agent {state.agent} is not registered (the store has no such agent)"]
-    refusals: list[str] = []
-    if agent.standing != "active":
-        refusals.append(f"authority: agent {agent.name} is {agent.standing}: {agent.standing_reason}")
-    refusal = policy.effect_refusal(agent.level, state.effect)
-    if refusal:
-        refusals.append(f"authority: {refusal}")
-    if job.contract.required_level > agent.level:
-        refusals.append(
-            f"authority: the job needs level {job.contract.required_level}, {agent.name} is at {agent.level}"
-        )
-    return refusals
-
-
-def _branch(policy: Policy, level: int, agent: str, job: Job) -> str:
-    return policy.branch_for(level, agent, job.id, job.contract.target.branch)
+def _expensive(inv: Invariant | None, subject: Subject) -> bool:
+    judge = getattr(inv, "is_expensive", None)
+    return bool(judge(subject)) if judge is not None else bool(getattr(inv, "expensive", False))
 
 
 @asynccontextmanager

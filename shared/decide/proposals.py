@@ -135,7 +135,8 @@ class Judgement(Struct, frozen=True, kw_only=True):
     """One required invariant's verdict on a proposal, as the decision counts it."""
 
     invariant: str
-    verdict: Literal["pass", "fail", "error", "not run"]
+    # "pass", "fail", "error" (as recorded), or "not run".
+    verdict: str
     reason: str = ""
     # Recorded on an earlier delivery (its evidence is in the record, not here).
     recorded: bool = False
@@ -184,11 +185,14 @@ def verdict(
     )
 
 
-def before_checks(job: Job, state: ProposalState, payload_problem: str, at: datetime) -> Decision | None:
-    """A rejection that needs no invariant (its job has ended, its payload is unusable), or None."""
+def before_checks(
+    job: Job, state: ProposalState, payload_problem: str | None, at: datetime
+) -> Decision | None:
+    """A rejection that needs no invariant (its job has ended, its payload is unusable: None
+    when it is usable), or None."""
     if job.terminal:
         return reject(job, state, [f"job is {job.status}: {job.reason}"], by=CHECKER, at=at)
-    if payload_problem:
+    if payload_problem is not None:
         return reject(job, state, [f"payload: {payload_problem}"], by=CHECKER, at=at)
     return None
 

@@ -384,10 +384,10 @@ def test_a_proposal_on_an_ended_job_or_with_an_unusable_payload_is_rejected_befo
     payload = decide.before_checks(job, state, "payload is 9 bytes; the limit is 1", AT)
     assert payload is not None and payload.detail == "payload: payload is 9 bytes; the limit is 1"
     ended = then(job, JobCancelled(originator_id=job.id, originator_version=0, reason="stop", by="op"))
-    decided = decide.before_checks(ended, state, "", AT)
+    decided = decide.before_checks(ended, state, None, AT)
     assert decided is not None and decided.detail == "job is cancelled: stop"
     assert [type(e) for e in decided.events] == [ProposalRejected]  # no requeue of an ended job
-    assert decide.before_checks(job, state, "", AT) is None
+    assert decide.before_checks(job, state, None, AT) is None
 
 
 # --- approve and deny ---------------------------------------------------------------------------
