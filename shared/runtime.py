@@ -177,6 +177,11 @@ async def run_services(
 ) -> None:
     """Start every service (each reports ready through task_status) and run until cancelled."""
     async with anyio.create_task_group() as tg:
+        # A service that folds its own state beside the view listens from the log's start.
+        for service in services:
+            attach = getattr(service, "attach", None)
+            if attach is not None:
+                attach(ctx)
         await ctx.follow_events(tg)
         # One configuration per process, named for every service it runs.
         telemetry.configure("+".join(s.name for s in services) or "warden")
@@ -205,4 +210,3 @@ async def until_signal(
                 log.info("received %s: draining", signal.Signals(signum).name)
                 break
             tg.cancel_scope.cancel()
-

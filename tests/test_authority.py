@@ -13,8 +13,8 @@ import anyio
 import pytest
 
 from shared import bus, topology
-from shared.authority import AuthorityBook
 from shared.contract import Contract, Stopping
+from shared.decide.agents import Action, Authority, due, fold
 from shared.events import (
     AgentLevelChanged,
     AgentRegistered,
@@ -22,6 +22,7 @@ from shared.events import (
     AgentRevoked,
     AgentSuspended,
     EffectApplied,
+    Event,
     InvariantChecked,
     JobCompleted,
     LeaseGranted,
@@ -63,6 +64,20 @@ def _proposal(agent: str, job_id: uuid.UUID | None = None) -> ProposalSubmitted:
     )
 
 
+class _Book:
+    """The revoker's record and policy, folded event by event."""
+
+    def __init__(self) -> None:
+        self.policy = load_policy()
+        self.state = Authority()
+
+    def apply(self, event: Event) -> None:
+        fold(self.state, event, self.policy)
+
+    def decide(self, name: str) -> list[Action]:
+        return due(self.state.agents.get(name), self.policy)
+
+
 def _check(p: ProposalSubmitted, invariant: str, verdict: str = "fail") -> InvariantChecked:
     return InvariantChecked(
         originator_id=p.originator_id,
@@ -75,7 +90,7 @@ def _check(p: ProposalSubmitted, invariant: str, verdict: str = "fail") -> Invar
 
 
 def test_an_agent_is_promoted_after_n_clean_completions_citing_them() -> None:
-    book = AuthorityBook(load_policy())
+    book = _Book()
     book.apply(_registered("ada"))
     done = [_completed("ada") for _ in range(3)]
     for event in done[:2]:
@@ -89,7 +104,7 @@ def test_an_agent_is_promoted_after_n_clean_completions_citing_them() -> None:
 
 
 def test_a_violation_resets_the_count_toward_promotion() -> None:
-    book = AuthorityBook(load_policy())
+    book = _Book()
     book.apply(_registered("bo"))
     book.apply(_completed("bo"))
     book.apply(_completed("bo"))
@@ -101,7 +116,7 @@ def test_a_violation_resets_the_count_toward_promotion() -> None:
 
 
 def test_a_scope_breach_revokes_and_rolls_back_what_the_agent_applied() -> None:
-    book = AuthorityBook(load_policy())
+    book = _Book()
     book.apply(_registered("cy"))
     earlier = _proposal("cy")
     book.apply(earlier)
@@ -140,7 +155,7 @@ def test_a_scope_breach_revokes_and_rolls_back_what_the_agent_applied() -> None:
 
 
 def test_a_failed_ci_gate_demotes_a_trusted_agent_one_level() -> None:
-    book = AuthorityBook(load_policy())
+    book = _Book()
     book.apply(_registered("di"))
     book.apply(
         AgentLevelChanged(

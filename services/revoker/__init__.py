@@ -1,71 +1,69 @@
 """Revoker: turns failure signals and operator commands into promotions, demotions, revocations,
 lease revocations and rollback requests, each an event citing its evidence.
 
-It folds the whole log into an AuthorityBook (shared/authority.py) and, whenever an agent's
-record changes, appends what the policy calls for. A revoked agent learns it on its next
-heartbeat (its leases end), and anything it sends later under them is fenced and recorded.
+It folds each agent's authority record (shared/decide/agents.py) beside the process's one view,
+from the view's own listener, and whenever a record changes appends what the policy calls for.
+A revoked agent learns it on its next heartbeat (its leases end in the revocation's own save),
+and anything it sends later under them is fenced and recorded.
+
+Every decision is a pure rule (shared/decide): a handler loads the states a rule reads, asks
+it, saves what it returns, and on a lost race reloads and asks again (`retry`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from datetime import datetime
 from functools import partial
-from typing import Any
+from uuid import UUID
 
 import anyio
-import anyio.lowlevel
 from anyio.abc import TaskStatus
-from eventsourcing.persistence import IntegrityError
+from msgspec.structs import replace
 from nats.aio.msg import Msg
 
 from shared import bus, telemetry, topology
-from shared.aggregates import Job
-from shared.authority import Action, AuthorityBook
-from shared.events import (
-    AgentLevelChanged,
-    AgentReinstated,
-    AgentRevoked,
-    AgentSuspended,
-    AnyEvent,
-    Event,
-    LeaseRevoked,
-    RollbackRequested,
-    agent_id_for,
-    now,
-)
+from shared.aggregates import Agent, Job
+from shared.decide import Contended, Refusal, retry
+from shared.decide.agents import Action, Authority, change_level, due, fold, revoke, revoke_lease, rollback
+from shared.decide.operators import VERBS, Given, Verb
+from shared.events import AgentRevoked, Event
 from shared.handling import answer, decode_or_reject, give_up, reject_input
-from shared.lifecycle import after_attempt
 from shared.messages import Accepted, OperatorCommand
 from shared.policy import load_policy
 from shared.runtime import Context
-from shared.validation import FieldError, missing
 
 log = logging.getLogger("warden.revoker")
+
+# After a decision lost every race, the agent is decided again this much later.
+CONTENDED_BACKOFF_S = 1.0
 
 
 class Revoker:
     name = "revoker"
 
     def __init__(self) -> None:
-        self.book = AuthorityBook(load_policy())
-        self._versions: dict[Any, int] = {}
+        self.policy = load_policy()
+        self.authority = Authority()
         self._dirty: set[str] = set()
-        # Per agent, the traceparent of the event that last changed its record, and of its
-        # revocation: what an action the policy calls for answers (its span's parent, or the
-        # link from the job it acts in). A lease revocation or a rollback answers the revocation,
-        # whatever was folded since (the lease's own grant, seen late).
-        self._cause: dict[str, str] = {}
-        self._revoked_by: dict[str, str] = {}
+        # Aggregates a reload moved past versions the record never folded: (folded, reached, agent).
+        self._gaps: dict[UUID, tuple[int, int, str]] = {}
         self._wake = anyio.Event()
         self.ctx: Context
 
+    def attach(self, ctx: Context) -> None:
+        """Listen before the process's one fold starts, so the record sees the log from its start."""
+        ctx.views.listeners.append(self._on_view)
+
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
         self.ctx = ctx
+        if self._on_view not in ctx.views.listeners:
+            raise RuntimeError("the revoker folds beside the view: attach it before the view is followed")
         async with anyio.create_task_group() as tg:
-            await tg.start(bus.follow, ctx.js, self._on_stream_event)
-            self._dirty.update(self.book.agents)  # finish what a crash may have left undone
+            self._dirty.update(self.authority.agents)  # finish what a crash may have left undone
             self._wake.set()
-            tg.start_soon(self._decide_loop)
+            tg.start_soon(self._decide_loop, tg)
             await tg.start(
                 partial(bus.consume, give_up=partial(give_up, ctx)),
                 ctx.js,
@@ -74,180 +72,270 @@ class Revoker:
             )
             task_status.started()
 
+    # --- the record, folded beside the view -------------------------------------------------
+
+    def _on_view(self, event: Event | None, job: Job | None, agent: Agent | None) -> None:
+        if event is not None:
+            self._fold(event)
+            return
+        # A state reloaded from the store may have moved past versions the view never folded
+        # (another replica wrote them): the record reads those from the store.
+        if job is not None:
+            folded = self.authority.folded(job.id)
+            # An ended job the record no longer holds was folded to its end already.
+            if job.version > folded and (folded or not job.terminal):
+                self._gap(job.id, folded, job.version, "")
+        if agent is not None:
+            folded = self.authority.folded(agent.id, agent.name)
+            if agent.version > folded:
+                self._gap(agent.id, folded, agent.version, agent.name)
+
+    def _gap(self, aggregate_id: UUID, folded: int, reached: int, name: str) -> None:
+        known = self._gaps.get(aggregate_id)
+        if known is not None:
+            folded, reached = min(folded, known[0]), max(reached, known[1])
+        self._gaps[aggregate_id] = (folded, reached, name)
+        self._wake.set()
+
     def _fold(self, event: Event) -> None:
-        last = self._versions.get(event.originator_id, 0)
-        if event.originator_version <= last:
-            return  # already folded (our own save, seen again on the stream)
-        self._versions[event.originator_id] = event.originator_version
-        changed = self.book.apply(event)
+        changed = fold(self.authority, event, self.policy)
         if changed is not None:
-            if event.trace:
-                self._cause[changed] = event.trace
-                if isinstance(event, AgentRevoked):
-                    self._revoked_by[changed] = event.trace
             self._dirty.add(changed)
             self._wake.set()
 
-    def _on_stream_event(self, _seq: int, event: AnyEvent) -> None:
-        self._fold(event)
+    async def _fill_gaps(self) -> None:
+        while self._gaps:
+            aggregate_id, (folded, reached, _name) = self._gaps.popitem()
+            stored = await anyio.to_thread.run_sync(self.ctx.app.events_of, aggregate_id)
+            for event in stored:
+                if folded < event.originator_version <= reached:
+                    self._fold(event)
 
-    async def _save(self, *events: Event) -> None:
-        for event in await self.ctx.save(*events):
-            self._fold(event)
+    # --- what the policy calls for ----------------------------------------------------------
 
-    async def _decide_loop(self) -> None:
+    async def _decide_loop(self, tg: anyio.abc.TaskGroup) -> None:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
+            await self._fill_gaps()
             while self._dirty:
                 name = self._dirty.pop()
-                for action in self.book.decide(name):
+                for action in due(self.authority.agents.get(name), self.policy):
                     try:
-                        await self._act(action)
-                    except IntegrityError:
-                        self._dirty.add(name)  # someone else wrote first: re-read, decide again
-                        await anyio.lowlevel.checkpoint()
+                        await retry(
+                            partial(self._act, action),
+                            partial(self._reload_for, action),
+                            what=f"{action.kind} of {name}",
+                        )
+                    except Contended as exc:
+                        log.warning("%s; deciding again in %.0f s", exc, CONTENDED_BACKOFF_S)
+                        tg.start_soon(self._decide_later, name)
+                        break
+
+    async def _decide_later(self, name: str) -> None:
+        await anyio.sleep(CONTENDED_BACKOFF_S)
+        self._dirty.add(name)
+        self._wake.set()
+
+    async def _reload_for(self, action: Action) -> None:
+        await self.ctx.agent_from_store(action.agent)
+        for job_id in self._jobs_of(action):
+            await self.ctx.job_from_store(job_id)
+
+    def _jobs_of(self, action: Action) -> list[UUID]:
+        if action.kind == "revoke":
+            rec = self.authority.agents.get(action.agent)
+            return list(rec.live_leases) if rec is not None else []
+        job_id = action.job_id or self._job_of_proposal(action.proposal_id)
+        return [job_id] if job_id is not None else []
 
     async def _act(self, action: Action) -> None:
-        cause = self._cause.get(action.agent, "")
-        if action.kind in ("revoke_lease", "rollback"):
-            cause = self._revoked_by.get(action.agent, cause)
-        if action.kind == "rollback":
-            await self._request_rollback(action, by=self.name, cause=cause)
-            return
-        job = self.ctx.views.jobs.get(action.job_id) if action.job_id else None
-        # An agent's revocation continues the trace of the signal; a lease's stays in its job's.
-        with telemetry.span(
-            "revoker revocation" if action.kind in ("revoke", "revoke_lease") else f"revoker {action.kind}",
-            parent=job.trace_of(action.epoch) if job else cause,
-            link=cause if job else "",
-            agent=action.agent,
-            job_id=action.job_id,
-            epoch=action.epoch or None,
-            action=action.kind,
-        ):
-            await self._act_now(action)
-
-    async def _act_now(self, action: Action) -> None:
-        views = self.ctx.views
-        at = now()
+        """Load what the action's rule reads, decide, save (a lost race raises IntegrityError)."""
+        rec = self.authority.agents.get(action.agent)
+        cause = rec.cause if rec is not None else ""
+        revoked_by = (rec.revoked_by if rec is not None else "") or cause
+        at = self.ctx.clock()
         match action.kind:
-            case "revoke" | "promote" | "demote":
-                agent = views.agents.get(action.agent)
+            case "revoke":
+                agent = await self._agent(action.agent)
                 if agent is None:
                     return
-                event: Event
-                if action.kind == "revoke":
-                    event = AgentRevoked(
-                        originator_id=agent.id,
-                        originator_version=agent.version + 1,
-                        name=agent.name,
-                        reason=action.reason,
-                        by=self.name,
-                        evidence=action.evidence,
-                        signal_at=action.signal_at,
-                        timestamp=at,
-                    )
-                else:
-                    event = AgentLevelChanged(
-                        originator_id=agent.id,
-                        originator_version=agent.version + 1,
-                        name=agent.name,
-                        level=action.level,
-                        previous=agent.level,
-                        reason=action.reason,
-                        evidence=action.evidence,
-                        signal_at=action.signal_at,
-                        timestamp=at,
-                    )
-                try:
-                    await self._save(event)
-                except IntegrityError:
-                    await self._reload_agent(action.agent)
-                    raise
-                if action.kind == "revoke" and action.signal_at is not None:
-                    latency = (at - action.signal_at).total_seconds() * 1000
-                    metrics = telemetry.instruments()
-                    metrics.revocations.add(1, {"signal": "policy"})
-                    metrics.revocation_latency.record(latency)
-                    log.warning(
-                        "revoked %s (%.1f ms after the signal): %s", agent.name, latency, action.reason
-                    )
-            case "revoke_lease":
-                assert action.job_id is not None
-                job = views.jobs.get(action.job_id)
-                lease = job.live_lease if job else None
-                if job is None or lease is None or lease.epoch != action.epoch:
-                    self._fold_lease_gone(action)
-                    return
-                revoke = LeaseRevoked(
-                    originator_id=job.id,
-                    originator_version=job.version + 1,
-                    agent=lease.agent,
-                    epoch=lease.epoch,
+                leases = await self._jobs(self._jobs_of(action))
+                decided = revoke(
+                    agent,
+                    leases,
                     reason=action.reason,
-                    signal="agent-revoked",
                     by=self.name,
+                    at=at,
+                    evidence=action.evidence,
                     signal_at=action.signal_at,
                 )
-                try:
-                    await self._save(
-                        revoke, after_attempt(job, job.version + 2, action.reason, at, by=self.name)
-                    )
-                except IntegrityError:
-                    await self.ctx.reload_job(job.id)
-                    raise
+                with telemetry.span("revoker revocation", parent=cause, agent=action.agent, action="revoke"):
+                    if await self._save_decided(decided, action):
+                        self._revoked(agent, action, at)
+            case "promote" | "demote":
+                agent = await self._agent(action.agent)
+                if agent is None:
+                    return
+                decided = change_level(
+                    agent,
+                    action.level,
+                    self.policy,
+                    verb=action.kind,
+                    reason=action.reason,
+                    by="policy",
+                    at=at,
+                    evidence=action.evidence,
+                    signal_at=action.signal_at,
+                )
+                with telemetry.span(f"revoker {action.kind}", parent=cause, agent=action.agent):
+                    await self._save_decided(decided, action)
+            case "revoke_lease":
+                assert action.job_id is not None
+                job = await self._job(action.job_id)
+                decided = revoke_lease(
+                    job, action.epoch, reason=action.reason, by=self.name, at=at, signal_at=action.signal_at
+                )
+                if isinstance(decided, Refusal):
+                    # The lease already ended (expired, released): nothing to revoke, stop asking.
+                    if rec is not None:
+                        rec.live_leases.pop(action.job_id, None)
+                    return
+                assert job is not None
+                # A lease's revocation stays in its job's trace, linked to the agent's.
+                with telemetry.span(
+                    "revoker revocation",
+                    parent=job.trace_of(action.epoch),
+                    link=revoked_by,
+                    agent=action.agent,
+                    job_id=action.job_id,
+                    epoch=action.epoch,
+                    action="revoke_lease",
+                ):
+                    await self._save_decided(decided, action)
+            case "rollback":
+                assert action.proposal_id is not None
+                job_id = self._job_of_proposal(action.proposal_id)
+                job = await self._job(job_id) if job_id else None
+                if job is None:
+                    log.error("rollback of %s: its job is unknown", action.proposal_id)
+                    if rec is not None:
+                        rec.applied.pop(action.proposal_id, None)  # stop asking
+                    return
+                decided = rollback(
+                    job,
+                    action.proposal_id,
+                    reason=action.reason,
+                    by=self.name,
+                    at=at,
+                    signal_at=action.signal_at,
+                )
+                await self._save_rollback(job, action.proposal_id, decided, link=revoked_by)
 
-    def _fold_lease_gone(self, action: Action) -> None:
-        """The lease already ended (expired, released): nothing to revoke, stop asking."""
-        rec = self.book.agents.get(action.agent)
-        if rec is not None and action.job_id is not None:
-            rec.live_leases.pop(action.job_id, None)
-
-    async def _request_rollback(self, action: Action, by: str, cause: str) -> None:
-        """`cause`: the traceparent of what asked for it (a revocation, an operator's command)."""
-        assert action.proposal_id is not None
-        job_id = action.job_id or self.book.proposal_job.get(action.proposal_id)
-        job = self.ctx.views.jobs.get(job_id) if job_id else None
-        if job is None:
-            log.error("rollback of %s: its job is unknown", action.proposal_id)
-            self.book.rollback_requested.add(action.proposal_id)
+    def _revoked(self, agent: Agent, action: Action, at: datetime) -> None:
+        if action.signal_at is None:
             return
-        state = job.proposal(action.proposal_id)
+        latency = (at - action.signal_at).total_seconds() * 1000
+        metrics = telemetry.instruments()
+        metrics.revocations.add(1, {"signal": "policy"})
+        metrics.revocation_latency.record(latency)
+        log.warning("revoked %s (%.1f ms after the signal): %s", agent.name, latency, action.reason)
+
+    async def _save_decided(self, decided: list[Event] | Refusal, action: Action | None = None) -> bool:
+        """Save what a rule decided (False when it refused: the change is made already, or moot)."""
+        if isinstance(decided, Refusal):
+            if action is not None:
+                log.debug("%s of %s not needed: %s", action.kind, action.agent, decided.reason)
+            return False
+        await self.ctx.save(*self._in_job_traces(decided))
+        return True
+
+    async def _save_rollback(
+        self, job: Job, proposal_id: UUID, decided: list[Event] | Refusal, *, link: str
+    ) -> bool:
+        state = job.proposal(proposal_id)
         # In the proposal's job's trace, after the span that last moved it (its application);
-        # the cause is linked.
+        # what asked for it (a revocation, an operator's command) is linked.
         with telemetry.span(
             "revoker rollback",
             parent=state.trace if state else job.trace,
-            link=cause,
+            link=link,
             job_id=job.id,
-            agent=action.agent,
-            proposal_id=action.proposal_id,
+            agent=state.agent if state else "",
+            proposal_id=proposal_id,
         ):
-            await self._save_rollback(job, action, by)
+            return await self._save_decided(decided)
 
-    async def _save_rollback(self, job: Job, action: Action, by: str) -> None:
-        assert action.proposal_id is not None
-        try:
-            await self._save(
-                RollbackRequested(
-                    originator_id=job.id,
-                    originator_version=job.version + 1,
-                    proposal_id=action.proposal_id,
-                    reason=action.reason,
-                    by=by,
-                    signal_at=action.signal_at,
-                )
-            )
-        except IntegrityError:
-            await self.ctx.reload_job(job.id)
-            raise
+    def _in_job_traces(self, events: Sequence[Event]) -> list[Event]:
+        """An agent's revocation saves its leases' revocations too: each of those stays in its
+        job's trace (under the lease's grant), linked to the span revoking the agent."""
+        revoked = next((e for e in events if isinstance(e, AgentRevoked)), None)
+        if revoked is None:
+            return list(events)
+        link = telemetry.current_traceparent()
+        out: list[Event] = []
+        traces: dict[UUID, str] = {}
+        for event in events:
+            if event.originator_id != revoked.originator_id and not event.trace:
+                trace = traces.get(event.originator_id)
+                job = self.ctx.views.jobs.get(event.originator_id)
+                if trace is None and job is not None and job.live_lease is not None:
+                    lease = job.live_lease
+                    with telemetry.span(
+                        "revoker revocation",
+                        parent=job.trace_of(lease.epoch),
+                        link=link,
+                        agent=revoked.name,
+                        job_id=job.id,
+                        epoch=lease.epoch,
+                        action="revoke_lease",
+                    ):
+                        trace = traces[event.originator_id] = telemetry.current_traceparent()
+                if trace:
+                    event = replace(event, trace=trace)
+            out.append(event)
+        return out
 
-    async def _reload_agent(self, name: str) -> None:
-        agent = await anyio.to_thread.run_sync(self.ctx.app.agent, agent_id_for(name))
-        self.ctx.views.replace_agent(agent)
+    # --- loading ----------------------------------------------------------------------------
 
-    # --- operator commands -----------------------------------------------------------------
+    async def _agent(self, name: str) -> Agent | None:
+        return self.ctx.views.agents.get(name) or await self.ctx.agent_from_store(name)
+
+    async def _job(self, job_id: UUID) -> Job | None:
+        return self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+
+    async def _jobs(self, job_ids: Sequence[UUID]) -> list[Job]:
+        jobs = [await self._job(job_id) for job_id in job_ids]
+        return [job for job in jobs if job is not None]
+
+    def _job_of_proposal(self, proposal_id: UUID | None) -> UUID | None:
+        if proposal_id is None:
+            return None
+        known = self.authority.proposals.get(proposal_id)
+        if known is not None:
+            return known.job_id
+        # A proposal the record let go of (its job ended, nothing a policy rollback reaches).
+        return next((j.id for j in self.ctx.views.jobs.values() if j.proposal(proposal_id)), None)
+
+    async def _given(self, verb: Verb, cmd: OperatorCommand) -> Given:
+        if verb.loads == "proposal":
+            job_id = self._job_of_proposal(cmd.proposal_id) or cmd.job_id
+            return Given(job=await self._job(job_id) if job_id else None)
+        if not cmd.agent:
+            return Given()
+        agent = await self._agent(cmd.agent)
+        rec = self.authority.agents.get(cmd.agent)
+        leases = await self._jobs(list(rec.live_leases)) if rec is not None else []
+        return Given(agent=agent, leases=leases)
+
+    async def _reload(self, loaded: list[Given]) -> None:
+        [given] = loaded
+        if given.agent is not None:
+            await self.ctx.agent_from_store(given.agent.name)
+        for job in (*given.leases, *([given.job] if given.job else [])):
+            await self.ctx.job_from_store(job.id)
+
+    # --- operator commands: decode -> load -> decide -> save -> reply -------------------------
 
     async def on_operator(self, msg: Msg) -> None:
         verb = msg.subject.rsplit(".", 1)[-1]
@@ -258,99 +346,32 @@ class Revoker:
         cmd = await decode_or_reject(self.ctx, msg, OperatorCommand)
         if cmd is None:
             return
-        for _ in range(5):
-            try:
-                problem = await self._operate(verb, cmd)
-            except IntegrityError:
-                if cmd.agent:
-                    await self._reload_agent(cmd.agent)
-                continue
-            if problem:
-                await reject_input(self.ctx, msg, [problem], sender=cmd.operator)
-            else:
-                await answer(self.ctx, msg, Accepted(detail=f"{verb} recorded"))
-            return
-        raise RuntimeError(f"operator {verb} kept conflicting")
+        handler = VERBS.get(verb)
+        refusal: Refusal | None
+        if handler is None:
+            refusal = Refusal.of("$", f"the revoker does not handle {verb}")
+        else:
+            loaded = [Given()]  # what the last try loaded: a lost race reloads it from the store
+            refusal = await retry(
+                partial(self._operate, handler, cmd, loaded),
+                partial(self._reload, loaded),
+                what=f"operator {verb}",
+            )
+        if refusal is not None:
+            await reject_input(self.ctx, msg, refusal.errors, sender=cmd.operator)
+        else:
+            await answer(self.ctx, msg, Accepted(detail=f"{verb} recorded"))
 
-    async def _operate(self, verb: str, cmd: OperatorCommand) -> FieldError | None:
-        if verb == "rollback":
-            if cmd.proposal_id is None:
-                return FieldError(path="$.proposal_id", message="rollback needs a proposal_id")
-            if cmd.proposal_id not in self.book.proposal_job:
-                return missing("$.proposal_id", f"proposal {cmd.proposal_id}")
-            await self._request_rollback(
-                Action(
-                    kind="rollback",
-                    agent=self.book.proposal_agent.get(cmd.proposal_id, ""),
-                    reason=cmd.reason,
-                    evidence=[],
-                    proposal_id=cmd.proposal_id,
-                    signal_at=now(),
-                ),
-                by=cmd.operator,
-                cause=telemetry.current_traceparent(),
-            )
-            return None
-        if not cmd.agent:
-            return FieldError(path="$.agent", message=f"{verb} needs an agent")
-        agent = self.ctx.views.agents.get(cmd.agent)
-        if agent is None:
-            return missing("$.agent", f"agent {cmd.agent}")
-        version = agent.version + 1
-        event: Event
-        if verb == "revoke":
-            if agent.standing == "revoked":
-                return FieldError(path="$.agent", message=f"agent {cmd.agent} is already revoked")
-            event = AgentRevoked(
-                originator_id=agent.id,
-                originator_version=version,
-                name=agent.name,
-                reason=cmd.reason,
-                by=cmd.operator,
-                signal_at=now(),
-            )
-        elif verb == "suspend":
-            if agent.standing != "active":
-                return FieldError(path="$.agent", message=f"agent {cmd.agent} is {agent.standing}")
-            event = AgentSuspended(
-                originator_id=agent.id,
-                originator_version=version,
-                name=agent.name,
-                reason=cmd.reason,
-                by=cmd.operator,
-            )
-        elif verb == "reinstate":
-            if agent.standing == "active":
-                return FieldError(path="$.agent", message=f"agent {cmd.agent} is already active")
-            event = AgentReinstated(
-                originator_id=agent.id,
-                originator_version=version,
-                name=agent.name,
-                reason=cmd.reason,
-                by=cmd.operator,
-            )
-        elif verb in ("promote", "demote"):
-            level = cmd.level if cmd.level is not None else agent.level + (1 if verb == "promote" else -1)
-            refusal = self.book.policy.level_refusal(level)
-            if refusal is None and (
-                (verb == "promote" and level <= agent.level) or (verb == "demote" and level >= agent.level)
-            ):
-                refusal = f"a {verb} must go {'up' if verb == 'promote' else 'down'}"
-            if refusal is not None:
-                return FieldError(
-                    path="$.level",
-                    message=f"cannot {verb} {cmd.agent} from level {agent.level} to {level}: {refusal}",
-                )
-            event = AgentLevelChanged(
-                originator_id=agent.id,
-                originator_version=version,
-                name=agent.name,
-                level=level,
-                previous=agent.level,
-                reason=cmd.reason,
-                by=cmd.operator,
+    async def _operate(self, verb: Verb, cmd: OperatorCommand, loaded: list[Given]) -> Refusal | None:
+        given = loaded[0] = await self._given(verb, cmd)
+        decided = verb.rule(cmd, given, self.policy, self.ctx.clock())
+        if isinstance(decided, Refusal):
+            return decided
+        if verb.loads == "proposal":
+            assert given.job is not None and cmd.proposal_id is not None
+            await self._save_rollback(
+                given.job, cmd.proposal_id, decided, link=telemetry.current_traceparent()
             )
         else:
-            return FieldError(path="$", message=f"the revoker does not handle {verb}")
-        await self._save(event)
+            await self._save_decided(decided)
         return None
