@@ -416,9 +416,13 @@ def revoke(
     at: datetime,
     evidence: list[str] | None = None,
     signal_at: datetime | None = None,
+    enforcer: str = "revoker",
 ) -> list[Event] | Refusal:
     """Revoke an agent and, in the same save, each live lease it holds in `leases`: it learns
-    of the revocation on its next heartbeat, and nothing it sends later under them is accepted."""
+    of the revocation on its next heartbeat, and nothing it sends later under them is accepted.
+
+    `by` revokes the agent; the leases end as the consequence `enforcer` (the service) draws, so
+    a lease's end reads as "revoked in flight" of whoever revoked its agent."""
     if agent.standing == "revoked":
         return Refusal.of("$.agent", f"agent {agent.name} is already revoked")
     drafts: list[Event] = [
@@ -438,7 +442,8 @@ def revoke(
         lease = job.live_lease
         if job.terminal or lease is None or lease.agent != agent.name:
             continue
-        drafts.extend(_lease_revocation(job, lease.epoch, f"agent {agent.name} revoked", by, signal_at, at))
+        reason_for_lease = f"agent {agent.name} revoked"
+        drafts.extend(_lease_revocation(job, lease.epoch, reason_for_lease, enforcer, signal_at, at))
         versions[job.id] = job.version
     return numbered(drafts, versions)
 

@@ -188,6 +188,7 @@ def test_revoking_an_agent_ends_each_of_its_live_leases_in_the_same_save() -> No
     assert isinstance(revoked, AgentRevoked) and revoked.by == "alice" and revoked.signal_at == AT
     assert isinstance(lease_end, LeaseRevoked)
     assert (lease_end.agent, lease_end.epoch, lease_end.signal) == ("ada", 1, "agent-revoked")
+    assert (lease_end.by, lease_end.reason) == ("revoker", "agent ada revoked")
 
 
 def test_revoking_an_agent_on_its_last_attempt_tombstones_the_job() -> None:
