@@ -26,7 +26,17 @@ from nats.aio.msg import Msg
 from shared import bus, telemetry, topology
 from shared.aggregates import Agent, Job
 from shared.decide import Contended, Refusal, retry
-from shared.decide.agents import Action, Authority, change_level, due, fold, revoke, revoke_lease, rollback
+from shared.decide.agents import (
+    Action,
+    Authority,
+    behind,
+    change_level,
+    due,
+    fold,
+    revoke,
+    revoke_lease,
+    rollback,
+)
 from shared.decide.operators import VERBS, Given, Verb
 from shared.events import AgentRevoked, Event
 from shared.handling import answer, decode_or_reject, give_up, reject_input
@@ -47,8 +57,8 @@ class Revoker:
         self.policy = load_policy()
         self.authority = Authority()
         self._dirty: set[str] = set()
-        # Aggregates a reload moved past versions the record never folded: (folded, reached, agent).
-        self._gaps: dict[UUID, tuple[int, int, str]] = {}
+        # Aggregates a reload moved past versions the record never folded: (folded, reached].
+        self._gaps: dict[UUID, tuple[int, int]] = {}
         self._wake = anyio.Event()
         self.ctx: Context
 
@@ -80,21 +90,16 @@ class Revoker:
             return
         # A state reloaded from the store may have moved past versions the view never folded
         # (another replica wrote them): the record reads those from the store.
-        if job is not None:
-            folded = self.authority.folded(job.id)
-            # An ended job the record no longer holds was folded to its end already.
-            if job.version > folded and (folded or not job.terminal):
-                self._gap(job.id, folded, job.version, "")
-        if agent is not None:
-            folded = self.authority.folded(agent.id, agent.name)
-            if agent.version > folded:
-                self._gap(agent.id, folded, agent.version, agent.name)
+        for reloaded in (job, agent):
+            missed = behind(self.authority, reloaded) if reloaded is not None else None
+            if reloaded is not None and missed is not None:
+                self._gap(reloaded.id, *missed)
 
-    def _gap(self, aggregate_id: UUID, folded: int, reached: int, name: str) -> None:
+    def _gap(self, aggregate_id: UUID, folded: int, reached: int) -> None:
         known = self._gaps.get(aggregate_id)
         if known is not None:
             folded, reached = min(folded, known[0]), max(reached, known[1])
-        self._gaps[aggregate_id] = (folded, reached, name)
+        self._gaps[aggregate_id] = (folded, reached)
         self._wake.set()
 
     def _fold(self, event: Event) -> None:
@@ -105,7 +110,7 @@ class Revoker:
 
     async def _fill_gaps(self) -> None:
         while self._gaps:
-            aggregate_id, (folded, reached, _name) = self._gaps.popitem()
+            aggregate_id, (folded, reached) = self._gaps.popitem()
             stored = await anyio.to_thread.run_sync(self.ctx.app.events_of, aggregate_id)
             for event in stored:
                 if folded < event.originator_version <= reached:

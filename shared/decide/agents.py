@@ -123,6 +123,20 @@ class Authority(Struct, kw_only=True):
         return entry.version if entry is not None else 0
 
 
+def behind(state: Authority, reloaded: Job | Agent) -> tuple[int, int] | None:
+    """The versions (after, up to] that a state reloaded from the store moved past without the
+    record folding them (another replica wrote them), or None when the record lacks nothing.
+
+    An ended job the record no longer holds was folded to its end already."""
+    if isinstance(reloaded, Agent):
+        folded = state.folded(reloaded.id, reloaded.name)
+    else:
+        folded = state.folded(reloaded.id)
+        if not folded and reloaded.terminal:
+            return None
+    return (folded, reloaded.version) if reloaded.version > folded else None
+
+
 ActionKind = Literal["promote", "demote", "revoke", "revoke_lease", "rollback"]
 
 

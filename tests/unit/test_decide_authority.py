@@ -15,7 +15,7 @@ from shared import topology
 from shared.aggregates import Agent, Job, project_job
 from shared.contract import Contract, Stopping
 from shared.decide import Refusal
-from shared.decide.agents import Authority, due, fold
+from shared.decide.agents import Authority, behind, due, fold
 from shared.decide.operators import VERBS, Given
 from shared.events import (
     AgentLevelChanged,
@@ -641,3 +641,33 @@ def test_the_record_survives_a_snapshot_round_trip() -> None:
     restored = msgspec.json.decode(msgspec.json.encode(log.state), type=Authority)
     assert restored == log.state
     assert due(restored.agents["ada"], log.policy) == due(log.state.agents["ada"], log.policy)
+
+
+# --- a state reloaded past what the record folded ---------------------------------------------
+
+
+def test_a_job_reloaded_past_the_versions_the_record_folded_names_the_versions_to_read() -> None:
+    log = Log()
+    job_id = log.job()
+    log.granted(job_id)  # the record has folded versions 1 and 2
+    reloaded = leased_job()
+    moved = project_job(reloaded, [submitted(reloaded.id, uuid4(), "ada", version=3)])
+    assert moved is not None
+    moved = msgspec.structs.replace(moved, id=job_id, version=5)
+    assert behind(log.state, moved) == (2, 5)
+    assert behind(log.state, msgspec.structs.replace(moved, version=2)) is None
+
+
+def test_a_job_never_seen_reloaded_live_is_read_from_its_start_but_an_ended_one_is_not() -> None:
+    log = Log()
+    live = leased_job()
+    assert behind(log.state, live) == (0, live.version)
+    ended = msgspec.structs.replace(live, status="completed")
+    assert behind(log.state, ended) is None  # folded to its end and let go, or never ours to count
+
+
+def test_an_agent_reloaded_past_the_record_names_the_versions_to_read() -> None:
+    log = Log()
+    log.level(1)  # version 1 folded
+    assert behind(log.state, agent(version=3)) == (1, 3)
+    assert behind(log.state, agent(version=1)) is None
