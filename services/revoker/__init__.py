@@ -234,7 +234,12 @@ class Revoker:
                     by=self.name,
                     at=at,
                     signal_at=action.signal_at,
+                    once=True,
                 )
+                if isinstance(decided, Refusal):
+                    if rec is not None:
+                        rec.applied.pop(action.proposal_id, None)  # asked for already: stop asking
+                    return
                 await self._save_rollback(job, action.proposal_id, decided, link=revoked_by)
 
     def _revoked(self, agent: Agent, action: Action, at: datetime) -> None:

@@ -543,10 +543,15 @@ def rollback(
     by: str,
     at: datetime,
     signal_at: datetime | None = None,
+    once: bool = False,
 ) -> list[Event] | Refusal:
-    """Ask the applier to compensate a proposal's applied effect."""
-    if job.proposal(proposal_id) is None:
+    """Ask the applier to compensate a proposal's applied effect; `once` (the policy's own ask)
+    refuses when a rollback was asked for already or is done, by anyone."""
+    state = job.proposal(proposal_id)
+    if state is None:
         return Refusal(errors=[missing("$.proposal_id", f"proposal {proposal_id}")])
+    if once and state.rollback in ("requested", "done"):
+        return Refusal.of("$.proposal_id", f"the rollback of proposal {proposal_id} is {state.rollback}")
     return after(
         job,
         RollbackRequested(

@@ -14,7 +14,7 @@ import pytest
 from shared import topology
 from shared.aggregates import Agent, Job, project_job
 from shared.contract import Contract, Stopping
-from shared.decide import Refusal
+from shared.decide import Refusal, agents
 from shared.decide.agents import Authority, behind, due, fold
 from shared.decide.operators import VERBS, Given
 from shared.events import (
@@ -257,6 +257,15 @@ def test_a_rollback_of_a_proposal_asks_for_it_in_the_proposals_job() -> None:
     assert isinstance(event, RollbackRequested)
     assert (event.originator_id, event.originator_version) == (job.id, job.version + 1)
     assert (event.proposal_id, event.by, event.signal_at) == (proposal_id, "alice", AT)
+
+
+def test_the_policys_own_rollback_is_not_asked_twice_but_an_operator_may_ask_again() -> None:
+    job, proposal_id = with_proposal(leased_job())
+    asked = project_job(job, events_of(operate("rollback", command(proposal_id=proposal_id), Given(job=job))))
+    assert asked is not None
+    again = agents.rollback(asked, proposal_id, reason="policy", by="revoker", at=AT, once=True)
+    assert refusal_of(again).reason == f"the rollback of proposal {proposal_id} is requested"
+    assert events_of(operate("rollback", command(proposal_id=proposal_id), Given(job=asked)))
 
 
 def test_a_rollback_naming_no_proposal_is_refused_on_that_field() -> None:
