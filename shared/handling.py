@@ -133,7 +133,7 @@ async def decode_or_reject(
 async def known_job(ctx: Context, msg: Msg, job_id: UUID, sender: str) -> bool:
     """True when the view or else the store knows `job_id`; otherwise the input's rejection is
     recorded and answered."""
-    if job_id in ctx.views.jobs or await ctx.job_from_store(job_id) is not None:
+    if await ctx.job(job_id) is not None:
         return True
     error = FieldError(path="$.job_id", message=f"no job {job_id} (the store has none)")
     await reject_input(ctx, msg, [error], sender)

@@ -26,7 +26,7 @@ from nats.aio.client import Client
 from nats.js import JetStreamContext
 
 from shared import bus, liveness, telemetry, topology
-from shared.aggregates import Agent, Job
+from shared.aggregates import Agent, Job, is_job_event
 from shared.app import WardenApp, open_app
 from shared.decide import Clock
 from shared.events import Event, agent_id_for, now
@@ -46,7 +46,9 @@ class Context:
     nc: Client
     js: JetStreamContext
     app: WardenApp
-    views: Views = field(default_factory=Views)
+    # Bounded by what is live: ended jobs are forgotten (see shared/views.py) and read back
+    # from the store when something asks for one (`job`).
+    views: Views = field(default_factory=lambda: Views(forget_ended=True))
     followed: bool = False
     # The embedded server's monitoring endpoint (`warden doctor --monitor`); "" when external.
     monitor_url: str = ""
@@ -65,6 +67,15 @@ class Context:
         traced = telemetry.current_traceparent()
         if traced:
             events = tuple(e if e.trace else msgspec.structs.replace(e, trace=traced) for e in events)
+        for event in events:
+            # The hash chain links to the aggregate's previous event: a job the view has
+            # forgotten (ended long ago, then rolled back or requeued) is read back first.
+            if (
+                is_job_event(event)  # type: ignore[arg-type]
+                and event.originator_version > 1
+                and self.views.job(event.originator_id) is None
+            ):
+                await self.job_from_store(event.originator_id)
         chained = self.views.chain(events)
         await anyio.to_thread.run_sync(lambda: self.app.save(*chained))
         for event in chained:
@@ -79,13 +90,19 @@ class Context:
     # input because the view lacks what it names, a service asks the store (by subject).
 
     async def job_from_store(self, job_id: UUID) -> Job | None:
-        """The job as the store has it (adopted into the view), or None when it has no such job."""
+        """The job as the store has it (adopted into the view: live jobs, or the bounded cache of
+        ended ones), or None when it has no such job."""
         try:
             job = await anyio.to_thread.run_sync(self.app.job, job_id)
         except AggregateNotFoundError:
             return None
         self.views.replace_job(job)
-        return self.views.jobs[job_id]
+        return self.views.job(job_id) or job
+
+    async def job(self, job_id: UUID) -> Job | None:
+        """The job as the view has it, or (ended and forgotten, or not yet folded) as the store
+        has it; None when neither knows it. What a service needs about an old job is read here."""
+        return self.views.job(job_id) or await self.job_from_store(job_id)
 
     async def agent_from_store(self, name: str) -> Agent | None:
         """The agent as the store has it (adopted into the view), or None when never registered."""
@@ -100,9 +117,32 @@ class Context:
         """Start folding the event stream into the view once per process."""
         if not self.followed:
             self.followed = True
+            tg.start_soon(self._read_back_forgotten)
             await tg.start(
                 partial(bus.follow, on_position=self.views.advance), self.js, self.views.on_stream_event
             )
+
+    async def _read_back_forgotten(self) -> None:
+        """Jobs the view forgot but the stream still speaks of are read back from the store
+        (adopted as a reload: listeners hear of them, a requeued one is runnable again)."""
+        wanted: dict[UUID, None] = {}
+        wake = anyio.Event()
+
+        def want(job_id: UUID) -> None:
+            wanted[job_id] = None
+            wake.set()
+
+        self.views.on_unknown = want
+        while True:
+            await wake.wait()
+            wake = anyio.Event()
+            while wanted:
+                job_id = next(iter(wanted))
+                del wanted[job_id]
+                try:
+                    await self.job_from_store(job_id)
+                except Exception:  # the store is away for now: the next event for it asks again
+                    log.warning("could not read job %s back from the store", job_id, exc_info=True)
 
     async def view_current(self, timeout: float = 2.0) -> bool:
         """Wait (bounded) until the view holds everything the store held when asked: the barrier

@@ -1,11 +1,23 @@
-"""The in-memory view a service decides on: every job and agent, folded from the event stream.
+"""The in-memory view a service decides on: live jobs and every agent, folded from the event stream.
 
 A view may lag the store (another replica wrote first); then a save fails with IntegrityError,
 and the service reloads that aggregate from the store and decides again.
+
+A services' view (`forget_ended=True`) is bounded by what is live, not by the log's length: a job
+leaves `jobs` once it is `settled` (ended, and no effect or rollback of it outstanding; listeners
+still see the event that settled it, with the job)
+and lands in `ended`, a bounded LRU of recently ended jobs, for the late events that still come
+for them (a fenced message, a rollback, an operator's requeue). An event for a job the view has
+forgotten altogether cannot be folded (its earlier state is gone): the view reports it through
+`on_unknown`, and the process reads that job back from the store (`Context.job_from_store`),
+which adopts it like any reload. The log stays the truth; the view is a working set.
+
+A view built for forensics (`Views()`) keeps every job: it answers questions about the past.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from uuid import UUID
 
@@ -13,15 +25,26 @@ import anyio
 from msgspec.structs import replace
 
 from shared.aggregates import Agent, Job, evolve_agent, evolve_job, is_agent_event
+from shared.decide.proposals import owed
 from shared.events import AnyEvent, Event, InputRejected, ReplyRefused, digest
 
 # Called with each folded event; with event None when a state was reloaded from the store.
 Listener = Callable[[Event | None, Job | None, Agent | None], None]
 
 
+# How many recently ended jobs a services' view keeps for their late events (about 10 KiB each).
+ENDED_CACHE = 2048
+
+
 class Views:
-    def __init__(self) -> None:
+    def __init__(self, *, forget_ended: bool = False, ended_cache: int = ENDED_CACHE) -> None:
+        # Live jobs (every job, in a view that does not forget ended ones).
         self.jobs: dict[UUID, Job] = {}
+        self.forget_ended = forget_ended
+        self.ended: OrderedDict[UUID, Job] = OrderedDict()
+        self._ended_cache = ended_cache
+        # Told the id of a job whose event the view could not fold because it forgot the job.
+        self.on_unknown: Callable[[UUID], None] | None = None
         self.agents: dict[str, Agent] = {}
         self._agents_by_id: dict[UUID, str] = {}
         self.position = 0  # the last stream sequence folded (event or not)
@@ -62,14 +85,45 @@ class Views:
                 self._agents_by_id[agent.id] = agent.name
             self._notify(event, None, agent)
             return True
-        job_before = self.jobs.get(event.originator_id)
+        job_before = self.job(event.originator_id)
         if not _next(job_before, event):
+            if self.forget_ended and _beyond(job_before, event):
+                self._unknown(event.originator_id)
             return False
         job = evolve_job(job_before, event)
         if job is not None:
-            self.jobs[job.id] = job
+            self._place(job)
         self._notify(event, job, None)
         return True
+
+    def job(self, job_id: UUID) -> Job | None:
+        """The job if live, or ended lately (then marked as just used); None when forgotten."""
+        job = self.jobs.get(job_id)
+        if job is None and (job := self.ended.get(job_id)) is not None:
+            self.ended.move_to_end(job_id)
+        return job
+
+    def require_job(self, job_id: UUID) -> Job:
+        """The job a handler has just loaded (it is live, or among the recently ended)."""
+        job = self.job(job_id)
+        if job is None:
+            raise KeyError(f"job {job_id} is not in the view (load it from the store first)")
+        return job
+
+    def _place(self, job: Job) -> None:
+        if not (self.forget_ended and settled(job)):
+            self.jobs[job.id] = job
+            self.ended.pop(job.id, None)
+            return
+        self.jobs.pop(job.id, None)
+        self.ended[job.id] = job
+        self.ended.move_to_end(job.id)
+        while len(self.ended) > self._ended_cache:
+            self.ended.popitem(last=False)
+
+    def _unknown(self, job_id: UUID) -> None:
+        if self.on_unknown is not None:
+            self.on_unknown(job_id)
 
     def chain(self, events: Sequence[Event]) -> list[Event]:
         """Link each event to its aggregate's previous one (the phase ledger's hash chain)."""
@@ -78,7 +132,7 @@ class Views:
         for event in events:
             prev = last.get(event.originator_id)
             if prev is None and event.originator_version > 1:
-                state: Job | Agent | None = self.jobs.get(event.originator_id)
+                state: Job | Agent | None = self.job(event.originator_id)
                 if state is None:
                     name = self._agents_by_id.get(event.originator_id)
                     state = self.agents.get(name) if name else None
@@ -92,9 +146,9 @@ class Views:
 
     def replace_job(self, job: Job) -> None:
         """Adopt a job reloaded from the store (after a conflict) if it is newer."""
-        current = self.jobs.get(job.id)
+        current = self.job(job.id)
         if current is None or current.version < job.version:
-            self.jobs[job.id] = job
+            self._place(job)
             self._notify(None, job, None)  # timers and queues must see a reloaded state too
 
     def replace_agent(self, agent: Agent) -> None:
@@ -114,6 +168,20 @@ class Views:
             for job in self.jobs.values()
             if not job.terminal and job.live_lease is not None and job.live_lease.agent == agent
         )
+
+
+def settled(job: Job) -> bool:
+    """Ended, with nothing left for Warden to do: nothing the applier owes it (an effect accepted
+    before a cancellation, a rollback asked and not done). Until then an ended job stays live,
+    so a restarted applier finds its work among the live jobs."""
+    return job.terminal and owed(job) is None
+
+
+def _beyond(state: Job | None, event: Event) -> bool:
+    """Is `event` later than the next one the view could fold (it lacks what came between)?"""
+    if state is None:
+        return event.originator_version > 1
+    return event.originator_version > state.version + 1
 
 
 def _next(state: Job | Agent | None, event: Event) -> bool:

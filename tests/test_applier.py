@@ -67,7 +67,7 @@ async def applier_process(url: str, log: Path, fault: str) -> anyio.abc.Process:
 
 
 async def request_rollback(ctx: Context, job_id: uuid.UUID, pid: uuid.UUID, reason: str) -> None:
-    job = ctx.views.jobs[job_id]
+    job = ctx.views.require_job(job_id)
     await ctx.save(
         RollbackRequested(
             originator_id=job_id,
@@ -294,7 +294,7 @@ async def test_rollback_reverts_the_commit_exactly_once_even_across_a_crash(
         assert rolled.reused_receipt and rolled.receipt["commit"] == revert
         assert rolled.receipt["reverted"] == effect.receipt["commit"]  # type: ignore[union-attr]
         assert rolled.reason == "the rename broke a downstream user"
-        job = services.views.jobs[ctx.job_id]
+        job = services.views.require_job(ctx.job_id)
         assert job.status == "completed" and job.proposal(pid).rollback == "done"  # type: ignore[union-attr]
     assert gitrepo.commits_carrying(repo, "Warden-Rollback", str(pid)) == [revert]
     assert gitrepo.head(repo, branch) == revert

@@ -166,7 +166,7 @@ async def test_jobs_run_on_through_a_sigkill_of_the_stream_leader(
 
         def on_event(_event: object, _job: object, _agent: object) -> None:
             # The services' own view, fed by their appends and the stream they follow.
-            if all((job := ctx.views.jobs.get(j)) is not None and job.terminal for j in job_ids):
+            if all((job := ctx.views.job(j)) is not None and job.terminal for j in job_ids):
                 all_terminal.set()
 
         ctx.views.listeners.append(on_event)
@@ -196,7 +196,7 @@ async def test_jobs_run_on_through_a_sigkill_of_the_stream_leader(
                 stuck = {
                     str(j): (job.status, job.version, job.live_lease)
                     for j in job_ids
-                    if (job := ctx.views.jobs[j]) is not None and not job.terminal
+                    if (job := ctx.views.job(j)) is not None and not job.terminal
                 }
                 if stuck:
                     js = nc.jetstream()

@@ -137,7 +137,7 @@ async def test_foreign_messages_never_wedge_a_job_or_an_agent_and_every_reader_n
         assert len(agent_seqs) == agent_version + 1 + len(agent_junk)
 
         # The services' view, and the store as eventsourcing reads it, hold only Warden's events.
-        job_view, agent_view = side.ctx.views.jobs[job_id], side.ctx.views.agents["worker"]
+        job_view, agent_view = side.ctx.views.require_job(job_id), side.ctx.views.agents["worker"]
         assert (job_view.status, job_view.version) == ("cancelled", job_version)
         assert (agent_view.standing, agent_view.version) == ("revoked", agent_version + 1)
         stored_job = await anyio.to_thread.run_sync(side.ctx.app.job, job_id)

@@ -112,7 +112,7 @@ class Applier:
     async def _step(self, job_id: UUID) -> bool:
         """Load, act, record one piece of owed work; False when nothing is owed."""
         # A job that ended may have left the view (a rollback is asked of a completed job).
-        job = self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+        job = await self.ctx.job(job_id)
         work = decide.owed(job) if job is not None else None
         if job is None or work is None:
             self._unrecorded.pop(job_id, None)  # recorded (by us or a replica): forget it

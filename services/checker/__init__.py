@@ -124,7 +124,7 @@ class Checker:
 
     async def _job(self, job_id: UUID) -> Job | None:
         # A job that ended may have left the view (a late approval, a redelivered proposal).
-        return self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+        return await self.ctx.job(job_id)
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -134,7 +134,7 @@ class Checker:
             verb = msg.subject.rsplit(".", 1)[-1]
             # An approval or denial is the next step of the proposal's own span.
             job_id = self._job_of(named.proposal_id) if named.proposal_id else None
-            job = self.ctx.views.jobs.get(job_id) if job_id else None
+            job = self.ctx.views.job(job_id) if job_id else None
             state = job.proposal(named.proposal_id) if job and named.proposal_id else None
             with telemetry.span(
                 f"checker {verb}",
@@ -147,7 +147,7 @@ class Checker:
             return
         parsed = topology.parse_agent_subject(msg.subject)
         assert parsed is not None, msg.subject  # the consumer's filter guarantees it
-        job = self.ctx.views.jobs.get(named.job_id) if named.job_id else None
+        job = self.ctx.views.job(named.job_id) if named.job_id else None
         with telemetry.span(
             "checker proposal",
             parent=job.trace_of(named.epoch) if job else None,  # the lease it was made under

@@ -49,6 +49,7 @@ from shared.readmodel.store import URL_ENV, default_url
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, Proposal
 from shared.tokens import local_operator_token, tokens_path
+from shared.views import Views
 
 FLEET = {
     # name: behaviour of agent_script.py ("zombie" runs in-process, see below)
@@ -336,7 +337,7 @@ async def _run(
         with anyio.move_on_after(options.timeout):
             while True:
                 counts: Counter[str] = Counter(
-                    str(ctx.views.jobs[j].status) for j in job_ids if j in ctx.views.jobs
+                    str(job.status) for j in job_ids if (job := ctx.views.job(j)) is not None
                 )
                 progress(dict(counts), "")
                 if sum(counts[s] for s in TERMINAL) == len(job_ids):
@@ -351,7 +352,11 @@ async def _summarise(ctx: Context, repo: Path, options: DemoOptions, summary: Su
     from shared.forensics.ledger import verify_log
 
     events = await read_log(ctx.nc)
-    jobs = [j for j in ctx.views.jobs.values() if j.kind == "feature"]
+    # The services' view forgets ended jobs: the summary folds the whole log it has read.
+    folded = Views()
+    for event in events:
+        folded.apply(event)
+    jobs = [j for j in folded.jobs.values() if j.kind == "feature"]
     summary.jobs = dict(Counter(j.status for j in jobs))
     proposals = {e.proposal_id: e for e in events if isinstance(e, ProposalSubmitted)}
     for e in events:

@@ -272,7 +272,7 @@ class Reconciler:
         assert parsed is not None, msg.subject
         agent, verb = parsed
         named = telemetry.names_in(msg.data)
-        job = self.ctx.views.jobs.get(named.job_id) if named.job_id is not None else None
+        job = self.ctx.views.job(named.job_id) if named.job_id is not None else None
         with telemetry.span(
             f"reconciler {verb}",
             parent=job.trace_of(named.epoch) if job else None,  # the lease it beats under
@@ -296,7 +296,7 @@ class Reconciler:
             await answer(self.ctx, msg, reply)
 
     async def _job(self, job_id: UUID) -> Job:
-        job = self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+        job = await self.ctx.job(job_id)
         if job is None:  # known_job found it: a store that loses a job is a fault, not input
             raise LookupError(f"job {job_id} is no longer in the store")
         return job

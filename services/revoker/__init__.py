@@ -312,7 +312,7 @@ class Revoker:
         return self.ctx.views.agents.get(name) or await self.ctx.agent_from_store(name)
 
     async def _job(self, job_id: UUID) -> Job | None:
-        return self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)
+        return await self.ctx.job(job_id)
 
     async def _jobs(self, job_ids: Sequence[UUID]) -> list[Job]:
         jobs = [await self._job(job_id) for job_id in job_ids]
@@ -324,8 +324,12 @@ class Revoker:
         known = self.authority.proposals.get(proposal_id)
         if known is not None:
             return known.job_id
-        # A proposal the record let go of (its job ended, nothing a policy rollback reaches).
-        return next((j.id for j in self.ctx.views.jobs.values() if j.proposal(proposal_id)), None)
+        # A proposal the record let go of (its job ended, nothing a policy rollback reaches):
+        # the view knows live and recently ended jobs; an older one's command names its job.
+        views = self.ctx.views
+        return next(
+            (j.id for j in (*views.jobs.values(), *views.ended.values()) if j.proposal(proposal_id)), None
+        )
 
     async def _given(self, verb: Verb, cmd: OperatorCommand) -> Given:
         if verb.loads == "proposal":

@@ -134,7 +134,7 @@ class Scheduler:
         elif msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
             verb = msg.subject.rsplit(".", 1)[-1]
             named = telemetry.names_in(msg.data).job_id
-            job = self.ctx.views.jobs.get(named) if named is not None else None
+            job = self.ctx.views.job(named) if named is not None else None
             with telemetry.span(
                 f"scheduler {verb}", parent=job.trace if job else None, headers=msg.headers, job_id=named
             ):
@@ -176,7 +176,7 @@ class Scheduler:
         job_id = job_id_for(request.idempotency_key)
         telemetry.annotate(job_id=job_id)
         # A terminal job may have left the view: a lost race on version 1 reads it from the store.
-        known = [self.ctx.views.jobs.get(job_id)]
+        known = [self.ctx.views.job(job_id)]
 
         async def step() -> Reply | Refusal:
             decided = job_rules.admit(
@@ -368,9 +368,7 @@ class Scheduler:
         if cmd is None:
             return
         job_id = cmd.job_id
-        known = [
-            (self.ctx.views.jobs.get(job_id) or await self.ctx.job_from_store(job_id)) if job_id else None
-        ]
+        known = [await self.ctx.job(job_id) if job_id else None]
 
         async def step() -> Reply | Refusal:
             decided = job_rules.operate(verb, known[0], cmd, self.ctx.clock())
