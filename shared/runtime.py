@@ -31,6 +31,7 @@ from shared.app import WardenApp, open_app
 from shared.decide import Clock
 from shared.events import Event, agent_id_for, now
 from shared.persistence.bridge import NatsBridge
+from shared.persistence.jetstream import JetStreamApplicationRecorder
 from shared.server import EmbeddedServer
 from shared.views import Views
 
@@ -59,8 +60,11 @@ class Context:
         """Append events (atomically when several) and return them as stored (with their trace
         and hash chain); raises IntegrityError on a lost race.
 
-        The application is synchronous and its recorder calls back onto this loop, so it runs
-        in a worker thread; the events are folded into the view as soon as they are stored.
+        Written from this loop straight through the JetStream recorder's write protocol (same
+        subjects, expectations and encoding as eventsourcing's save, without its worker-thread
+        hop: 8.5 ms against 3.0 ms at p50 under load, DESIGN.md). Any other recorder (or a loop
+        that is not the recorder's) goes through the synchronous application in a worker
+        thread. The events are folded into the view as soon as they are stored.
         """
         # Every event carries the span that appended it (one job is one trace), unless it was
         # built inside a narrower one (an invariant's verdict).
@@ -77,7 +81,12 @@ class Context:
             ):
                 await self.job_from_store(event.originator_id)
         chained = self.views.chain(events)
-        await anyio.to_thread.run_sync(lambda: self.app.save(*chained))
+        recorder = self.app.recorder
+        if isinstance(recorder, JetStreamApplicationRecorder) and recorder.io.bridge.in_loop_thread():
+            mapper = self.app.mapper
+            await recorder.write([mapper.to_stored_event(e) for e in chained])
+        else:
+            await anyio.to_thread.run_sync(lambda: self.app.save(*chained))
         for event in chained:
             self.views.apply(event)
         return chained

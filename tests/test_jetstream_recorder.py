@@ -332,11 +332,11 @@ def test_a_write_whose_ack_was_lost_is_retried_with_the_same_msg_ids_and_stored_
 
     checks: list[object] = []
 
-    def blind_once(*args: Any) -> list[int] | None:
+    async def blind_once(*args: Any) -> list[int] | None:
         # The first "did it land?" read misses it (as a lagging replica could), so the
         # recorder publishes again, with the same message ids and expectations.
         checks.append(args)
-        return None if len(checks) == 1 else real_landed(*args)
+        return None if len(checks) == 1 else await real_landed(*args)
 
     monkeypatch.setattr(recorder.io, "publish", ack_lost_once)
     monkeypatch.setattr(recorder, "_landed", blind_once)

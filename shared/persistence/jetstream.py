@@ -40,7 +40,6 @@ import weakref
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -201,6 +200,15 @@ def chain_of(
     if not records:
         return chain, None
     return chain, Head(last or 0, records[-1].seq)
+
+
+async def _io(awaitable: Awaitable[T]) -> T:
+    """Await NATS I/O on the loop; its failures become eventsourcing's OperationalError (as
+    `JetStreamIO.run` makes them for a worker thread)."""
+    try:
+        return await awaitable
+    except (TimeoutError, nats.errors.Error) as exc:
+        raise OperationalError(f"NATS request failed: {exc!r}") from exc
 
 
 class JetStreamIO:
@@ -514,7 +522,7 @@ class JetStreamRecorder:
             for subject in subjects:
                 self._heads.pop(subject, None)
 
-    def _heads_for(
+    async def _heads_for(
         self, values: dict[str, list[int]], *, fresh: bool, whole: bool = False
     ) -> dict[str, Head | None]:
         """Each subject's head (`values`: the values a write puts on each subject): from the
@@ -533,35 +541,35 @@ class JetStreamRecorder:
         """
         subjects = list(values)
         if fresh:
-            return self._read_heads(subjects, whole=whole)
+            return await self._read_heads(subjects, whole=whole)
         with self._heads_lock:
             heads = {subject: self._heads.get(subject) for subject in subjects}
         unknown = [s for s, head in heads.items() if head is None and not self._starts(s, values[s][0])]
-        return heads | self._read_heads(unknown, whole=False) if unknown else heads
+        return heads | await self._read_heads(unknown, whole=False) if unknown else heads
 
     def _starts(self, subject: str, first: int) -> bool:
         """Whether writing `first` on `subject` starts a new aggregate (so it needs no head)."""
         return self.contiguous and first == 1 and not subject.startswith(f"{self.root}.{TRACKING}.")
 
-    def _read_heads(self, subjects: Sequence[str], *, whole: bool) -> dict[str, Head | None]:
-        records = self.io.run(lambda: asyncio.gather(*(self.io.last(s, consistent=True) for s in subjects)))
+    async def _read_heads(self, subjects: Sequence[str], *, whole: bool) -> dict[str, Head | None]:
+        records = await _io(asyncio.gather(*(self.io.last(s, consistent=True) for s in subjects)))
         heads: dict[str, Head | None] = {}
         for subject, record in zip(subjects, records, strict=True):
             if record is None:
                 heads[subject] = None
                 continue
             value = None if whole else self._value_of(record)
-            head = Head(value, record.seq) if value is not None else self._whole_head(subject, record.seq)
+            head = Head(value, record.seq) if value is not None else await self._whole_head(subject, record.seq)
             heads[subject] = head
             self._remember(subject, head)
         return heads
 
-    def _whole_head(self, subject: str, last_seq: int) -> Head:
+    async def _whole_head(self, subject: str, last_seq: int) -> Head:
         """The head of a subject whose last message (at `last_seq`) is foreign or out of its chain."""
-        records = self.io.run(lambda: self.io.scan(subject, 1, stop=last_seq))
+        records = await _io(self.io.scan(subject, 1, stop=last_seq))
         if not records or records[-1].seq != last_seq:
             # A replica behind the leader answered the direct gets: read through the leader.
-            records = self.io.run(lambda: self.io.scan_leader(subject, last_seq))
+            records = await _io(self.io.scan_leader(subject, last_seq))
         _chain, head = self._chain(subject, records)
         assert head is not None  # the subject holds at least the message at last_seq
         return head
@@ -569,7 +577,20 @@ class JetStreamRecorder:
     # -- the write protocol ---------------------------------------------------------------
 
     def _write(self, events: Sequence[StoredEvent], tracking: Tracking | None = None) -> list[int]:
-        """Append atomically, each subject expecting its last sequence; the events' sequences."""
+        """The write protocol for eventsourcing's synchronous callers (in a worker thread)."""
+        # Bounded by the write's own attempts, each bounded by the I/O timeout.
+        limit = (self.io.timeout * 2 + 1) * (MAX_ATTEMPTS + 2)
+        try:
+            return self.io.bridge.call(lambda: self.write(events, tracking), timeout=limit)
+        except TimeoutError as exc:
+            raise OperationalError(f"write did not finish within {limit}s: {exc}") from exc
+
+    async def write(self, events: Sequence[StoredEvent], tracking: Tracking | None = None) -> list[int]:
+        """Append atomically, each subject expecting its last sequence; the events' sequences.
+
+        Runs on the connection's loop: services call it there directly (no thread hop), and
+        eventsourcing's synchronous path reaches it through `_write`.
+        """
         plan = self._plan(events, tracking)
         if not plan.messages:
             return []
@@ -581,7 +602,7 @@ class JetStreamRecorder:
         unknown = False  # an earlier attempt timed out: it may have landed
         for _ in range(MAX_ATTEMPTS):
             if heads is None:
-                heads = self._heads_for(plan.values, fresh=fresh, whole=whole)
+                heads = await self._heads_for(plan.values, fresh=fresh, whole=whole)
                 if problem := self._problem(plan, heads):
                     if whole:
                         raise IntegrityError(problem)
@@ -591,7 +612,7 @@ class JetStreamRecorder:
                     continue
             messages = self._with_expectations(plan, heads)
             try:
-                ack = self.io.bridge.call(partial(self.io.publish, messages), timeout=self.io.timeout * 2 + 1)
+                ack = await asyncio.wait_for(self.io.publish(messages), self.io.timeout * 2 + 1)
             except nats.errors.NoRespondersError as exc:
                 raise OperationalError(
                     f"no stream stores {messages[0].subject}: does stream {self.io.stream} "
@@ -601,7 +622,7 @@ class JetStreamRecorder:
                 # Unknown outcome. Retrying with the same expected sequences cannot apply twice:
                 # if the first attempt landed, the retry fails its expectation instead.
                 unknown = True
-                if (landed := self._landed(plan, heads)) is not None:
+                if (landed := await self._landed(plan, heads)) is not None:
                     return self._done(plan, landed)
                 continue
             except nats.errors.Error as exc:
@@ -614,7 +635,7 @@ class JetStreamRecorder:
             duplicate = ack.duplicate or ack.error_code == DUPLICATE_IN_BATCH
             if not (conflict or duplicate):
                 raise OperationalError(f"JetStream refused the write: {ack.description}")
-            if unknown and (landed := self._landed(plan, heads)) is not None:
+            if unknown and (landed := await self._landed(plan, heads)) is not None:
                 return self._done(plan, landed)
             self._forget(plan.values)
             if duplicate:
@@ -622,12 +643,12 @@ class JetStreamRecorder:
             heads, fresh = None, True
         raise OperationalError(f"gave up writing {list(plan.values)} after {MAX_ATTEMPTS} attempts")
 
-    def _landed(self, plan: _Plan, heads: dict[str, Head | None]) -> list[int] | None:
+    async def _landed(self, plan: _Plan, heads: dict[str, Head | None]) -> list[int] | None:
         """After a timeout: did our write land? Our first message would follow its head."""
         first = plan.messages[0]
         head = heads[first.subject]
         try:
-            found = self.io.run(lambda: self.io.next_after(first.subject, head.seq if head else 0))
+            found = await _io(self.io.next_after(first.subject, head.seq if head else 0))
         except OperationalError as exc:
             raise OperationalError(f"write outcome unknown (publish timed out): {exc}") from exc
         if found is None or found.headers.get(WRITE_HEADER) != plan.write_id:
