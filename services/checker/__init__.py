@@ -49,6 +49,9 @@ log = logging.getLogger("warden.checker")
 # with what became of it rather than "no such proposal".
 ENDED_PROPOSALS_KEPT = 10_000
 
+# The proposal with its payload, or why the payload cannot be used.
+Resolution = tuple[proposals.Resolved | None, str]
+
 OperatorRule = Callable[[Job, ProposalState, OperatorCommand], Awaitable[decide.Decision | Refusal]]
 
 
@@ -172,43 +175,16 @@ class Checker:
             )
 
     async def _propose(self, msg: Msg, agent: str, body: Propose) -> None:
-        seq = input_seq(msg)
-        pid = proposal_id_for(topology.INPUT_STREAM, seq)
+        pid = proposal_id_for(topology.INPUT_STREAM, input_seq(msg))
         telemetry.annotate(proposal_id=pid)
         at = self.ctx.clock()
         job = await self._job(body.job_id)
         state = job.proposal(pid) if job is not None else None
         if state is None:  # first delivery (a redelivery finds its proposal already recorded)
-            refused = decide.admit(job, body.job_id, agent, body.epoch, input_seq=seq, at=at)
-            if isinstance(refused, Refusal):
-                await reject_input(self.ctx, msg, refused.errors, agent)
-                return
-            if refused is not None:
-                await self.ctx.save(*refused.events)
-                if refused.why == "lease":
-                    telemetry.instruments().rejected_inputs.add(1, {"subject": "propose", "fenced": "yes"})
-                await answer(self.ctx, msg, Rejected(errors=refused.refusal.errors))
-                return
-            assert job is not None
-            resolved, problem = await self._resolve(agent, body)
-            # A refused upload is recorded with the size it declared.
-            size = resolved.object_size if resolved else body.payload.size if body.payload else 0
-            received = decide.Received(
-                proposal_id=pid,
-                agent=agent,
-                epoch=body.epoch,
-                input_seq=seq,
-                content_hash=proposals.sha256(msg.data),
-                size=len(msg.data) + size,
-                effect=body.effect,
-                payload_object=resolved.object_name if resolved else "",
-                payload_hash=resolved.object_hash if resolved else "",
-            )
-            await self.ctx.save(*decide.submit(job, received, at))
-            log.info("proposal %s submitted by %s for job %s", pid, agent, job.id)
-            job = await self._job(body.job_id)
-            state = job.proposal(pid) if job is not None else None
-            assert job is not None and state is not None
+            arrived = await self._arrive(msg, agent, body, job, pid, at)
+            if arrived is None:
+                return  # refused or fenced: recorded and answered
+            job, state, (resolved, problem) = arrived
         else:
             assert job is not None
             resolved, problem = await self._resolve(agent, body)
@@ -226,7 +202,44 @@ class Checker:
         assert resolved is not None
         await self._check_and_decide(job, state, resolved.proposal, msg.metadata.timestamp or at)
 
-    async def _resolve(self, agent: str, body: Propose) -> tuple[proposals.Resolved | None, str]:
+    async def _arrive(
+        self, msg: Msg, agent: str, body: Propose, job: Job | None, pid: UUID, at: datetime
+    ) -> tuple[Job, ProposalState, Resolution] | None:
+        """Admit and record a proposal as received; None once it is refused or fenced."""
+        seq = input_seq(msg)
+        refused = decide.admit(job, body.job_id, agent, body.epoch, input_seq=seq, at=at)
+        if isinstance(refused, Refusal):
+            await reject_input(self.ctx, msg, refused.errors, agent)
+            return None
+        if refused is not None:
+            await self.ctx.save(*refused.events)
+            if refused.why == "lease":
+                telemetry.instruments().rejected_inputs.add(1, {"subject": "propose", "fenced": "yes"})
+            await answer(self.ctx, msg, Rejected(errors=refused.refusal.errors))
+            return None
+        assert job is not None
+        resolved, problem = await self._resolve(agent, body)
+        # A refused upload is recorded with the size it declared.
+        size = resolved.object_size if resolved else body.payload.size if body.payload else 0
+        received = decide.Received(
+            proposal_id=pid,
+            agent=agent,
+            epoch=body.epoch,
+            input_seq=seq,
+            content_hash=proposals.sha256(msg.data),
+            size=len(msg.data) + size,
+            effect=body.effect,
+            payload_object=resolved.object_name if resolved else "",
+            payload_hash=resolved.object_hash if resolved else "",
+        )
+        await self.ctx.save(*decide.submit(job, received, at))
+        log.info("proposal %s submitted by %s for job %s", pid, agent, job.id)
+        now_job = await self._job(job.id)
+        state = now_job.proposal(pid) if now_job is not None else None
+        assert now_job is not None and state is not None
+        return now_job, state, (resolved, problem)
+
+    async def _resolve(self, agent: str, body: Propose) -> Resolution:
         try:
             return await proposals.resolve(self.ctx.js, agent, body), ""
         except proposals.PayloadProblem as exc:
