@@ -25,7 +25,7 @@ from eventsourcing.application import AggregateNotFoundError
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
-from shared import bus, liveness, telemetry, topology
+from shared import bus, liveness, snapshot, telemetry, topology
 from shared.aggregates import Agent, Job, is_job_event
 from shared.app import WardenApp, open_app
 from shared.decide import Clock
@@ -38,6 +38,8 @@ from shared.views import Views
 log = logging.getLogger("warden.runtime")
 
 DEFAULT_DATA_DIR = Path(".warden")
+# Events between checkpoints of the view (0: none, and every start folds the whole log).
+SNAPSHOT_EVERY_ENV = "WARDEN_SNAPSHOT_EVERY"
 
 
 @dataclass
@@ -55,6 +57,13 @@ class Context:
     monitor_url: str = ""
     # Every decision reads time from here (tests inject a clock), never from the system directly.
     clock: Clock = now
+    # Checkpoints of the view (shared/snapshot.py): written once it has folded this many events
+    # past the last one, or this many seconds after it when the stream moved at all; 0: never.
+    snapshot_every_events: int = 10_000
+    snapshot_every_s: float = 60.0
+    # The stream position of the snapshot this process started from (0: it folded the whole log).
+    restored_at: int = 0
+    _snapshot_at: int = 0
 
     async def save(self, *events: Event) -> list[Event]:
         """Append events (atomically when several) and return them as stored (with their trace
@@ -126,10 +135,73 @@ class Context:
         """Start folding the event stream into the view once per process."""
         if not self.followed:
             self.followed = True
+            start = await self._restore()
             tg.start_soon(self._read_back_forgotten)
             await tg.start(
-                partial(bus.follow, on_position=self.views.advance), self.js, self.views.on_stream_event
+                partial(bus.follow, from_seq=start, on_position=self.views.advance),
+                self.js,
+                self.views.on_stream_event,
             )
+            if self.snapshot_every_events > 0:
+                tg.start_soon(self._checkpoint)
+
+    def _snapshot_name(self) -> str:
+        return snapshot.object_name(list(self.views.folded))
+
+    async def _restore(self) -> int:
+        """Load the newest snapshot of this kind of view; the stream sequence to fold from."""
+        if self.snapshot_every_events <= 0:
+            return 1
+        try:
+            data = await snapshot.read(self.js, self._snapshot_name())
+            info = await self.js.stream_info(topology.EVENT_STREAM)
+        except Exception:  # a snapshot is an optimisation: without one, fold the log
+            log.warning("could not read the view's snapshot: folding the whole log", exc_info=True)
+            return 1
+        snap = snapshot.decode(data) if data is not None else None
+        if snap is None:
+            return 1
+        if snap.position > info.state.last_seq:
+            log.warning(
+                "ignoring a snapshot at %d, past the event stream's end (%d)",
+                snap.position,
+                info.state.last_seq,
+            )
+            return 1
+        if not self.views.restore(snap):
+            return 1
+        self.restored_at = self._snapshot_at = snap.position
+        log.info(
+            "view restored from its snapshot at %d (%d live jobs, %d agents); folding from %d",
+            snap.position,
+            len(snap.jobs),
+            len(snap.agents),
+            snap.position + 1,
+        )
+        return snap.position + 1
+
+    async def write_snapshot(self) -> int:
+        """Checkpoint the view now; returns the position written."""
+        snap = self.views.capture(self.clock())
+        await snapshot.write(self.js, self._snapshot_name(), snapshot.encode(snap))
+        self._snapshot_at = snap.position
+        return snap.position
+
+    async def _checkpoint(self) -> None:
+        last = anyio.current_time()
+        while True:
+            await anyio.sleep(min(1.0, self.snapshot_every_s))
+            moved = self.views.position - self._snapshot_at
+            due = moved >= self.snapshot_every_events or (
+                moved > 0 and anyio.current_time() - last >= self.snapshot_every_s
+            )
+            if not due:
+                continue
+            last = anyio.current_time()
+            try:
+                await self.write_snapshot()
+            except Exception:  # the next checkpoint tries again; serving never depends on it
+                log.warning("could not write the view's snapshot", exc_info=True)
 
     async def _read_back_forgotten(self) -> None:
         """Jobs the view forgot but the stream still speaks of are read back from the store
@@ -175,6 +247,10 @@ async def close_connection(nc: Client, grace_s: float = 5.0) -> None:
 
 
 class Service(Protocol):
+    """A service may also define `attach(ctx)`: called before the process's view starts
+    folding, it adds the listeners and registers the folded states (`Views.register`, kept in
+    the view's snapshot) that must see every event."""
+
     name: str
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None: ...
@@ -209,7 +285,11 @@ async def deployment(
             bridge = NatsBridge.attach(nc)
             app = open_app(bridge)
             monitor = server.monitor_url if server is not None else ""
-            yield Context(nc=nc, js=js, app=app, monitor_url=monitor), url
+            ctx = Context(nc=nc, js=js, app=app, monitor_url=monitor)
+            every = os.environ.get(SNAPSHOT_EVERY_ENV)
+            if every:  # "0" turns checkpoints (and starting from one) off
+                ctx.snapshot_every_events = int(every)
+            yield ctx, url
         finally:
             await close_connection(nc)
     finally:

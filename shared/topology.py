@@ -31,6 +31,9 @@ INPUT_STREAM = "WARDEN_INPUT"
 EVENT_STREAM = "WARDEN_EVENTS"
 PAYLOAD_BUCKET = "WARDEN_PAYLOADS"
 PAYLOAD_STREAM = f"OBJ_{PAYLOAD_BUCKET}"  # the stream behind the object store bucket
+# Snapshots of the services' view (shared/snapshot.py): disposable, rebuilt from the log.
+SNAPSHOT_BUCKET = "WARDEN_SNAPSHOTS"
+SNAPSHOT_STREAM = f"OBJ_{SNAPSHOT_BUCKET}"
 
 INPUT_ROOT = f"{PREFIX}.in"
 EVENT_ROOT = f"{PREFIX}.evt"
@@ -267,6 +270,12 @@ MAX_PROPOSAL_BYTES = 64 * 1024 * 1024
 PAYLOAD_BUCKET_MAX_BYTES = 1024 * 1024 * 1024
 
 
+# The snapshot bucket holds one object per kind of view, each rewritten in place (its old chunks
+# purged); the bound is for chunks two replicas' racing writes may orphan. Discard OLD: the
+# oldest go first, and a snapshot that lost a chunk fails its digest and is ignored (a full fold).
+SNAPSHOT_BUCKET_MAX_BYTES = 256 * 1024 * 1024
+
+
 def max_proposal_bytes() -> int:
     override = os.environ.get("WARDEN_MAX_PROPOSAL_BYTES")
     return int(override) if override else MAX_PROPOSAL_BYTES
@@ -354,6 +363,27 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
     ]
 
 
+def snapshot_stream_config(replicas: int = 1) -> js_api.StreamConfig:
+    """The snapshot bucket's stream. Not one of the record's streams (`stream_configs`): what it
+    holds may be deleted and purged, and `warden doctor` checks only the record."""
+    return js_api.StreamConfig(
+        name=SNAPSHOT_STREAM,
+        description="Snapshots of the services' view (disposable: the event stream is the truth)",
+        subjects=[f"$O.{SNAPSHOT_BUCKET}.C.>", f"$O.{SNAPSHOT_BUCKET}.M.>"],
+        retention=js_api.RetentionPolicy.LIMITS,
+        storage=js_api.StorageType.FILE,
+        num_replicas=replicas,
+        max_bytes=SNAPSHOT_BUCKET_MAX_BYTES,
+        discard=js_api.DiscardPolicy.OLD,
+        # An object store rewrites an object by rolling up its metadata and purging its old
+        # chunks; only the service credential may publish on $O (shared/credentials.py).
+        allow_rollup_hdrs=True,
+        deny_delete=False,
+        deny_purge=False,
+        allow_direct=True,
+    )
+
+
 def consumer_config(spec: ConsumerSpec) -> js_api.ConsumerConfig:
     return js_api.ConsumerConfig(
         durable_name=spec.durable,
@@ -381,7 +411,7 @@ async def ensure(js: JetStreamContext, server_version: str, replicas: int = 1) -
             f"nats-server {server_version} is too old: Warden needs {need} or newer "
             "(atomic batches, multi-filter consumers)"
         )
-    for config in stream_configs(replicas):
+    for config in [*stream_configs(replicas), snapshot_stream_config(replicas)]:
         assert config.name is not None
         try:
             await js.stream_info(config.name)

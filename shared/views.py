@@ -17,19 +17,39 @@ A view built for forensics (`Views()`) keeps every job: it answers questions abo
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Protocol
 from uuid import UUID
 
 import anyio
 from msgspec.structs import replace
 
+from shared import snapshot
 from shared.aggregates import Agent, Job, evolve_agent, evolve_job, is_agent_event
 from shared.decide.proposals import owed
 from shared.events import AnyEvent, Event, InputRejected, ReplyRefused, digest
+from shared.snapshot import Snapshot
+
+log = logging.getLogger("warden.views")
 
 # Called with each folded event; with event None when a state was reloaded from the store.
 Listener = Callable[[Event | None, Job | None, Agent | None], None]
+
+
+class Folded(Protocol):
+    """State a service folds from the view's listeners and keeps in its snapshot (the revoker's
+    authority record): encoded by its owner, restored before the tail is folded."""
+
+    def dump(self) -> bytes: ...
+
+    def load(self, data: bytes) -> Callable[[], None]:
+        """Decode `data` (raising when it cannot) and return what adopts it: nothing is adopted
+        until every state in the snapshot has decoded, so a failure leaves all of them as they
+        were and the whole log is folded instead."""
+        ...
 
 
 # How many recently ended jobs a services' view keeps for their late events (about 10 KiB each).
@@ -45,13 +65,61 @@ class Views:
         self._ended_cache = ended_cache
         # Told the id of a job whose event the view could not fold because it forgot the job.
         self.on_unknown: Callable[[UUID], None] | None = None
+        # Folded states registered by services, by name: kept in the view's snapshot.
+        self.folded: dict[str, Folded] = {}
         self.agents: dict[str, Agent] = {}
         self._agents_by_id: dict[UUID, str] = {}
         self.position = 0  # the last stream sequence folded (event or not)
+        self.stream_events = 0  # how many events the stream delivered (a restart: only the tail)
         self.listeners: list[Listener] = []
         self._waiters: list[tuple[int, anyio.Event]] = []
 
+    def register(self, name: str, state: Folded) -> None:
+        """Keep `state` in this view's snapshots. Register before the fold starts (a service's
+        `attach`), with its listener: a state registered later misses what was folded before."""
+        if self.position:
+            raise RuntimeError(f"{name} registered after the view folded up to {self.position}")
+        self.folded[name] = state
+
+    def capture(self, at: datetime) -> Snapshot:
+        """The live set and the position it reflects (it may hold more: the service's own saves
+        are folded before the stream delivers them, and folding them again changes nothing)."""
+        return Snapshot(
+            format=snapshot.FORMAT,
+            shape=snapshot.shape(),
+            position=self.position,
+            taken_at=at,
+            jobs=list(self.jobs.values()),
+            agents=list(self.agents.values()),
+            folded={name: state.dump() for name, state in self.folded.items()},
+        )
+
+    def restore(self, snap: Snapshot) -> bool:
+        """Start from a snapshot instead of the beginning of the stream; False (and nothing
+        changed) when it lacks a registered state or the view has folded already."""
+        if self.position or self.jobs or self.agents:
+            return False
+        missing = [name for name in self.folded if name not in snap.folded]
+        if missing:
+            log.info("snapshot at %d lacks %s: folding the whole log", snap.position, ", ".join(missing))
+            return False
+        try:
+            adopt = [state.load(snap.folded[name]) for name, state in self.folded.items()]
+        except Exception:  # written by another version of its owner: the log is the truth
+            log.warning("snapshot at %d has a state that does not load: folding the whole log", snap.position)
+            return False
+        for job in snap.jobs:
+            self.jobs[job.id] = job
+        for agent in snap.agents:
+            self.agents[agent.name] = agent
+            self._agents_by_id[agent.id] = agent.name
+        for adopted in adopt:
+            adopted()
+        self.position = snap.position
+        return True
+
     def on_stream_event(self, seq: int, event: AnyEvent) -> None:
+        self.stream_events += 1
         self.apply(event)
 
     def advance(self, seq: int) -> None:

@@ -13,12 +13,13 @@ it, saves what it returns, and on a lost race reloads and asks again (`retry`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
 from uuid import UUID
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from msgspec.structs import replace
 from nats.aio.msg import Msg
@@ -65,6 +66,19 @@ class Revoker:
     def attach(self, ctx: Context) -> None:
         """Listen before the process's one fold starts, so the record sees the log from its start."""
         ctx.views.listeners.append(self._on_view)
+        # Kept in the view's snapshot, so a restart folds only the tail into the record too.
+        ctx.views.register("authority", self)
+
+    def dump(self) -> bytes:
+        return msgspec.msgpack.encode(self.authority)
+
+    def load(self, data: bytes) -> Callable[[], None]:
+        authority = msgspec.msgpack.decode(data, type=Authority)
+
+        def adopt() -> None:
+            self.authority = authority
+
+        return adopt
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
         self.ctx = ctx
