@@ -559,7 +559,9 @@ class JetStreamRecorder:
                 heads[subject] = None
                 continue
             value = None if whole else self._value_of(record)
-            head = Head(value, record.seq) if value is not None else await self._whole_head(subject, record.seq)
+            head = (
+                Head(value, record.seq) if value is not None else await self._whole_head(subject, record.seq)
+            )
             heads[subject] = head
             self._remember(subject, head)
         return heads
