@@ -47,6 +47,12 @@ SWEEP_S = 5.0
 # Heap entries of checks no longer due (their job ended, or was rescheduled earlier) are
 # skipped when they surface; past this many per live check the heap is rebuilt without them.
 STALE_TIMERS_PER_DUE = 2
+# How each enforcement shows on its span.
+STANDING_OF: dict[rules.Cause, str] = {
+    "deadline": "deadline",
+    "expired": "expired",
+    "budget": "budget_exceeded",
+}
 
 
 class Reconciler:
@@ -187,7 +193,8 @@ class Reconciler:
             async def step() -> None:
                 job = self.ctx.views.jobs.get(job_id)
                 if job is not None and not job.terminal:
-                    await self._carry_out(rules.enforce(job, self.seen(job), self.ctx.clock()))
+                    enforced = rules.enforce(job, self.seen(job), self.ctx.clock())
+                    await self._record(enforced.events, enforced.cause)
 
             try:
                 await retry(step, partial(self.ctx.reload_job, job_id), what=f"check of job {job_id}")
@@ -208,17 +215,18 @@ class Reconciler:
         heapq.heappush(self._timers, (at, job_id))
         self._wake.set()
 
-    async def _carry_out(self, enforced: rules.Enforced) -> None:
-        """Save what enforcement decided, and count it."""
-        if not enforced.events:
+    async def _record(self, events: list[Event], cause: rules.Cause = "", verb: str = "") -> None:
+        """Save what a rule decided, and count it: an enforcement by its `cause`, a fenced
+        message by its `verb`."""
+        if not events:
             return
-        await self.ctx.save(*enforced.events)
-        standing = {"deadline": "deadline", "expired": "expired", "budget": "budget_exceeded"}
-        telemetry.annotate(standing=standing.get(enforced.cause, enforced.cause))
+        await self.ctx.save(*events)
         metrics = telemetry.instruments()
-        if enforced.cause == "budget":
+        if cause:
+            telemetry.annotate(standing=STANDING_OF[cause])
+        if cause == "budget":
             metrics.revocations.add(1, {"signal": "budget"})
-        for event in enforced.events:
+        for event in events:
             if isinstance(event, LeaseExpired):
                 metrics.lease_expiries.add(1)
                 metrics.detection_latency.record(event.detection_latency_ms)
@@ -228,6 +236,8 @@ class Reconciler:
                     event.agent,
                     event.detection_latency_ms,
                 )
+            elif isinstance(event, MessageRejected):
+                metrics.rejected_inputs.add(1, {"subject": verb, "fenced": "yes"})
 
     async def _recover_heartbeats(self) -> None:
         """After a restart, the last heartbeat of each live lease is read back from the stream."""
@@ -301,13 +311,6 @@ class Reconciler:
             raise LookupError(f"job {job_id} is no longer in the store")
         return job
 
-    async def _save(self, verb: str, events: list[Event]) -> None:
-        if not events:
-            return
-        await self.ctx.save(*events)
-        if any(isinstance(e, MessageRejected) for e in events):
-            telemetry.instruments().rejected_inputs.add(1, {"subject": verb, "fenced": "yes"})
-
     async def _heartbeat(self, msg: Msg, agent: str, hb: Heartbeat) -> Reply:
         job = await self._job(hb.job_id)
         at = self.ctx.clock()
@@ -322,16 +325,11 @@ class Reconciler:
         beat = rules.heartbeat(job, agent, hb.epoch, seen, at)
         if beat.seen is not None:
             self.heartbeats[job.id] = (hb.epoch, beat.seen)
-        if beat.cause:
-            await self._carry_out(
-                rules.Enforced(standing=beat.reply.standing, events=beat.events, cause=beat.cause)
-            )
-        else:
-            await self._save("heartbeat", beat.events)
+        await self._record(beat.events, beat.cause, "heartbeat")
         return beat.reply
 
     async def _release(self, msg: Msg, agent: str, rel: Release) -> Reply:
         job = await self._job(rel.job_id)
         outcome = rules.release(job, agent, rel, input_seq(msg), self.ctx.clock())
-        await self._save("release", outcome.events)
+        await self._record(outcome.events, verb="release")
         return outcome.reply
