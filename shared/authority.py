@@ -51,7 +51,7 @@ async def revocation_figures(js: Any) -> list[RevocationFigures]:
             None,
         )
         # Direct gets (log.scan): the operator credential may create no consumer on the input stream.
-        inputs = await log.scan(js, topology.INPUT_STREAM, topology.agent_input_root(event.name))
+        inputs = await log.scan(js, topology.AGENT_INPUT_STREAM, topology.agent_input_root(event.name))
         accepted = [
             m
             for m in inputs

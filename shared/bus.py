@@ -310,8 +310,12 @@ async def consume(
     to record and answer. A message whose handler failed on its last allowed delivery goes to
     `give_up` (which records it as refused) and is acked: the consumer would otherwise drop it
     silently. On cancellation, handlers already started finish and ack.
+
+    A spec whose filters span both input streams has a durable of its name on each
+    (`topology.consumer_streams`): one pull subscription per stream feeds the same handler.
+    Keys are subjects, and a subject lives in one stream, so per-key order is still stream order.
     """
-    sub = await js.pull_subscribe_bind(spec.durable, stream=topology.INPUT_STREAM)
+    subs = [await js.pull_subscribe_bind(spec.durable, stream=s) for s in topology.consumer_streams(spec)]
     in_flight = anyio.Semaphore(concurrency)
     queues: dict[str, list[Msg]] = {}
 
@@ -345,29 +349,34 @@ async def consume(
         finally:
             del queues[k]
 
+    async def pull(sub: JetStreamContext.PullSubscription, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            try:
+                msgs = await sub.fetch(batch, timeout=1.0)
+            except TimeoutError:  # nothing to fetch (nats-py raises asyncio's, or its own)
+                continue
+            except nats.errors.Error as exc:  # disconnected: nats-py reconnects by itself
+                log.warning("fetch on %s failed (%s); retrying", spec.durable, exc)
+                await anyio.sleep(0.25)
+                continue
+            for msg in msgs:
+                await in_flight.acquire()
+                k = key(msg)
+                if k in queues:
+                    queues[k].append(msg)
+                else:
+                    queues[k] = [msg]
+                    tg.start_soon(drain, k)
+
     task_status.started()
     try:
         async with anyio.create_task_group() as tg:
-            while True:
-                try:
-                    msgs = await sub.fetch(batch, timeout=1.0)
-                except TimeoutError:  # nothing to fetch (nats-py raises asyncio's, or its own)
-                    continue
-                except nats.errors.Error as exc:  # disconnected: nats-py reconnects by itself
-                    log.warning("fetch on %s failed (%s); retrying", spec.durable, exc)
-                    await anyio.sleep(0.25)
-                    continue
-                for msg in msgs:
-                    await in_flight.acquire()
-                    k = key(msg)
-                    if k in queues:
-                        queues[k].append(msg)
-                    else:
-                        queues[k] = [msg]
-                        tg.start_soon(drain, k)
+            for sub in subs:
+                tg.start_soon(pull, sub, tg)
     finally:
         with anyio.CancelScope(shield=True):
-            await sub.unsubscribe()
+            for sub in subs:
+                await sub.unsubscribe()
 
 
 T = TypeVar("T")

@@ -214,6 +214,8 @@ def stream_findings(expected: js_api.StreamConfig, info: js_api.StreamInfo, repl
         )
     else:
         out.append(Finding(f"{name}: retention", "ok", describe_retention(*have_retention)))
+    if expected.max_msgs_per_subject and expected.max_msgs_per_subject > 0:
+        out.append(per_agent_finding(expected, config))
     if config.storage != js_api.StorageType.FILE:
         out.append(
             Finding(
@@ -247,6 +249,31 @@ def stream_findings(expected: js_api.StreamConfig, info: js_api.StreamInfo, repl
     return out
 
 
+def per_agent_finding(expected: js_api.StreamConfig, config: js_api.StreamConfig) -> Finding:
+    """The agent input stream's per-agent bound: its ring (messages kept per subject) times its
+    largest message times the subjects one agent's credential may publish on."""
+    name = f"stream {expected.name}: per-agent bound"
+    have = (config.max_msgs_per_subject or -1, config.max_msg_size or -1)
+    want = (expected.max_msgs_per_subject or -1, expected.max_msg_size or -1)
+    if have != want:
+        return Finding(
+            name,
+            "fail",
+            f"max_msgs_per_subject {have[0]}, max_msg_size {have[1]}; expected {want[0]} and {want[1]}: "
+            "one agent's inputs are not bounded as documented",
+            "restart a Warden service: it re-applies the stream's limits from shared/topology.py "
+            "(WARDEN_AGENT_INPUT_PER_SUBJECT)",
+        )
+    subjects = topology.agent_subjects_per_credential()
+    bound = subjects * have[0] * (have[1] + topology.STORED_MESSAGE_OVERHEAD)
+    return Finding(
+        name,
+        "ok",
+        f"{have[0]} messages per subject x {have[1]} bytes x {subjects} subjects per agent credential: "
+        f"one agent holds at most {bound / 2**20:.0f} MiB",
+    )
+
+
 async def check_streams(js: JetStreamContext, replicas: int) -> list[Finding]:
     out: list[Finding] = []
     for expected in topology.stream_configs(replicas):
@@ -267,9 +294,16 @@ async def check_streams(js: JetStreamContext, replicas: int) -> list[Finding]:
     return out
 
 
-def consumer_findings(spec: topology.ConsumerSpec, info: js_api.ConsumerInfo) -> list[Finding]:
+def consumer_name(spec: topology.ConsumerSpec, stream: str) -> str:
+    """How doctor names a durable: by its service, and by its stream when not the input stream."""
+    return f"consumer {spec.durable}" + ("" if stream == topology.INPUT_STREAM else f" on {stream}")
+
+
+def consumer_findings(
+    spec: topology.ConsumerSpec, info: js_api.ConsumerInfo, stream: str = topology.INPUT_STREAM
+) -> list[Finding]:
     config = info.config
-    name = f"consumer {spec.durable}"
+    name = consumer_name(spec, stream)
     wrong: list[str] = []
     if config.backoff:
         # A backoff list silently replaces ack_wait (DESIGN.md): redelivery timing is not ours.
@@ -281,8 +315,9 @@ def consumer_findings(spec: topology.ConsumerSpec, info: js_api.ConsumerInfo) ->
     if config.max_deliver != spec.max_deliver:
         wrong.append(f"max_deliver {config.max_deliver}, expected {spec.max_deliver}")
     have_filters = set(config.filter_subjects or ([config.filter_subject] if config.filter_subject else []))
-    if have_filters != set(spec.filter_subjects):
-        wrong.append(f"filters {sorted(have_filters)}, expected {sorted(spec.filter_subjects)}")
+    want_filters = set(topology.stream_filters(spec, stream))
+    if have_filters != want_filters:
+        wrong.append(f"filters {sorted(have_filters)}, expected {sorted(want_filters)}")
     if config.ack_policy != js_api.AckPolicy.EXPLICIT:
         wrong.append(f"ack policy {config.ack_policy}, expected explicit")
     if wrong:
@@ -292,7 +327,7 @@ def consumer_findings(spec: topology.ConsumerSpec, info: js_api.ConsumerInfo) ->
                 "fail",
                 "; ".join(wrong),
                 f"restart a Warden service: it re-applies consumer settings from shared/topology.py "
-                f"(or `nats consumer edit {topology.INPUT_STREAM} {spec.durable}`)",
+                f"(or `nats consumer edit {stream} {spec.durable}`)",
             )
         ]
     out = [
@@ -318,19 +353,20 @@ def consumer_findings(spec: topology.ConsumerSpec, info: js_api.ConsumerInfo) ->
 async def check_consumers(js: JetStreamContext) -> list[Finding]:
     out: list[Finding] = []
     for spec in topology.CONSUMERS:
-        try:
-            info = await js.consumer_info(topology.INPUT_STREAM, spec.durable)
-        except NotFoundError:
-            out.append(
-                Finding(
-                    f"consumer {spec.durable}",
-                    "fail",
-                    "missing",
-                    "start a Warden service (`warden run scheduler`): it creates every consumer",
+        for stream in topology.consumer_streams(spec):
+            try:
+                info = await js.consumer_info(stream, spec.durable)
+            except NotFoundError:
+                out.append(
+                    Finding(
+                        consumer_name(spec, stream),
+                        "fail",
+                        "missing",
+                        "start a Warden service (`warden run scheduler`): it creates every consumer",
+                    )
                 )
-            )
-            continue
-        out.extend(consumer_findings(spec, info))
+                continue
+            out.extend(consumer_findings(spec, info, stream))
     return out
 
 

@@ -46,7 +46,7 @@ async def reject_input(
     A reply address the sender may not use is one more error of the same rejection, unanswered.
     """
     seq = input_seq(msg)
-    rejection_id = rejection_id_for(topology.INPUT_STREAM, seq)
+    rejection_id = rejection_id_for(msg.metadata.stream, seq)
     named = bus.reply_address(msg, ctx.views.agents)
     if named is not None and named[1] is not None:
         errors = [*errors, FieldError(path=f"header {topology.REPLY_HEADER}", message=named[1])]
@@ -82,7 +82,7 @@ async def answer(ctx: Context, msg: Msg, reply: Reply) -> None:
     named = bus.reply_address(msg, ctx.views.agents)
     seq = input_seq(msg)
     event = ReplyRefused(
-        originator_id=reply_refusal_id_for(topology.INPUT_STREAM, seq),
+        originator_id=reply_refusal_id_for(msg.metadata.stream, seq),
         originator_version=1,
         subject=msg.subject,
         input_seq=seq,

@@ -1,7 +1,7 @@
 """Where a proposal's bytes live and how they are read back, verified, every time.
 
-A proposal is an input message on `warden.in.agent.<name>.propose`, stored in the input stream
-exactly as received. When its payload (a diff of several MB, many files) would make the message
+A proposal is an input message on `warden.in.agent.<name>.propose`, stored in the agent input
+stream exactly as received. When its payload (a diff of several MB, many files) would make the message
 larger than `topology.INLINE_PROPOSAL_BYTES`, the SDK first publishes the payload in chunks on
 the agent's own payload subject (`warden.in.agent.<name>.payload`) and the message names the
 chunks' sequences, size and sha256 in `payload`. The checker reads those chunks, refuses any
@@ -17,9 +17,17 @@ Agents have no access to the bucket at all (README, "Threat model"). Limits:
   says otherwise) is not read: the proposal is recorded as submitted with its declared size and
   then rejected with a violation naming both sizes.
 
-The checker records the object's name and sha256 in `proposal.submitted`; the applier reads the
-message back from the input stream and the object from the bucket, and refuses both unless their
-hashes match the record, so what is applied is exactly what was checked.
+The agent input stream keeps only each subject's latest `topology.agent_input_per_subject()`
+messages, so the proposal message and its chunks may be evicted by the agent's newer ones long
+before the applier, an approval, a rollback or forensics read it back. So the checker keeps every
+proposal in the bucket: its *record object*, the proposal message as decoded and re-encoded
+(for an upload, the envelope naming the upload; the payload is the object beside it), named
+`<agent>/<job>/<epoch>/<sha256 of the record>`. `proposal.submitted` names the record object and
+its sha256 (`payload_object`, `payload_hash`); readers (`read_stored`, `read_recorded`) read it
+first, verify its hash (and the payload's against what the record names), and read the input
+message only for proposals recorded before record objects existed, verifying its sha256 against
+`content_hash`. What is applied is exactly what was checked. Cost: one object (two stored
+messages: a chunk and its metadata) per proposal, beside an upload's own payload object.
 """
 
 from __future__ import annotations
@@ -71,8 +79,10 @@ async def upload(js: JetStreamContext, agent: str, payload: bytes) -> PayloadUpl
     """Publish a payload in chunks on the agent's own payload subject; what the proposal names.
 
     The agent's credential may publish there and nowhere in the payload bucket: each chunk is an
-    input like any other (stored, bounded with the input stream, never purged), and only the
-    checker turns chunks into a stored object, after checking whose they are and their sha256.
+    input like any other (stored in the agent input stream, never purged), and only the checker
+    turns chunks into a stored object, after checking whose they are and their sha256. The
+    subject keeps only its latest `topology.max_upload_chunks()` chunks: the checker refuses a
+    proposal naming more, at once and naming the sizes.
     """
     subject = topology.payload_subject(agent)
     seqs: list[int] = []
@@ -113,9 +123,48 @@ async def put_object(js: JetStreamContext, name: str, data: bytes) -> None:
 @dataclass(frozen=True)
 class Resolved:
     proposal: Propose  # with the payload merged in
-    object_name: str
-    object_size: int
-    object_hash: str
+    object_name: str  # the record object (see the module's docstring)
+    object_size: int  # bytes received beside the message: an upload's size, 0 for inline
+    object_hash: str  # sha256 of the record object
+
+
+def _too_large(size: int, chunks: int) -> str:
+    ring = topology.max_upload_chunks()
+    return (
+        f"payload is {size} bytes ({chunks} chunks of {topology.PAYLOAD_CHUNK_BYTES}); the limit is "
+        f"{topology.max_proposal_bytes()} bytes: the payload subject keeps only its latest {ring} "
+        f"chunks (WARDEN_AGENT_INPUT_PER_SUBJECT), and WARDEN_MAX_PROPOSAL_BYTES may lower it"
+    )
+
+
+async def _get_object(js: JetStreamContext, name: str) -> bytes | None:
+    store = await js.object_store(topology.PAYLOAD_BUCKET)
+    try:
+        return (await store.get(name)).data or b""
+    except ObjectNotFoundError:
+        return None
+
+
+async def _keep(js: JetStreamContext, name: str, data: bytes) -> None:
+    """Store `data` as object `name` unless a redelivery's first attempt already did."""
+    stored = await _get_object(js, name)
+    if stored is not None:
+        if sha256(stored) != sha256(data):
+            raise PayloadProblem(f"stored object {name!r} does not match its name")
+        return
+    try:
+        await put_object(js, name, data)
+    except APIError as exc:  # the bucket is full (it discards nothing, refuses new)
+        raise PayloadProblem(f"payload bucket refused the object: {exc.description}") from None
+
+
+async def _keep_record(js: JetStreamContext, agent: str, body: Propose) -> tuple[str, str]:
+    """Store the proposal message itself as its record object; its name and sha256."""
+    record = msgspec.json.encode(body)
+    digest = sha256(record)
+    name = topology.payload_object_name(agent, body.job_id, body.epoch, digest)
+    await _keep(js, name, record)
+    return name, digest
 
 
 def merge(body: Propose, payload: bytes) -> Propose:
@@ -133,10 +182,11 @@ async def _assemble(js: JetStreamContext, agent: str, upload: PayloadUpload) -> 
     total = 0
     for seq in upload.chunks:
         try:
-            raw = await js.get_msg(topology.INPUT_STREAM, seq=seq, direct=True)
+            raw = await js.get_msg(topology.AGENT_INPUT_STREAM, seq=seq, direct=True)
         except NotFoundError:
             raise PayloadProblem(
-                f"payload chunk {seq} is not in the input stream (never stored, or aged out)"
+                f"payload chunk {seq} is not in {topology.AGENT_INPUT_STREAM} (never stored, aged out, "
+                f"or evicted by newer chunks: the subject keeps its latest {topology.max_upload_chunks()})"
             ) from None
         if raw.subject != subject:
             # Only this agent's credential can publish on its payload subject: anything else is
@@ -153,54 +203,100 @@ async def _assemble(js: JetStreamContext, agent: str, upload: PayloadUpload) -> 
 
 
 async def resolve(js: JetStreamContext, agent: str, body: Propose, *, limit: int | None = None) -> Resolved:
-    """The whole proposal: inline, or with its uploaded payload verified and stored as an object
-    named `<agent>/<job>/<epoch>/<sha256>` (already stored on a redelivery: read back, verified)."""
+    """The whole proposal, kept: its record object stored (see the module's docstring), and an
+    uploaded payload verified and stored as the object `<agent>/<job>/<epoch>/<sha256>` (on a
+    redelivery both are already stored: read back, verified). Service credential only."""
     upload = body.payload
     if upload is None:
-        return Resolved(body, "", 0, "")
+        name, digest = await _keep_record(js, agent, body)
+        return Resolved(body, name, 0, digest)
     if has_inline_payload(body):
         raise PayloadProblem("a proposal uploads its payload or carries it inline, not both")
     limit = topology.max_proposal_bytes() if limit is None else limit
-    if upload.size > limit:
-        raise PayloadProblem(
-            f"payload is {upload.size} bytes; the limit is {limit} bytes (WARDEN_MAX_PROPOSAL_BYTES)",
-        )
-    name = topology.payload_object_name(agent, body.job_id, body.epoch, upload.sha256)
-    store = await js.object_store(topology.PAYLOAD_BUCKET)
-    stored: bytes | None
-    try:
-        stored = (await store.get(name)).data or b""
-    except ObjectNotFoundError:
-        stored = None
-    if stored is not None:  # a redelivery: stored by the first attempt, read back and checked
+    if upload.size > limit or len(upload.chunks) > topology.max_upload_chunks():
+        raise PayloadProblem(_too_large(upload.size, len(upload.chunks)))
+    payload_name = topology.payload_object_name(agent, body.job_id, body.epoch, upload.sha256)
+    stored = await _get_object(js, payload_name)
+    if stored is not None:  # a redelivery: stored by the first attempt (its chunks may be gone)
         if sha256(stored) != upload.sha256:
-            raise PayloadProblem(f"stored payload object {name!r} does not match its name")
-        return Resolved(merge(body, stored), name, len(stored), upload.sha256)
-    data = await _assemble(js, agent, upload)
-    if sha256(data) != upload.sha256:
-        raise PayloadProblem(f"payload chunks hold bytes whose sha256 is {sha256(data)}, not {upload.sha256}")
-    merged = merge(body, data)  # before storing: an undecodable payload is not kept
-    try:
-        await put_object(js, name, data)
-    except APIError as exc:  # the bucket is full (it discards nothing, refuses new)
-        raise PayloadProblem(f"payload bucket refused the object: {exc.description}") from None
-    return Resolved(merged, name, len(data), upload.sha256)
+            raise PayloadProblem(f"stored payload object {payload_name!r} does not match its name")
+        merged = merge(body, stored)
+    else:
+        data = await _assemble(js, agent, upload)
+        if sha256(data) != upload.sha256:
+            raise PayloadProblem(
+                f"payload chunks hold bytes whose sha256 is {sha256(data)}, not {upload.sha256}"
+            )
+        merged = merge(body, data)  # before storing: an undecodable payload is not kept
+        await _keep(js, payload_name, data)
+    name, digest = await _keep_record(js, agent, body)
+    return Resolved(merged, name, upload.size, digest)
 
 
 async def read_stored(js: JetStreamContext, state: ProposalState) -> Propose:
-    """The proposal as recorded: read back from the input stream (and object store), verified."""
-    raw = await js.get_msg(topology.INPUT_STREAM, seq=state.input_seq, direct=True)
-    data = raw.data or b""
-    if sha256(data) != state.content_hash:
-        raise PayloadProblem(f"input message {state.input_seq} no longer matches the recorded hash")
-    body = decode_input(data, Propose)
-    if not state.payload_object:
+    """The proposal as recorded, verified: from its record object, or its input message."""
+    return await read_recorded(
+        js,
+        agent=state.agent,
+        input_seq=state.input_seq,
+        content_hash=state.content_hash,
+        payload_object=state.payload_object,
+        payload_hash=state.payload_hash,
+    )
+
+
+async def _input_message(js: JetStreamContext, seq: int, content_hash: str) -> bytes:
+    """A proposal message recorded before record objects existed: in the agent input stream, or,
+    recorded before that stream existed, in WARDEN_INPUT; the recorded sha256 says which."""
+    for stream in (topology.AGENT_INPUT_STREAM, topology.INPUT_STREAM):
+        try:
+            raw = await js.get_msg(stream, seq=seq, direct=True)
+        except NotFoundError:
+            continue
+        if sha256(raw.data or b"") == content_hash:
+            return raw.data or b""
+    raise PayloadProblem(f"input message {seq} is gone or no longer matches the recorded hash")
+
+
+async def read_recorded(
+    js: JetStreamContext,
+    *,
+    agent: str,
+    input_seq: int,
+    content_hash: str,
+    payload_object: str,
+    payload_hash: str,
+    message: bytes | None = None,
+) -> Propose:
+    """The proposal a `proposal.submitted` names, verified against its hashes. `message`: its input
+    message when the caller already read it (only used without a record object)."""
+    legacy_payload: bytes | None = None
+    if payload_object:
+        data = await _get_object(js, payload_object)
+        if data is None:
+            raise PayloadProblem(f"payload object {payload_object!r} is gone")
+        if sha256(data) != payload_hash:
+            raise PayloadProblem(f"payload object {payload_object!r} no longer matches its recorded hash")
+        try:
+            body = decode_input(data, Propose)
+        except InvalidInput:
+            legacy_payload = data  # recorded before record objects: the uploaded payload itself
+        else:
+            return await _with_payload(js, agent, body)
+    if message is None or sha256(message) != content_hash:
+        message = await _input_message(js, input_seq, content_hash)
+    body = decode_input(message, Propose)
+    return body if legacy_payload is None else merge(body, legacy_payload)
+
+
+async def _with_payload(js: JetStreamContext, agent: str, body: Propose) -> Propose:
+    upload = body.payload
+    if upload is None:
         return body
-    store = await js.object_store(topology.PAYLOAD_BUCKET)
-    try:
-        payload = (await store.get(state.payload_object)).data or b""
-    except ObjectNotFoundError:
-        raise PayloadProblem(f"payload object {state.payload_object!r} is gone") from None
-    if sha256(payload) != state.payload_hash:
-        raise PayloadProblem(f"payload object {state.payload_object!r} no longer matches its recorded hash")
+    name = topology.payload_object_name(agent, body.job_id, body.epoch, upload.sha256)
+    payload = await _get_object(js, name)
+    if payload is None:
+        raise PayloadProblem(f"payload object {name!r} is gone")
+    if sha256(payload) != upload.sha256 or len(payload) != upload.size:
+        raise PayloadProblem(f"payload object {name!r} no longer matches the proposal's sha256 and size")
     return merge(body, payload)

@@ -132,7 +132,7 @@ def guard(ctx: Context, durable: str, handler: bus.Handler, throttle: Throttle |
         until = window.end(active.window_s)
         if verdict is Verdict.REFUSE_FIRST:
             # Recorded before this input is acked: a crash here leaves it to be redelivered.
-            window.rejection_id = rejection_id_for(topology.INPUT_STREAM, int(meta.sequence.stream))
+            window.rejection_id = rejection_id_for(meta.stream, int(meta.sequence.stream))
             error = FieldError(
                 path="$",
                 message=(

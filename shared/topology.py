@@ -1,10 +1,12 @@
 """Every stream, subject and durable consumer Warden uses, declared in one place.
 
-Untrusted input (client requests, agent messages, operator commands) lands on `warden.in.>` and
-is stored before anything reads it. Authoritative events, which only Warden's services append,
-live on `warden.evt.>`: one subject per aggregate, so `Nats-Expected-Last-Subject-Sequence` gives
-optimistic concurrency. Both streams deny delete and purge: their sequences are positions that
-projections track, and they are the record.
+Untrusted input lands on `warden.in.>` and is stored before anything reads it, in two streams:
+client requests and operator commands in WARDEN_INPUT, every agent subject in WARDEN_AGENT_INPUT,
+which keeps only each subject's latest few messages (so one agent can evict only its own older
+inputs, never starve anyone else's: see "the agent input stream" below). Authoritative events,
+which only Warden's services append, live on `warden.evt.>`: one subject per aggregate, so
+`Nats-Expected-Last-Subject-Sequence` gives optimistic concurrency. Every stream denies delete
+and purge: their sequences are positions that projections track, and they are the record.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ log = logging.getLogger("warden.topology")
 
 PREFIX = "warden"
 INPUT_STREAM = "WARDEN_INPUT"
+AGENT_INPUT_STREAM = "WARDEN_AGENT_INPUT"
 EVENT_STREAM = "WARDEN_EVENTS"
 PAYLOAD_BUCKET = "WARDEN_PAYLOADS"
 PAYLOAD_STREAM = f"OBJ_{PAYLOAD_BUCKET}"  # the stream behind the object store bucket
@@ -182,7 +185,9 @@ OPERATOR_INBOX_PREFIX = "_INBOX.~operator"
 
 @dataclass(frozen=True)
 class ConsumerSpec:
-    """A durable pull consumer on the input stream, owned by one service (shared by replicas)."""
+    """A durable pull consumer owned by one service (shared by replicas). Its filters may span
+    both input streams: it is then one durable of this name on each stream that holds any of
+    them (`consumer_streams`), and `bus.consume` feeds both to the same handler."""
 
     durable: str
     filter_subjects: tuple[str, ...]
@@ -200,16 +205,38 @@ class ConsumerSpec:
 MALFORMED_AGENT_SUBJECTS = f"{INPUT_ROOT}.agent.*.*.>"
 
 
+AGENT_ROOT = f"{INPUT_ROOT}.agent"
+
+
 def input_subjects() -> list[str]:
-    """What the input stream stores: the subjects Warden reads, and the malformed agent
-    subjects it refuses. Anything else under `warden.in.` is not stored: its publisher gets
-    JetStream's "no stream" answer at once rather than a silence."""
-    return [
-        REQUEST_SUBJECT,
-        *(operator_subject(v) for v in OPERATOR_VERBS),
-        *(agent_subject_all(v) for v in (*AGENT_VERBS, PAYLOAD_VERB)),
-        MALFORMED_AGENT_SUBJECTS,
-    ]
+    """What WARDEN_INPUT stores: job requests and operator commands. Anything else under
+    `warden.in.` that neither stream stores gets JetStream's "no stream" answer at once rather
+    than a silence."""
+    return [REQUEST_SUBJECT, *(operator_subject(v) for v in OPERATOR_VERBS)]
+
+
+def agent_input_subjects() -> list[str]:
+    """What WARDEN_AGENT_INPUT stores: every agent verb and payload subject, and the malformed
+    agent subjects the scheduler refuses (only reachable without credentials: an agent's
+    credential may publish its exact subjects and nothing else)."""
+    return [*(agent_subject_all(v) for v in (*AGENT_VERBS, PAYLOAD_VERB)), MALFORMED_AGENT_SUBJECTS]
+
+
+def stream_of(subject: str) -> str:
+    """The input stream that stores `subject`: the one rule every reference to an input by
+    sequence follows (an input's sequence means nothing without its stream)."""
+    return AGENT_INPUT_STREAM if subject.startswith(AGENT_ROOT + ".") else INPUT_STREAM
+
+
+def consumer_streams(spec: ConsumerSpec) -> tuple[str, ...]:
+    """The input streams holding any of the consumer's filters, in a fixed order."""
+    wanted = {stream_of(f) for f in spec.filter_subjects}
+    return tuple(s for s in (INPUT_STREAM, AGENT_INPUT_STREAM) if s in wanted)
+
+
+def stream_filters(spec: ConsumerSpec, stream: str) -> tuple[str, ...]:
+    """The consumer's filters that `stream` stores: its durable there filters on these."""
+    return tuple(f for f in spec.filter_subjects if stream_of(f) == stream)
 
 
 SCHEDULER_CONSUMER = ConsumerSpec(
@@ -258,11 +285,21 @@ INPUT_MAX_MSG_BYTES = MAX_INPUT_BYTES + 64 * 1024
 # Proposals whose encoded message would pass this are uploaded in chunks first (the SDK does it):
 # headroom below MAX_INPUT_BYTES for the envelope and JSON escaping.
 INLINE_PROPOSAL_BYTES = 512 * 1024
-# One payload chunk on the agent's payload subject: well under MAX_INPUT_BYTES.
-PAYLOAD_CHUNK_BYTES = 256 * 1024
-# The largest proposal payload (one object) the checker accepts; past it the proposal is
-# rejected with the sizes named. WARDEN_MAX_PROPOSAL_BYTES overrides it.
-MAX_PROPOSAL_BYTES = 64 * 1024 * 1024
+# The agent input stream keeps each subject's latest AGENT_INPUT_PER_SUBJECT messages
+# (`max_msgs_per_subject`; WARDEN_AGENT_INPUT_PER_SUBJECT overrides it). With credentials an
+# agent may publish on exactly len(AGENT_VERBS) + 1 subjects, so what one agent can hold in the
+# stream, whatever it sends, is agent_input_bound(): 6 x 32 x (1 MiB + 64 KiB) = 204 MiB. A
+# flood evicts only the flooder's own older inputs; a service that falls more than K inputs
+# behind on one agent's verb skips the evicted ones (claims and heartbeats are superseded by the
+# newer ones anyway; an evicted proposal was never recorded, and its lease runs out).
+AGENT_INPUT_PER_SUBJECT = 32
+# One payload chunk on the agent's payload subject: as large as one input may be (the chunk and
+# its headers fit in INPUT_MAX_MSG_BYTES), so the K chunks the ring keeps carry the most.
+PAYLOAD_CHUNK_BYTES = 1024 * 1024
+# The largest proposal payload the checker accepts: every chunk of an upload must still be in the
+# ring when the checker reads it, so an upload fits in K chunks (32 MiB). Past it the proposal is
+# rejected with the sizes named; WARDEN_MAX_PROPOSAL_BYTES lowers it (never above K chunks).
+MAX_PROPOSAL_BYTES = AGENT_INPUT_PER_SUBJECT * PAYLOAD_CHUNK_BYTES
 # The whole bucket: payloads are part of the record and are kept (the bucket denies delete,
 # purge and rollup; only the checker writes it, with the service credential), so this bounds
 # the disk they take; when it is full the checker rejects the proposal naming the store. JetStream reserves it up front on every replica, so it stays modest; set when the bucket
@@ -276,9 +313,38 @@ PAYLOAD_BUCKET_MAX_BYTES = 1024 * 1024 * 1024
 SNAPSHOT_BUCKET_MAX_BYTES = 256 * 1024 * 1024
 
 
+def agent_input_per_subject() -> int:
+    override = os.environ.get("WARDEN_AGENT_INPUT_PER_SUBJECT")
+    return int(override) if override else AGENT_INPUT_PER_SUBJECT
+
+
+def max_upload_chunks() -> int:
+    """How many chunks an upload may have: the payload subject keeps only the latest K."""
+    return agent_input_per_subject()
+
+
 def max_proposal_bytes() -> int:
+    """The payload limit: WARDEN_MAX_PROPOSAL_BYTES, but never more than K chunks can carry."""
+    ring = max_upload_chunks() * PAYLOAD_CHUNK_BYTES
     override = os.environ.get("WARDEN_MAX_PROPOSAL_BYTES")
-    return int(override) if override else MAX_PROPOSAL_BYTES
+    return min(int(override), ring) if override else ring
+
+
+def agent_subjects_per_credential() -> int:
+    """The subjects one agent's credential may publish on (credentials.agent_permissions)."""
+    return len(AGENT_VERBS) + 1
+
+
+# What the store keeps per message beside its data and headers (which max_msg_size counts): its
+# subject (at most 90 characters for an agent's) and the store's own record header and checksum.
+STORED_MESSAGE_OVERHEAD = 256
+
+
+def agent_input_bound() -> int:
+    """The most one credentialed agent can keep stored in the agent input stream, in bytes:
+    subjects x K x (the stream's max_msg_size + a stored message's overhead)."""
+    per_message = INPUT_MAX_MSG_BYTES + STORED_MESSAGE_OVERHEAD
+    return agent_subjects_per_credential() * agent_input_per_subject() * per_message
 
 
 def payload_object_name(agent: str, job_id: UUID, epoch: int, digest: str) -> str:
@@ -287,13 +353,29 @@ def payload_object_name(agent: str, job_id: UUID, epoch: int, digest: str) -> st
     return f"{check_agent_name(agent)}/{job_id}/{epoch}/{digest}"
 
 
-# The input stream is bounded (see README, "Threat model"): inputs are untrusted and each one that
-# matters is cited by an event that keeps its digest, and large payloads live on in the payload
-# bucket. Discard NEW: a full stream refuses new inputs (the publisher gets an error, so nothing
+# The input stream (requests, operator commands: no agent can write it, so no agent can fill it) is
+# bounded (see README, "Threat model"): inputs are untrusted and each one that matters is cited by
+# an event that keeps its digest, and proposals live on in the payload bucket. Discard NEW: a full stream refuses new inputs (the publisher gets an error, so nothing
 # it believes stored is lost) rather than dropping old ones, which may be acknowledged and not yet
 # processed. Inputs age out after INPUT_MAX_AGE_S; forensics then say so.
 INPUT_MAX_AGE_S = 30 * 24 * 3600.0
 INPUT_MAX_BYTES = 4 * 1024 * 1024 * 1024
+# The agent input stream: each agent's share is bounded by the ring (agent_input_bound), so its
+# max_bytes is only a ceiling for many agents at once, and it discards OLD: a full stream drops the
+# oldest agent inputs (long handled, or superseded) instead of refusing every agent's new ones, so
+# a busy fleet never stops Warden. WARDEN_AGENT_INPUT_MAX_BYTES / _MAX_AGE_S override them.
+AGENT_INPUT_MAX_BYTES = 4 * 1024 * 1024 * 1024
+AGENT_INPUT_MAX_AGE_S = INPUT_MAX_AGE_S
+
+
+def agent_input_max_age_s() -> float:
+    override = os.environ.get("WARDEN_AGENT_INPUT_MAX_AGE_S")
+    return float(override) if override else AGENT_INPUT_MAX_AGE_S
+
+
+def agent_input_max_bytes() -> int:
+    override = os.environ.get("WARDEN_AGENT_INPUT_MAX_BYTES")
+    return int(override) if override else AGENT_INPUT_MAX_BYTES
 
 
 def input_max_age_s() -> float:
@@ -327,16 +409,29 @@ def stream_configs(replicas: int = 1) -> list[js_api.StreamConfig]:
         "allow_direct": True,
     }
     input_max_age = input_max_age_s()
+    agent_max_age = agent_input_max_age_s()
     return [
         js_api.StreamConfig(
             name=INPUT_STREAM,
-            description="Untrusted input: job requests, agent messages, operator commands",
+            description="Untrusted input: job requests and operator commands",
             subjects=input_subjects(),
             max_age=input_max_age,
             max_bytes=input_max_bytes(),
             max_msg_size=INPUT_MAX_MSG_BYTES,
             discard=js_api.DiscardPolicy.NEW,
             duplicate_window=duplicate_window_s(input_max_age),
+            **common,  # type: ignore[arg-type]
+        ),
+        js_api.StreamConfig(
+            name=AGENT_INPUT_STREAM,
+            description="Untrusted input from agents: each subject keeps its latest messages only",
+            subjects=agent_input_subjects(),
+            max_msgs_per_subject=agent_input_per_subject(),
+            max_age=agent_max_age,
+            max_bytes=agent_input_max_bytes(),
+            max_msg_size=INPUT_MAX_MSG_BYTES,
+            discard=js_api.DiscardPolicy.OLD,
+            duplicate_window=duplicate_window_s(agent_max_age),
             **common,  # type: ignore[arg-type]
         ),
         js_api.StreamConfig(
@@ -384,10 +479,11 @@ def snapshot_stream_config(replicas: int = 1) -> js_api.StreamConfig:
     )
 
 
-def consumer_config(spec: ConsumerSpec) -> js_api.ConsumerConfig:
+def consumer_config(spec: ConsumerSpec, stream: str) -> js_api.ConsumerConfig:
+    """The spec's durable on `stream`, filtering on what that stream stores of its filters."""
     return js_api.ConsumerConfig(
         durable_name=spec.durable,
-        filter_subjects=list(spec.filter_subjects),
+        filter_subjects=list(stream_filters(spec, stream)),
         ack_policy=js_api.AckPolicy.EXPLICIT,
         deliver_policy=js_api.DeliverPolicy.ALL,
         ack_wait=spec.ack_wait_s,
@@ -411,6 +507,7 @@ async def ensure(js: JetStreamContext, server_version: str, replicas: int = 1) -
             f"nats-server {server_version} is too old: Warden needs {need} or newer "
             "(atomic batches, multi-filter consumers)"
         )
+    await _migrate_agent_inputs(js)
     for config in [*stream_configs(replicas), snapshot_stream_config(replicas)]:
         assert config.name is not None
         try:
@@ -425,7 +522,33 @@ async def ensure(js: JetStreamContext, server_version: str, replicas: int = 1) -
                 f"stream {config.name} exists with settings Warden cannot change: {exc.description}"
             ) from exc
     for spec in CONSUMERS:
-        await js.add_consumer(INPUT_STREAM, consumer_config(spec))
+        for stream in consumer_streams(spec):
+            await js.add_consumer(stream, consumer_config(spec, stream))
+
+
+async def _migrate_agent_inputs(js: JetStreamContext) -> None:
+    """Before WARDEN_AGENT_INPUT, WARDEN_INPUT stored the agent subjects too. Two streams cannot
+    share a subject, so the old stream gives them up first, and its durables stop filtering on
+    them (a durable left with no filter there is deleted: its work moved to the agent stream).
+    The agent inputs already stored stay in WARDEN_INPUT (it denies delete and purge) until they
+    age out, readable by sequence; those no service had read yet are not read any more."""
+    try:
+        info = await js.stream_info(INPUT_STREAM)
+    except NotFoundError:
+        return
+    agent_subjects = [s for s in info.config.subjects or [] if stream_of(s) == AGENT_INPUT_STREAM]
+    if not agent_subjects:
+        return
+    log.warning("moving agent subjects %s from %s to %s", agent_subjects, INPUT_STREAM, AGENT_INPUT_STREAM)
+    for spec in CONSUMERS:
+        try:
+            await js.consumer_info(INPUT_STREAM, spec.durable)
+        except NotFoundError:
+            continue
+        if stream_filters(spec, INPUT_STREAM):
+            await js.add_consumer(INPUT_STREAM, consumer_config(spec, INPUT_STREAM))
+        else:
+            await js.delete_consumer(INPUT_STREAM, spec.durable)
 
 
 # JetStream answers these while a cluster forms (no meta leader yet, peers still joining, a

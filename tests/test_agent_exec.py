@@ -92,7 +92,7 @@ async def _checks(nc: Any, job_id: uuid.UUID) -> dict[str, InvariantChecked]:
 
 
 async def _proposal(nc: Any, submitted: ProposalSubmitted) -> dict[str, Any]:
-    raw = await nc.jetstream().get_msg("WARDEN_INPUT", submitted.input_seq)
+    raw = await nc.jetstream().get_msg(topology.AGENT_INPUT_STREAM, submitted.input_seq)
     decoded: dict[str, Any] = msgspec.json.decode(raw.data)
     return decoded
 
@@ -159,7 +159,7 @@ async def test_agent_exec_runs_a_real_command_and_its_diff_arrives_as_a_proposal
         assert isinstance(submitted, ProposalSubmitted)
         assert submitted.originator_id == job_id and submitted.agent == "scribe"
         assert await anyio.to_thread.run_sync(proc.wait) == 0, (tmp_path / "agent.log").read_text()
-        raw = await nc.jetstream().get_msg("WARDEN_INPUT", submitted.input_seq)
+        raw = await nc.jetstream().get_msg(topology.AGENT_INPUT_STREAM, submitted.input_seq)
         proposal = msgspec.json.decode(raw.data)
         assert "+hello from exec" in proposal["patch"]
         assert "notes.txt" in proposal["patch"]

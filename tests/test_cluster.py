@@ -201,11 +201,12 @@ async def test_jobs_run_on_through_a_sigkill_of_the_stream_leader(
                 if stuck:
                     js = nc.jetstream()
                     consumers = {
-                        spec.durable: (await js.consumer_info(topology.INPUT_STREAM, spec.durable))
+                        (stream, spec.durable): (await js.consumer_info(stream, spec.durable))
                         for spec in topology.CONSUMERS
                         if spec.durable in ("scheduler", "reconciler")
+                        for stream in topology.consumer_streams(spec)
                     }
-                    inputs = await js.stream_info(topology.INPUT_STREAM)
+                    inputs = await js.stream_info(topology.AGENT_INPUT_STREAM)
                     agents = {a: (ctx.views.agents[a].standing, ctx.views.live_leases_of(a)) for a in AGENTS}
                     raise AssertionError(
                         f"jobs stuck after {victim.server.name} died: {stuck}; agents: {agents}; "

@@ -97,12 +97,13 @@ class PayloadScene:
         js = self.service.jetstream()
         store = await js.object_store(BUCKET)
         chunk_seqs = [s for seqs in self.chunks.values() for s in seqs]
-        chunks = await log.get_many(js, topology.INPUT_STREAM, chunk_seqs)
+        chunks = await log.get_many(js, topology.AGENT_INPUT_STREAM, chunk_seqs)
         return {
             "objects": {name: (await store.get(name)).data for name in self.objects},
             "chunks": {seq: chunks[seq].data for seq in chunk_seqs},
             "payload stream": await stream_state(self.service, PAYLOADS),
             "input stream": await stream_state(self.service, topology.INPUT_STREAM),
+            "agent input stream": await stream_state(self.service, topology.AGENT_INPUT_STREAM),
         }
 
     async def assert_untouched(self) -> None:
@@ -121,7 +122,7 @@ async def payload_scene(node: opsnats.OpsServer) -> AsyncIterator[PayloadScene]:
         scene_objects: dict[str, bytes] = {}
         scene_chunks: dict[str, list[int]] = {}
         for agent, password in passwords.items():
-            data = f"{agent}'s payload, ".encode() * 40_000  # several chunks of each kind
+            data = f"{agent}'s payload, ".encode() * 160_000  # several chunks of each kind
             nc = await connect_agent(url, agent, user=credentials.agent_user(agent), password=password)
             try:
                 upload = await proposals.upload(nc.jetstream(), agent, data)
@@ -154,7 +155,7 @@ async def test_an_agent_cannot_list_the_stored_payloads_or_another_agents_chunks
         for subject, body in (
             (f"$JS.API.STREAM.INFO.{PAYLOADS}", {"subjects_filter": f"$O.{BUCKET}.M.>"}),
             (
-                f"$JS.API.STREAM.INFO.{topology.INPUT_STREAM}",
+                f"$JS.API.STREAM.INFO.{topology.AGENT_INPUT_STREAM}",
                 {"subjects_filter": "warden.in.agent.*.payload"},
             ),
             ("$JS.API.STREAM.NAMES", {}),
@@ -192,8 +193,8 @@ async def test_an_agent_cannot_read_any_stored_payload_nor_another_agents_chunks
             (f"$JS.API.DIRECT.GET.{PAYLOADS}", {"seq": 1}),
             (f"$JS.API.DIRECT.GET.{PAYLOADS}", {"seq": 1, "next_by_subj": ">", "batch": 100}),
             (f"$JS.API.STREAM.MSG.GET.{PAYLOADS}", {"last_by_subj": alice}),
-            (f"$JS.API.DIRECT.GET.{topology.INPUT_STREAM}", {"seq": scene.chunks["alice"][0]}),
-            (f"$JS.API.DIRECT.GET.{topology.INPUT_STREAM}.{topology.payload_subject('alice')}", None),
+            (f"$JS.API.DIRECT.GET.{topology.AGENT_INPUT_STREAM}", {"seq": scene.chunks["alice"][0]}),
+            (f"$JS.API.DIRECT.GET.{topology.AGENT_INPUT_STREAM}.{topology.payload_subject('alice')}", None),
         ):
             await refused_request(nc, subject, body)
         # The client library's object store refuses at its first call (the bucket's info).
@@ -250,7 +251,7 @@ async def test_an_agent_cannot_delete_purge_or_shrink_the_payload_bucket_or_its_
             (f"$JS.API.STREAM.PURGE.{PAYLOADS}", {}),
             (f"$JS.API.STREAM.DELETE.{PAYLOADS}", None),
             (f"$JS.API.STREAM.UPDATE.{PAYLOADS}", {**config, "max_msgs": 1, "discard": "old"}),
-            (f"$JS.API.STREAM.MSG.DELETE.{topology.INPUT_STREAM}", {"seq": scene.chunks["alice"][0]}),
+            (f"$JS.API.STREAM.MSG.DELETE.{topology.AGENT_INPUT_STREAM}", {"seq": scene.chunks["alice"][0]}),
         ):
             await refused_request(nc, subject, body)
         await scene.assert_untouched()
@@ -320,9 +321,8 @@ async def test_the_operator_credential_cannot_pause_resume_delete_or_pull_from_a
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,
     ):
         await topology.ensure(service.jetstream(), str(service.connected_server_version))
-        before = {s.durable: await consumer_state(service, s.durable) for s in topology.CONSUMERS}
-        stream = topology.INPUT_STREAM
-        for spec in topology.CONSUMERS:
+        before = await consumer_states(service)
+        for spec, stream in durables():
             name = spec.durable
             for subject, body in (
                 (f"$JS.API.CONSUMER.PAUSE.{stream}.{name}", {"pause_until": "2099-01-01T00:00:00Z"}),
@@ -336,18 +336,31 @@ async def test_the_operator_credential_cannot_pause_resume_delete_or_pull_from_a
             ):
                 await refused_request(operator, subject, body)
         # What operators are for: the consumers' state, for `warden status`.
-        info = await operator.jetstream().consumer_info(stream, topology.SCHEDULER_CONSUMER.durable)
-        assert info.config.filter_subjects == list(topology.SCHEDULER_CONSUMER.filter_subjects)
-        after = {s.durable: await consumer_state(service, s.durable) for s in topology.CONSUMERS}
-        assert after == before
+        scheduler = topology.SCHEDULER_CONSUMER
+        for stream in topology.consumer_streams(scheduler):
+            info = await operator.jetstream().consumer_info(stream, scheduler.durable)
+            assert info.config.filter_subjects == list(topology.stream_filters(scheduler, stream))
+        assert await consumer_states(service) == before
 
 
-async def consumer_state(nc: Client, durable: str) -> dict[str, Any]:
-    """A service's durable as the server reports it: its whole configuration and pause state."""
-    reply = await nc.request(f"$JS.API.CONSUMER.INFO.{topology.INPUT_STREAM}.{durable}", b"", timeout=5)
-    info = json.loads(reply.data)
-    assert "error" not in info, info
-    return {"config": info["config"], "paused": info.get("paused", False), "created": info["created"]}
+def durables() -> list[tuple[topology.ConsumerSpec, str]]:
+    """Every service durable and the input stream it is on (a spec may have one on each)."""
+    return [(spec, stream) for spec in topology.CONSUMERS for stream in topology.consumer_streams(spec)]
+
+
+async def consumer_states(nc: Client) -> dict[tuple[str, str], dict[str, Any]]:
+    """Every service durable as the server reports it: its whole configuration and pause state."""
+    out = {}
+    for spec, stream in durables():
+        reply = await nc.request(f"$JS.API.CONSUMER.INFO.{stream}.{spec.durable}", b"", timeout=5)
+        info = json.loads(reply.data)
+        assert "error" not in info, info
+        out[(stream, spec.durable)] = {
+            "config": info["config"],
+            "paused": info.get("paused", False),
+            "created": info["created"],
+        }
+    return out
 
 
 async def test_the_operator_credential_cannot_create_a_consumer_on_the_input_stream_named_or_not(
@@ -362,9 +375,8 @@ async def test_the_operator_credential_cannot_create_a_consumer_on_the_input_str
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,
     ):
         await topology.ensure(service.jetstream(), str(service.connected_server_version))
-        before = {s.durable: await consumer_state(service, s.durable) for s in topology.CONSUMERS}
-        stream = topology.INPUT_STREAM
-        for spec in topology.CONSUMERS:
+        before = await consumer_states(service)
+        for spec, stream in durables():
             rewrite = {"name": spec.durable, "ack_policy": "explicit", "max_ack_pending": 1}
             for subject, body in (
                 (f"$JS.API.CONSUMER.CREATE.{stream}", {"stream_name": stream, "config": rewrite}),
@@ -383,18 +395,20 @@ async def test_the_operator_credential_cannot_create_a_consumer_on_the_input_str
             ):
                 await refused_request(operator, subject, body)
         # Not even an ephemeral reader: the client library's ordered consumer is refused too.
-        create = f"$JS.API.CONSUMER.CREATE.{stream}"
-        with (
-            anyio.fail_after(5),
-            pytest.raises(bus.PermissionDenied, match="publish"),
-            bus.refused(operator, create),
+        for stream, subject in (
+            (topology.INPUT_STREAM, topology.REQUEST_SUBJECT),
+            (topology.AGENT_INPUT_STREAM, topology.agent_subject_all("claim")),
         ):
-            await operator.jetstream().subscribe(
-                topology.REQUEST_SUBJECT, stream=stream, ordered_consumer=True
-            )
-        after = {s.durable: await consumer_state(service, s.durable) for s in topology.CONSUMERS}
-        assert after == before
-        # Operators still read the input stream, by direct gets.
+            create = f"$JS.API.CONSUMER.CREATE.{stream}"
+            with (
+                anyio.fail_after(5),
+                pytest.raises(bus.PermissionDenied, match="publish"),
+                bus.refused(operator, create),
+            ):
+                await operator.jetstream().subscribe(subject, stream=stream, ordered_consumer=True)
+        assert await consumer_states(service) == before
+        # Operators still read the input streams, by direct gets.
+        stream = topology.INPUT_STREAM
         ack = await operator.jetstream().publish(topology.REQUEST_SUBJECT, b'{"kind": "k"}')
         [request] = await log.scan(operator.jetstream(), stream, topology.REQUEST_SUBJECT)
         assert (request.seq, request.data) == (ack.seq, b'{"kind": "k"}')
@@ -404,7 +418,7 @@ async def test_the_operator_credential_cannot_update_delete_or_purge_a_stream_no
     ops_server: opsnats.OpsServer,
 ) -> None:
     url = ops_server.server.url
-    streams = (topology.INPUT_STREAM, topology.EVENT_STREAM, PAYLOADS)
+    streams = (topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM, topology.EVENT_STREAM, PAYLOADS)
     async with (
         opsnats.connected(url, **opsnats.service_credentials()) as service,
         opsnats.connected(url, **opsnats.operator_credentials()) as operator,

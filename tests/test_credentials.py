@@ -66,7 +66,7 @@ async def message_counts(nc: Client) -> dict[str, tuple[int, int, int]]:
     """Per stream: (messages, first sequence, last sequence); a purge or delete changes them."""
     js = nc.jetstream()
     out = {}
-    for name in (topology.INPUT_STREAM, topology.EVENT_STREAM):
+    for name in (topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM, topology.EVENT_STREAM):
         state = (await js.stream_info(name)).state
         out[name] = (state.messages, state.first_seq, state.last_seq)
     return out
@@ -176,6 +176,7 @@ async def test_an_agent_cannot_append_events_command_or_speak_as_another_agent(
         # Every refusal came from the server, and nothing was stored, deleted or purged.
         assert await message_counts(service) == before
         assert before[topology.EVENT_STREAM][0] == 0 and before[topology.INPUT_STREAM][0] == 0
+        assert before[topology.AGENT_INPUT_STREAM][0] == 0
 
 
 async def test_an_operator_cannot_append_events_speak_as_an_agent_or_delete_a_stream(
@@ -194,7 +195,9 @@ async def test_an_operator_cannot_append_events_speak_as_an_agent_or_delete_a_st
         for api in (
             f"$JS.API.STREAM.DELETE.{topology.EVENT_STREAM}",
             f"$JS.API.STREAM.PURGE.{topology.INPUT_STREAM}",
+            f"$JS.API.STREAM.PURGE.{topology.AGENT_INPUT_STREAM}",
             f"$JS.API.CONSUMER.DELETE.{topology.INPUT_STREAM}.scheduler",
+            f"$JS.API.CONSUMER.DELETE.{topology.AGENT_INPUT_STREAM}.reconciler",
         ):
             with anyio.fail_after(5), pytest.raises(bus.PermissionDenied):
                 await api_request(operator, api)

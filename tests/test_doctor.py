@@ -84,7 +84,8 @@ async def test_a_stream_without_deny_delete_is_flagged_until_warden_reapplies_it
                 config.deny_delete = False
             await js.add_stream(config)
         for spec in topology.CONSUMERS:
-            await js.add_consumer(topology.INPUT_STREAM, topology.consumer_config(spec))
+            for stream in topology.consumer_streams(spec):
+                await js.add_consumer(stream, topology.consumer_config(spec, stream))
         findings = await doctor.diagnose(nc, [nats_server.monitor_url], doctor.Expectations())
         problems = failed(findings)
         assert set(problems) == {f"stream {topology.EVENT_STREAM}: deny_delete"}
@@ -99,7 +100,7 @@ async def test_a_consumer_with_a_changed_ack_wait_or_backoff_is_flagged(nats_ser
     async with client(nats_server.url) as nc:
         js = nc.jetstream()
         await topology.ensure(js, str(nc.connected_server_version))
-        config = topology.consumer_config(topology.SCHEDULER_CONSUMER)
+        config = topology.consumer_config(topology.SCHEDULER_CONSUMER, topology.INPUT_STREAM)
         config.ack_wait = 5.0
         config.max_ack_pending = 10
         await js.add_consumer(topology.INPUT_STREAM, config)

@@ -3,7 +3,10 @@
 One agent floods its own input subjects from its own process, as fast as its credential lets it,
 while another agent registers, claims and completes a job. The flood must not starve the other
 agent, nor become a flood of events: the flooder's inputs are refused by the throttle, a few
-records per window, and the server keeps serving.
+records per window, and the server keeps serving. And it must not fill the disk: the agent input
+stream keeps each subject's latest K messages, so whatever a credential sends, what it keeps
+stored is bounded (`topology.agent_input_bound`), and requests and operator commands, in their
+own stream, are never refused because of it.
 """
 
 from __future__ import annotations
@@ -116,6 +119,10 @@ async def test_a_flooding_agent_is_throttled_while_another_agents_job_completes(
     honest_password = add_agent(ops_server, "honest")
     monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
     monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
+    # The throttle is the point here: a ring as wide as the flood keeps every flooded input for
+    # the services to read (with the default ring they read a fraction, and are never throttled:
+    # see the test below).
+    monkeypatch.setenv("WARDEN_AGENT_INPUT_PER_SUBJECT", str(FLOOD))
     contract = Contract(stopping=Stopping(lease_ttl_s=LEASE_TTL_S, heartbeat_interval_s=5))
     async with (
         running(url, SERVICES),
@@ -144,10 +151,10 @@ async def test_a_flooding_agent_is_throttled_while_another_agents_job_completes(
         assert (await operator.jetstream().stream_info(topology.EVENT_STREAM)).state.messages > 0
         floors = {}
         for spec in (topology.SCHEDULER_CONSUMER, topology.RECONCILER_CONSUMER, topology.CHECKER_CONSUMER):
-            info = await js.consumer_info(topology.INPUT_STREAM, spec.durable)
+            info = await js.consumer_info(topology.AGENT_INPUT_STREAM, spec.durable)
             assert info.ack_floor is not None
             floors[spec.durable] = info.ack_floor.stream_seq
-        stored = await bus.read_subject(js, topology.INPUT_STREAM, topology.agent_input_root("flooder"))
+        stored = await bus.read_subject(js, topology.AGENT_INPUT_STREAM, topology.agent_input_root("flooder"))
         consumed = [m for m in stored if not m.subject.endswith(f".{topology.PAYLOAD_VERB}")]
         records = [
             e for e in await events_of(operator) if isinstance(e, InputRejected) and e.sender == "flooder"
@@ -192,3 +199,117 @@ async def test_a_flooding_agent_is_throttled_while_another_agents_job_completes(
                 and w.throttled_until - timedelta(seconds=window_s) <= m.time < w.throttled_until
                 for w in windows
             ), f"input {m.seq} on {m.subject} has no recorded reason"
+
+
+# The ring in the test below: small, so the flood passes it several times over in a few seconds.
+RING = 8
+
+
+async def flood_every_subject(nc: Client, agent: str, per_subject: int) -> dict[str, int]:
+    """Max-size inputs on every subject `agent`'s credential may publish on, each acked (so each
+    was stored); how many went to each subject."""
+    js = nc.jetstream()
+    body = b"x" * topology.INPUT_MAX_MSG_BYTES  # the most the stream takes (no headers sent)
+    subjects = [
+        *(topology.agent_subject(agent, v) for v in topology.AGENT_VERBS),
+        topology.payload_subject(agent),
+    ]
+    sent = dict.fromkeys(subjects, 0)
+    for _ in range(per_subject):
+        for subject in subjects:
+            await js.publish(subject, body, timeout=30)
+            sent[subject] += 1
+    return sent
+
+
+async def test_a_flooding_agent_keeps_at_most_its_bound_stored_and_starves_no_one(
+    ops_server: opsnats.OpsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = ops_server.server.url
+    flooder_password = add_agent(ops_server, "flooder")
+    honest_password = add_agent(ops_server, "honest")
+    monkeypatch.setenv(credentials.USER_ENV, credentials.SERVICE_USER)
+    monkeypatch.setenv(credentials.PASSWORD_ENV, opsnats.SERVICE_PASSWORD)
+    monkeypatch.setenv("WARDEN_AGENT_INPUT_PER_SUBJECT", str(RING))
+    # Low enough that the flooder is throttled by what it gets read before the ring evicts it.
+    monkeypatch.setenv("WARDEN_AGENT_INPUT_LIMIT", "4")
+    bound = topology.agent_input_bound()
+    assert bound == 6 * RING * (topology.INPUT_MAX_MSG_BYTES + topology.STORED_MESSAGE_OVERHEAD)
+    contract = Contract(stopping=Stopping(lease_ttl_s=LEASE_TTL_S, heartbeat_interval_s=5))
+    async with (
+        running(url, SERVICES),
+        opsnats.connected(url, **opsnats.operator_credentials()) as operator,
+        opsnats.connected(url, **opsnats.service_credentials()) as observer,
+    ):
+        js = observer.jetstream()
+        inputs_before = (await js.stream_info(topology.INPUT_STREAM)).state.last_seq
+        flooder = await connect_agent(
+            url, "flooder", user=credentials.agent_user("flooder"), password=flooder_password
+        )
+        try:
+            # A dotted verb is no subject of its credential: the server refuses it, stores nothing.
+            with anyio.fail_after(10), pytest.raises(bus.PermissionDenied, match="publish"):
+                await bus.request(flooder, "warden.in.agent.flooder.x.register", b"{}", timeout=30)
+            sent: dict[str, int] = {}
+            submitted: list[Accepted] = []
+
+            async def flood() -> None:
+                sent.update(await flood_every_subject(flooder, "flooder", 3 * RING))
+
+            async def honest_and_a_client() -> None:
+                outcomes, done = await honest_job(url, honest_password, operator, contract)
+                assert [o.status for o in outcomes] == ["proposed"], outcomes
+                assert isinstance(done, JobCompleted) and done.agent == "honest"
+                # A client's new request is accepted too (a kind no agent here takes: it waits).
+                request = JobRequest(idempotency_key=str(uuid.uuid4()), kind="later", contract=contract)
+                reply = await bus.request(operator, topology.REQUEST_SUBJECT, request, timeout=LEASE_TTL_S)
+                assert isinstance(reply, Accepted), reply
+                submitted.append(reply)
+
+            started = time.monotonic()
+            with anyio.fail_after(3 * LEASE_TTL_S):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(flood)
+                    tg.start_soon(honest_and_a_client)
+            took = time.monotonic() - started
+        finally:
+            await flooder.close()
+        assert submitted and sum(sent.values()) == 6 * 3 * RING
+
+        # What the flooder keeps stored: each subject's latest RING, within the documented bound.
+        info = await js.stream_info(
+            topology.AGENT_INPUT_STREAM, subjects_filter=topology.agent_input_root("flooder")
+        )
+        kept = dict(info.state.subjects or {})
+        assert set(kept) == set(sent) and all(n == RING for n in kept.values()), kept
+        stored = await bus.read_subject(js, topology.AGENT_INPUT_STREAM, topology.agent_input_root("flooder"))
+        size = sum(
+            len(m.data) + len(m.subject) + sum(len(k) + len(v) for k, v in m.headers.items()) for m in stored
+        )
+        assert len(stored) == 6 * RING and size <= bound, (len(stored), size, bound)
+        # The other stream took only the two job requests: nothing of the flooder's, nothing refused.
+        requests = await bus.read_subject(js, topology.INPUT_STREAM, topology.REQUEST_SUBJECT)
+        assert [m.seq for m in requests if m.seq > inputs_before] == [inputs_before + 1, inputs_before + 2]
+        assert (await js.stream_info(topology.INPUT_STREAM)).state.last_seq == inputs_before + 2
+        # The event stream holds nothing the flooder caused but the records of its refusals:
+        # no registration, lease or job of its, and the honest agent was never refused.
+        events = await events_of(operator)
+        about_flooder = [
+            e
+            for e in events
+            if getattr(e, "agent", None) == "flooder" or getattr(e, "sender", None) == "flooder"
+        ]
+        assert about_flooder and all(isinstance(e, InputRejected) for e in about_flooder)
+        assert not [e for e in events if isinstance(e, InputRejected) and e.sender == "honest"]
+        # The throttle recorded it: its windows stand for what the services read of the flood.
+        windows = [e for e in about_flooder if isinstance(e, InputRejected) and e.throttled_until is not None]
+        assert windows, "the flooder was throttled"
+        print(
+            f"ring flood: sent {sum(sent.values())} max-size inputs ({sum(sent.values()) * body_mib():.0f} MiB), "
+            f"kept {len(stored)} ({size / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB), "
+            f"{len(about_flooder)} records ({len(windows)} throttle windows), honest job and request took {took:.1f}s"
+        )
+
+
+def body_mib() -> float:
+    return topology.INPUT_MAX_MSG_BYTES / 2**20

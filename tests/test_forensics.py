@@ -575,7 +575,7 @@ async def record_proposal(
     body = Propose(job_id=job_id, epoch=grant.epoch, effect="file.write", files=files)
     data = msgspec.json.encode(body)
     ack = await nc.jetstream().publish(topology.agent_subject(agent.name, "propose"), data)
-    pid = proposal_id_for(topology.INPUT_STREAM, ack.seq)
+    pid = proposal_id_for(topology.AGENT_INPUT_STREAM, ack.seq)
     version = ctx.views.jobs[job_id].version
     events: list[Any] = [
         ProposalSubmitted(
@@ -680,7 +680,8 @@ def test_warden_explain_prints_the_story_and_the_same_as_json(nats_server: Embed
     assert all(p["linked"] for p in phases)
     assert [p["prev_hash"] for p in phases[1:]] == [p["hash"] for p in phases[:-1]]
     assert phases[2]["evidence"]["detection_latency_ms"] >= 0
-    assert phases[1]["evidence"]["claim_input_seq"] > phases[0]["evidence"]["request_input_seq"] > 0
+    # Each in its own stream: the request in WARDEN_INPUT, the claim in WARDEN_AGENT_INPUT.
+    assert phases[1]["evidence"]["claim_input_seq"] > 0 and phases[0]["evidence"]["request_input_seq"] > 0
 
 
 def test_forensic_commands_refuse_a_server_without_a_warden_log(nats_server: EmbeddedServer) -> None:

@@ -265,6 +265,9 @@ async def test_hundreds_of_generated_hostile_inputs_are_each_refused_once_and_re
     # Each input's own record is the point here; the per-agent throttle (which records a window
     # once, tests/test_flooding.py) would stand for most of them.
     monkeypatch.setenv("WARDEN_AGENT_INPUT_LIMIT", "100000")
+    # Nor the agent stream's ring (tests/test_flooding.py): every one of mallory's inputs must be
+    # read, however far the services fall behind on this loaded machine.
+    monkeypatch.setenv("WARDEN_AGENT_INPUT_PER_SUBJECT", "1000")
     seed = int(os.environ.get("WARDEN_FUZZ_SEED") or random.randrange(2**32))
     print(f"fuzz seed {seed} (WARDEN_FUZZ_SEED={seed} repeats this run)")
     rng = random.Random(seed)
@@ -312,8 +315,9 @@ async def test_hundreds_of_generated_hostile_inputs_are_each_refused_once_and_re
             topology.REQUEST_SUBJECT,
             *(topology.operator_subject(v) for v in topology.OPERATOR_VERBS),
         ]
-        sent: dict[int, tuple[str, str | None]] = {}
-        bodies: dict[int, bytes] = {}
+        # By (stream, sequence): requests and agents' inputs are numbered in different streams.
+        sent: dict[tuple[str, int], tuple[str, str | None]] = {}
+        bodies: dict[tuple[str, int], bytes] = {}
         for i in range(540):
             client, subjects = (nc, agent_subjects) if i % 2 == 0 else (operator, operator_subjects)
             subject = rng.choice(subjects)
@@ -321,23 +325,26 @@ async def test_hundreds_of_generated_hostile_inputs_are_each_refused_once_and_re
             kind = parsed[1] if parsed else ("request" if subject == topology.REQUEST_SUBJECT else "op")
             data = _break(kind, _valid(kind, job_id, rng), rng)
             reply_to = _reply(subject, rng)
-            seq = await publish(client, subject, data, reply_to)
+            seq = (topology.stream_of(subject), await publish(client, subject, data, reply_to))
             sent[seq] = (subject, reply_to)
             bodies[seq] = data[:300]
             if reply_to is not None and topology.reply_refusal(subject, reply_to, REGISTERED) is None:
                 expect_answers += 1
 
+        def recorded() -> dict[tuple[str, int], InputRejected]:
+            return {(topology.stream_of(e.subject), e.input_seq): e for e in record.of(InputRejected)}
+
         def all_recorded() -> bool:
-            return {e.input_seq for e in record.of(InputRejected)} >= set(sent)
+            return set(recorded()) >= set(sent)
 
         try:
             await record.until(all_recorded, 60)
         except TimeoutError:
-            unrecorded = sorted(set(sent) - {e.input_seq for e in record.of(InputRejected)})
+            unrecorded = sorted(set(sent) - set(recorded()))
             pytest.fail(
                 f"seed {seed}: no rejection recorded for {[(q, sent[q], bodies[q]) for q in unrecorded]}"
             )
-        rejections = {e.input_seq: e for e in record.of(InputRejected) if e.input_seq in sent}
+        rejections = {key: e for key, e in recorded().items() if key in sent}
         for seq, (subject, reply_to) in sent.items():
             event = rejections[seq]
             assert event.subject == subject and event.errors and all(e.message for e in event.errors), seq
@@ -356,7 +363,8 @@ async def test_hundreds_of_generated_hostile_inputs_are_each_refused_once_and_re
         assert all(isinstance(bus.reply_decoder.decode(a), Rejected) for a in answers)
         # No handler failed or retried, and no input led to a second record.
         assert "failed on" not in caplog.text, (seed, caplog.text[-2000:])
-        assert len([e for e in record.of(InputRejected) if e.input_seq in sent]) == len(sent)
+        keys = [(topology.stream_of(e.subject), e.input_seq) for e in record.of(InputRejected)]
+        assert len([k for k in keys if k in sent]) == len(sent)
         # Nothing stored before changed, and the job and agents were not touched.
         after = [
             (m.seq, m.subject, m.data)
@@ -401,8 +409,18 @@ async def test_inputs_that_used_to_vanish_are_answered_and_recorded(nats_server:
             assert isinstance(answer, Rejected), answer
             assert why in "; ".join(e.message for e in answer.errors)
         seq = await publish(nc, topology.REQUEST_SUBJECT, deep, "a b")
-        await record.until(lambda: seq in {e.input_seq for e in record.of(InputRejected)}, 20)
-        [event] = [e for e in record.of(InputRejected) if e.input_seq == seq]
+        await record.until(
+            lambda: (
+                seq
+                in {e.input_seq for e in record.of(InputRejected) if e.subject == topology.REQUEST_SUBJECT}
+            ),
+            20,
+        )
+        [event] = [
+            e
+            for e in record.of(InputRejected)
+            if e.input_seq == seq and e.subject == topology.REQUEST_SUBJECT
+        ]
         assert [e.path for e in event.errors] == ["$", f"header {topology.REPLY_HEADER}"]
         assert len(record.of(InputRejected)) == len(cases) + 1
         tg.cancel_scope.cancel()
@@ -421,16 +439,17 @@ async def test_an_input_too_large_for_the_stream_is_refused_by_the_server_and_no
     ):
         js = service.jetstream()
         await topology.ensure(js, str(service.connected_server_version))
-        before = (await js.stream_info(topology.INPUT_STREAM)).state
+        before = (await js.stream_info(topology.AGENT_INPUT_STREAM)).state
         big = b"x" * (4 * 1024 * 1024)
         for subject in (topology.agent_subject("mallory", "claim"), topology.payload_subject("mallory")):
             with pytest.raises(bus.InputRefused, match="nothing stored"):
                 await bus.request(nc, subject, big, timeout=10)
-        after = (await js.stream_info(topology.INPUT_STREAM)).state
+        after = (await js.stream_info(topology.AGENT_INPUT_STREAM)).state
         assert (after.messages, after.bytes, after.last_seq) == (
             before.messages,
             before.bytes,
             before.last_seq,
         )
-        config = (await js.stream_info(topology.INPUT_STREAM)).config
-        assert config.max_msg_size == topology.INPUT_MAX_MSG_BYTES
+        for stream in (topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM):
+            config = (await js.stream_info(stream)).config
+            assert config.max_msg_size == topology.INPUT_MAX_MSG_BYTES

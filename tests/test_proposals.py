@@ -16,9 +16,10 @@ import anyio
 import msgspec
 import pytest
 from click.testing import CliRunner
+from nats.js.errors import NotFoundError
 
 from services.cli.creds import creds
-from shared import bus, credentials, topology
+from shared import bus, credentials, proposals, topology
 from shared.contract import Contract, Scope, Target
 from shared.events import (
     AgentSuspended,
@@ -32,6 +33,7 @@ from shared.events import (
     ProposalRejected,
     ProposalSubmitted,
 )
+from shared.forensics import output as outputs
 from shared.messages import Accepted, OperatorCommand, Propose, Rejected
 from shared.sdk import AgentClient, JobContext, Proposal, connect_agent
 from shared.server import EmbeddedServer
@@ -469,3 +471,62 @@ async def test_an_agent_with_its_own_write_only_credentials_uploads_a_large_prop
             )
     finally:
         node.server.stop()
+
+
+async def test_a_completed_jobs_proposal_is_still_read_back_after_its_agent_sent_k_more(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent stream keeps each subject's latest K messages: the proposal messages and payload
+    chunks of finished jobs are evicted by newer ones, yet what the applier, approvals, rollback
+    and forensics read back is the record object the checker kept (shared/proposals.py)."""
+    ring = 4
+    monkeypatch.setenv("WARDEN_AGENT_INPUT_PER_SUBJECT", str(ring))
+    blob = "y" * (2 * topology.PAYLOAD_CHUNK_BYTES)  # uploaded: past the inline threshold, 3 chunks
+    contract = Contract(scope=Scope(effects=["none"]))
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        js = nc.jetstream()
+        done: dict[uuid.UUID, Proposal] = {}
+        for proposal in (Proposal(output={"answer": 42}), Proposal(output={"blob": blob})):
+            agent, ctx = await claim(nc, "keeper", contract)
+            await propose(agent, ctx, proposal)
+            await wait_for_event(
+                nc, lambda e, j=ctx.job_id: isinstance(e, JobCompleted) and e.originator_id == j
+            )
+            done[ctx.job_id] = proposal
+        submitted = [e for e in await events_of(nc) if isinstance(e, ProposalSubmitted)]
+        assert len(submitted) == 2 and all(s.payload_object for s in submitted)
+        # K more of each: the proposals' messages and the upload's chunks are evicted.
+        for _ in range(ring):
+            await js.publish(topology.agent_subject("keeper", "propose"), b"{}")
+            await js.publish(topology.payload_subject("keeper"), b"chunk")
+        for s in submitted:
+            with pytest.raises(NotFoundError):
+                await js.get_msg(topology.AGENT_INPUT_STREAM, s.input_seq, direct=True)
+        for s in submitted:
+            read = await proposals.read_recorded(
+                js,
+                agent=s.agent,
+                input_seq=s.input_seq,
+                content_hash=s.content_hash,
+                payload_object=s.payload_object,
+                payload_hash=s.payload_hash,
+            )
+            assert read.output == done[s.originator_id].output
+            output = await outputs.job_output(js, s.originator_id)
+            assert [o.problem for a in output.attempts for o in a.outputs] == [""]
+
+
+async def test_an_upload_of_more_chunks_than_the_ring_keeps_is_refused_naming_the_sizes(
+    nats_server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARDEN_AGENT_INPUT_PER_SUBJECT", "2")
+    contract = Contract(scope=Scope(effects=["none"]))
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "hoarder", contract)
+        blob = "z" * (3 * topology.PAYLOAD_CHUNK_BYTES)  # 4 chunks; the ring keeps 2
+        pid = await propose(agent, ctx, Proposal(output={"blob": blob}))
+        decision = await wait_for_event(nc, decided(pid), timeout=30)
+        assert isinstance(decision, ProposalRejected)
+        [violation] = decision.violations
+        assert f"the limit is {2 * topology.PAYLOAD_CHUNK_BYTES} bytes" in violation
+        assert "keeps only its latest 2 chunks" in violation and "(4 chunks of" in violation

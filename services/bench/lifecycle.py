@@ -184,7 +184,7 @@ async def input_load(nc: Client, names: list[str]) -> dict[str, object]:
     busiest: dict[str, int] = {}
     for name in names:
         stored: dict[str, list[datetime]] = {}
-        for m in await bus.read_subject(js, topology.INPUT_STREAM, topology.agent_input_root(name)):
+        for m in await bus.read_subject(js, topology.AGENT_INPUT_STREAM, topology.agent_input_root(name)):
             parsed = topology.parse_agent_subject(m.subject)
             if parsed is not None and parsed[1] in service_of:
                 stored.setdefault(service_of[parsed[1]], []).append(m.time)

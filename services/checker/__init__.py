@@ -175,7 +175,7 @@ class Checker:
             )
 
     async def _propose(self, msg: Msg, agent: str, body: Propose) -> None:
-        pid = proposal_id_for(topology.INPUT_STREAM, input_seq(msg))
+        pid = proposal_id_for(msg.metadata.stream, input_seq(msg))
         telemetry.annotate(proposal_id=pid)
         at = self.ctx.clock()
         job = await self._job(body.job_id)

@@ -217,6 +217,7 @@ def agents_command(
 @dataclass
 class ConsumerState:
     durable: str
+    stream: str  # a durable spanning both input streams has one state per stream
     pending: int  # stored, not yet delivered: the backlog
     in_hand: int  # delivered, not yet acknowledged
     last_active: str | None
@@ -246,19 +247,21 @@ def status_command(projections: str | None, nats_url: str | None, data_dir: Path
                     tg.start_soon(ping, name)
             consumers = []
             for spec in topology.CONSUMERS:
-                try:
-                    info = await js.consumer_info(topology.INPUT_STREAM, spec.durable)
-                except NotFoundError:
-                    continue
-                last = info.delivered.last_active if info.delivered else None
-                consumers.append(
-                    ConsumerState(
-                        durable=spec.durable,
-                        pending=int(info.num_pending or 0),
-                        in_hand=int(info.num_ack_pending or 0),
-                        last_active=str(last) if last else None,
+                for stream in topology.consumer_streams(spec):
+                    try:
+                        info = await js.consumer_info(stream, spec.durable)
+                    except NotFoundError:
+                        continue
+                    last = info.delivered.last_active if info.delivered else None
+                    consumers.append(
+                        ConsumerState(
+                            durable=spec.durable,
+                            stream=stream,
+                            pending=int(info.num_pending or 0),
+                            in_hand=int(info.num_ack_pending or 0),
+                            last_active=str(last) if last else None,
+                        )
                     )
-                )
             try:
                 last_event = int((await js.get_last_msg(topology.EVENT_STREAM, log.EVENT_SUBJECTS)).seq or 0)
             except NotFoundError:
@@ -301,7 +304,7 @@ def render_status(report: dict[str, Any]) -> str:
         lines.append(f"service   {name:<11} {'alive' if service['alive'] else 'down '}  {where}")
     for c in report["consumers"]:
         lines.append(
-            f"consumer  {c['durable']:<11} backlog {c['pending']}, in hand {c['in_hand']}, "
+            f"consumer  {c['durable']:<11} {c['stream']:<18} backlog {c['pending']}, in hand {c['in_hand']}, "
             f"last active {c['last_active'] or 'never'}"
         )
     model = report["read_model"]

@@ -248,7 +248,7 @@ class Reconciler:
             subject = topology.agent_subject(lease.agent, "heartbeat")
             try:
                 raw = await bus.patiently(
-                    partial(self.ctx.js.get_last_msg, topology.INPUT_STREAM, subject, direct=True)
+                    partial(self.ctx.js.get_last_msg, topology.AGENT_INPUT_STREAM, subject, direct=True)
                 )
             except NotFoundError:
                 continue

@@ -34,7 +34,7 @@ from shared.events import (
     ProposalSubmitted,
 )
 from shared.forensics import log
-from shared.messages import Propose, decode_input
+from shared.messages import Propose
 from shared.policy import Policy, load_policy
 from shared.validation import InvalidInput
 from shared.views import Views
@@ -159,11 +159,12 @@ async def judge(inv: invariants.Invariant, case: Case, policy: Policy) -> Verdic
 
 @dataclass(frozen=True)
 class ProposalBytes:
-    """A proposal's bytes as stored: the input message, and its payload object if it had one."""
+    """A proposal as read back (proposals.read_recorded), or why it could not be, and when its
+    input was stored (None once the input is gone: the submission's time stands in)."""
 
-    data: bytes
-    time: datetime
-    payload: bytes | None = None
+    proposal: Propose | None
+    problem: str = ""
+    time: datetime | None = None
 
 
 def cases_from(
@@ -193,8 +194,8 @@ def cases_from(
             decisions[event.proposal_id] = "rejected"
     cases: list[Case] = []
     for pid, (job, agent, sub) in at_submission.items():
-        proposal, problem = _rebuild(sub, stored.get(sub.input_seq))
         record = stored.get(sub.input_seq)
+        proposal, problem = (record.proposal, record.problem) if record else (None, "not read")
         branch = branches.get(pid) or policy.branch_for(
             agent.level if agent else 0, sub.agent, job.id, job.contract.target.branch
         )
@@ -205,34 +206,13 @@ def cases_from(
                 submitted=sub,
                 proposal=proposal,
                 problem=problem,
-                received_at=record.time if record else sub.timestamp,
+                received_at=record.time if record and record.time else sub.timestamp,
                 branch=branch,
                 recorded=checks.get(pid, []),
                 decision=decisions.get(pid, "pending"),
             )
         )
     return cases
-
-
-def _rebuild(sub: ProposalSubmitted, record: ProposalBytes | None) -> tuple[Propose | None, str]:
-    if record is None:
-        return None, f"input message {sub.input_seq} is not in the input stream"
-    if proposals.sha256(record.data) != sub.content_hash:
-        return None, f"input message {sub.input_seq} no longer matches the recorded hash"
-    try:
-        body = decode_input(record.data, Propose)
-    except InvalidInput as exc:
-        return None, f"input message {sub.input_seq} is not a proposal: {exc}"
-    if not sub.payload_object:
-        return body, ""
-    if record.payload is None:
-        return None, f"payload object {sub.payload_object!r} is gone"
-    if sub.payload_hash and proposals.sha256(record.payload) != sub.payload_hash:
-        return None, f"payload object {sub.payload_object!r} no longer matches its recorded hash"
-    try:
-        return proposals.merge(body, record.payload), ""
-    except proposals.PayloadProblem as exc:
-        return None, str(exc)
 
 
 def compare(inv: invariants.Invariant, case: Case, verdict: Verdict) -> CaseResult:
@@ -284,15 +264,6 @@ async def run(
     )
 
 
-async def _payload(js: JetStreamContext, name: str) -> bytes | None:
-    try:
-        store = await js.object_store(topology.PAYLOAD_BUCKET)
-        found = await store.get(name)
-    except Exception:  # a missing bucket or object: the case becomes an error verdict saying so
-        return None
-    return bytes(found.data or b"")
-
-
 async def past_cases(
     js: JetStreamContext,
     *,
@@ -312,17 +283,32 @@ async def past_cases(
     }
     stored: dict[int, ProposalBytes] = {}
     if wanted:
+        # The messages still in the agent stream give each proposal's arrival time; the proposal
+        # itself is read from its record object, which outlives the stream's ring.
         records = await log.scan(
             js,
-            topology.INPUT_STREAM,
+            topology.AGENT_INPUT_STREAM,
             topology.agent_subject_all("propose"),
             start_seq=min(wanted),
             keep=lambda r: r.seq in wanted,
         )
-        for record in records:
-            sub = wanted[record.seq]
-            payload = await _payload(js, sub.payload_object) if sub.payload_object else None
-            stored[record.seq] = ProposalBytes(data=record.data, time=record.time, payload=payload)
+        messages = {r.seq: r for r in records if proposals.sha256(r.data) == wanted[r.seq].content_hash}
+        for seq, sub in wanted.items():
+            found = messages.get(seq)
+            try:
+                proposal = await proposals.read_recorded(
+                    js,
+                    agent=sub.agent,
+                    input_seq=sub.input_seq,
+                    content_hash=sub.content_hash,
+                    payload_object=sub.payload_object,
+                    payload_hash=sub.payload_hash,
+                    message=found.data if found else None,
+                )
+            except (InvalidInput, proposals.PayloadProblem) as exc:
+                stored[seq] = ProposalBytes(None, str(exc), found.time if found else None)
+            else:
+                stored[seq] = ProposalBytes(proposal, "", found.time if found else None)
     cases = cases_from(events, stored, policy or load_policy())
     return [c for c in cases if c.submitted.input_seq in wanted]
 

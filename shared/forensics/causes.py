@@ -360,7 +360,7 @@ def late_messages(facts: Facts, ends: dict[int, tuple[str, datetime | None]]) ->
         pid = None
         if f.verb == "propose" and f.input_seqs:
             # The id the proposal would have had: the checker names proposals by their input.
-            pid = proposal_id_for(topology.INPUT_STREAM, f.input_seqs[0])
+            pid = proposal_id_for(topology.AGENT_INPUT_STREAM, f.input_seqs[0])
             what = f"late proposal {pid} (input #{f.input_seqs[0]})"
         else:
             what = f"late {f.verb} (input #{f.input_seqs[0]})" if f.input_seqs else f"late {f.verb}"

@@ -18,7 +18,15 @@ from nats.js import JetStreamContext
 
 from shared import topology
 from shared.aggregates import project_job
-from shared.events import JobRequested, LeaseExpired, ProposalSubmitted, agent_id_for
+from shared.events import (
+    AnyEvent,
+    InputRejected,
+    JobRequested,
+    LeaseExpired,
+    ProposalSubmitted,
+    ReplyRefused,
+    agent_id_for,
+)
 from shared.forensics import log
 
 AGENT_VERBS_NAMING_JOBS = ("heartbeat", "propose", "release")
@@ -55,33 +63,42 @@ class JobLog:
     job_id: UUID
     events: list[log.LoggedEvent]
     agent_events: dict[str, list[log.LoggedEvent]] = field(default_factory=dict)
-    # Heartbeats, proposals and releases its agents stored naming this job, in stream order.
+    # Heartbeats, proposals and releases its agents stored naming this job, in stream order
+    # (all in the agent input stream).
     agent_inputs: list[log.Stored] = field(default_factory=list)
-    # Other input messages the events name by sequence (the request, claims, fenced messages).
-    referenced: dict[int, log.Stored] = field(default_factory=dict)
+    # Other input messages the events name, by (stream, sequence): the request, claims, fenced
+    # and refused messages.
+    referenced: dict[tuple[str, int], log.Stored] = field(default_factory=dict)
 
-    # The input stream's first sequence when read: inputs age out (README, "Threat model"), the
-    # events citing them keep their digests, so an older input is reported gone, not missing.
-    inputs_from: int = 1
+    # Each input stream's first sequence when read: inputs age out, and the agent stream keeps
+    # only each subject's latest messages (README, "Threat model"); the events citing them keep
+    # their digests, so an older input is reported gone, not missing.
+    inputs_from: dict[str, int] = field(default_factory=dict)
 
-    def aged_out(self, seq: int) -> bool:
-        return 0 < seq < self.inputs_from
+    def aged_out(self, seq: int, stream: str) -> bool:
+        return 0 < seq < self.inputs_from.get(stream, 1)
 
-    def missing_input(self, seq: int) -> str:
-        if self.aged_out(seq):
+    def missing_input(self, seq: int, stream: str = topology.AGENT_INPUT_STREAM) -> str:
+        if self.aged_out(seq, stream):
             return (
-                f"input message {seq} has aged out of the input stream (it keeps sequences from "
-                f"{self.inputs_from}); the events keep its sha256"
+                f"input message {seq} has aged out of {stream} (it keeps sequences from "
+                f"{self.inputs_from[stream]}); the events keep its sha256"
             )
-        return f"input message {seq} not found"
+        if stream == topology.AGENT_INPUT_STREAM:
+            return (
+                f"input message {seq} is not in {stream} (aged out, or evicted by newer messages "
+                "on its subject); the events keep its sha256"
+            )
+        return f"input message {seq} not found in {stream}"
 
-    def input_at(self, seq: int) -> log.Stored | None:
-        found = self.referenced.get(seq)
+    def input_at(self, seq: int, stream: str = topology.AGENT_INPUT_STREAM) -> log.Stored | None:
+        found = self.referenced.get((stream, seq))
         if found is not None:
             return found
-        for record in self.agent_inputs:
-            if record.seq == seq:
-                return record
+        if stream == topology.AGENT_INPUT_STREAM:
+            for record in self.agent_inputs:
+                if record.seq == seq:
+                    return record
         return None
 
 
@@ -94,18 +111,30 @@ def agents_of(events: Iterable[log.LoggedEvent]) -> list[str]:
     return names
 
 
-def referenced_seqs(events: Iterable[log.LoggedEvent]) -> set[int]:
-    """Input stream sequences the job's events cite as evidence."""
-    seqs: set[int] = set()
+def cited_stream(event: AnyEvent | None) -> str:
+    """The input stream an event's `input_seq` (or `claim_seq`) counts in: a request's in the
+    input stream, a refused input's where its subject is stored, anything else (claims,
+    heartbeats, proposals, fenced messages) was an agent's."""
+    if isinstance(event, JobRequested):
+        return topology.INPUT_STREAM
+    if isinstance(event, InputRejected | ReplyRefused):
+        return topology.stream_of(event.subject)
+    return topology.AGENT_INPUT_STREAM
+
+
+def cited_inputs(events: Iterable[log.LoggedEvent]) -> set[tuple[str, int]]:
+    """(stream, sequence) of every input the job's events cite as evidence."""
+    cited: set[tuple[str, int]] = set()
     for item in events:
         event = item.event
+        stream = cited_stream(event)
         for name in ("input_seq", "claim_seq"):
             value = getattr(event, name, 0)
             if isinstance(value, int) and value > 0:
-                seqs.add(value)
+                cited.add((stream, value))
         if isinstance(event, LeaseExpired) and event.last_heartbeat is not None:
-            seqs.add(event.last_heartbeat.input_seq)
-    return seqs
+            cited.add((topology.AGENT_INPUT_STREAM, event.last_heartbeat.input_seq))
+    return cited
 
 
 async def collect(js: JetStreamContext, job_id: UUID, *, all_inputs: bool = False) -> JobLog:
@@ -115,10 +144,9 @@ async def collect(js: JetStreamContext, job_id: UUID, *, all_inputs: bool = Fals
         raise JobNotFound(f"no events for job {job_id} in stream {topology.EVENT_STREAM}")
     job_log = JobLog(job_id=job_id, events=events)
     requested = next((e.event for e in events if isinstance(e.event, JobRequested)), None)
-    start = requested.input_seq if requested is not None and requested.input_seq > 0 else 1
-    cited = referenced_seqs(events)
+    cited = cited_inputs(events)
     last_time = events[-1].time + SCAN_MARGIN
-    last_cited = max(cited, default=0)
+    last_cited = max((seq for stream, seq in cited if stream == topology.AGENT_INPUT_STREAM), default=0)
 
     folded = project_job(None, [e.event for e in events if e.event is not None])
     finished = folded is not None and folded.terminal
@@ -144,20 +172,30 @@ async def collect(js: JetStreamContext, job_id: UUID, *, all_inputs: bool = Fals
         job_log.agent_inputs.extend(
             await log.scan(
                 js,
-                topology.INPUT_STREAM,
+                topology.AGENT_INPUT_STREAM,
                 topology.agent_input_root(name).replace(">", "*"),
-                start_seq=start,
+                # From the agent's oldest input: the stream keeps only each subject's latest
+                # few (topology.AGENT_INPUT_PER_SUBJECT), so this read is bounded whatever the log.
+                start_seq=1,
                 keep=names_this_job,
                 stop=after_the_job,
             )
         )
     job_log.agent_inputs.sort(key=lambda r: r.seq)
-    have = {r.seq for r in job_log.agent_inputs}
+    have = {(topology.AGENT_INPUT_STREAM, r.seq) for r in job_log.agent_inputs}
     if all_inputs:
         wanted = cited - have
     else:  # explain needs only the request and proposals' evidence
-        wanted = {start} if requested is not None and requested.input_seq > 0 else set()
-        wanted |= {e.event.input_seq for e in events if isinstance(e.event, ProposalSubmitted)} - have
-    job_log.referenced = await log.get_many(js, topology.INPUT_STREAM, wanted)
-    job_log.inputs_from = (await js.stream_info(topology.INPUT_STREAM)).state.first_seq or 1
+        wanted = (
+            {(topology.INPUT_STREAM, requested.input_seq)} if requested and requested.input_seq > 0 else set()
+        )
+        wanted |= {
+            (topology.AGENT_INPUT_STREAM, e.event.input_seq)
+            for e in events
+            if isinstance(e.event, ProposalSubmitted)
+        } - have
+    for stream in (topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM):
+        found = await log.get_many(js, stream, {seq for s, seq in wanted if s == stream})
+        job_log.referenced.update({(stream, seq): record for seq, record in found.items()})
+        job_log.inputs_from[stream] = (await js.stream_info(stream)).state.first_seq or 1
     return job_log

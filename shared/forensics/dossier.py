@@ -44,6 +44,7 @@ class InputRecord(Struct, frozen=True, kw_only=True):
     sha256: str
     raw: str | None = None  # the stored bytes as text, when they are UTF-8
     raw_base64: str | None = None  # otherwise (untrusted input may be anything)
+    stream: str = ""  # which input stream `seq` counts in (requests and agents' inputs differ)
 
 
 class AgentFile(Struct, frozen=True, kw_only=True):
@@ -65,6 +66,8 @@ class Dossier(Struct, frozen=True, kw_only=True):
     # Inputs the events cite that the bounded input stream no longer holds (their sha256 and
     # what was decided about them stay in the events).
     inputs_aged_out: list[int] = field(default_factory=list)
+    # The same for the agent input stream (aged out, or evicted by newer inputs on its subject).
+    agent_inputs_aged_out: list[int] = field(default_factory=list)
 
 
 def _event_record(item: log.LoggedEvent) -> EventRecord:
@@ -97,6 +100,7 @@ def _input_record(record: log.Stored) -> InputRecord:
         sha256=record.sha256,
         raw=text,
         raw_base64=encoded,
+        stream=record.stream,
     )
 
 
@@ -114,6 +118,14 @@ def _kind(subject: str) -> str:
     return "other"
 
 
+def _aged_out(job_log: explain.JobLog, stream: str) -> list[int]:
+    return sorted(
+        seq
+        for s, seq in collect.cited_inputs(job_log.events)
+        if s == stream and job_log.aged_out(seq, s) and job_log.input_at(seq, s) is None
+    )
+
+
 def build(job_log: explain.JobLog) -> Dossier:
     events = [e.event for e in job_log.events if e.event is not None]
     state = project_job(None, events)
@@ -125,11 +137,13 @@ def build(job_log: explain.JobLog) -> Dossier:
         everything.extend(items)
     everything.sort(key=lambda e: e.seq)
     inputs: dict[str, list[InputRecord]] = {}
-    seen: set[int] = set()
-    for record in sorted([*job_log.agent_inputs, *job_log.referenced.values()], key=lambda r: r.seq):
-        if record.seq in seen:
+    seen: set[tuple[str, int]] = set()
+    for record in sorted(
+        [*job_log.agent_inputs, *job_log.referenced.values()], key=lambda r: (r.stream, r.seq)
+    ):
+        if (record.stream, record.seq) in seen:
             continue
-        seen.add(record.seq)
+        seen.add((record.stream, record.seq))
         inputs.setdefault(_kind(record.subject), []).append(_input_record(record))
     return Dossier(
         format=FORMAT,
@@ -142,11 +156,8 @@ def build(job_log: explain.JobLog) -> Dossier:
         events=[_event_record(e) for e in job_log.events],
         agents=agents,
         inputs=inputs,
-        inputs_aged_out=sorted(
-            seq
-            for seq in collect.referenced_seqs(job_log.events)
-            if job_log.aged_out(seq) and job_log.input_at(seq) is None
-        ),
+        inputs_aged_out=_aged_out(job_log, topology.INPUT_STREAM),
+        agent_inputs_aged_out=_aged_out(job_log, topology.AGENT_INPUT_STREAM),
     )
 
 

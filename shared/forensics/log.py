@@ -142,7 +142,7 @@ async def last_seq(js: JetStreamContext, stream: str, subject: str) -> int:
 
 async def check_streams(js: JetStreamContext) -> None:
     """Fail with a plain message when this server has no Warden streams; never create them."""
-    for stream in (topology.EVENT_STREAM, topology.INPUT_STREAM):
+    for stream in (topology.EVENT_STREAM, topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM):
         try:
             await js.stream_info(stream)
         except NotFoundError:
@@ -171,7 +171,7 @@ async def scan(
     found: list[Stored] = []
     if target < max(start_seq, 1):
         return found
-    if stream == topology.INPUT_STREAM:
+    if stream in (topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM):
         return await _scan_direct(js, stream, subject, start_seq, target, keep, stop, timeout)
     done = anyio.Event()
 
@@ -222,8 +222,8 @@ async def _scan_direct(
     stop: Callable[[Stored], bool] | None,
     timeout: float,
 ) -> list[Stored]:
-    """`scan` by batched direct gets: no consumer. The input stream is read this way because the
-    operator credential may create no consumer on it (a create request names its consumer in
+    """`scan` by batched direct gets: no consumer. The input streams are read this way because the
+    operator credential may create no consumer on them (a create request names its consumer in
     its body, so it could name a service's durable and rewrite it: see shared/credentials.py)."""
     nc = js._nc
     api = f"{js._prefix}.DIRECT.GET.{stream}"

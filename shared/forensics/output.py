@@ -19,7 +19,6 @@ from shared import proposals
 from shared.events import ProposalSubmitted
 from shared.forensics.collect import JobLog, collect
 from shared.forensics.explain import explain
-from shared.messages import Propose, decode_input
 from shared.validation import InvalidInput
 
 
@@ -57,11 +56,17 @@ def _text(evidence: dict[str, Any], key: str) -> str:
 
 async def _output(js: JetStreamContext, job_log: JobLog, submitted: ProposalSubmitted) -> Output:
     record = job_log.input_at(submitted.input_seq)
-    if record is None:
-        return Output(proposal_id=submitted.proposal_id, problem=f"input {submitted.input_seq} not found")
     try:
-        body = decode_input(record.data, Propose)
-        whole = (await proposals.resolve(js, submitted.agent, body)).proposal
+        # From the record object (it outlives the agent stream's ring), else the input message.
+        whole = await proposals.read_recorded(
+            js,
+            agent=submitted.agent,
+            input_seq=submitted.input_seq,
+            content_hash=submitted.content_hash,
+            payload_object=submitted.payload_object,
+            payload_hash=submitted.payload_hash,
+            message=record.data if record else None,
+        )
     except (InvalidInput, proposals.PayloadProblem) as exc:
         return Output(proposal_id=submitted.proposal_id, problem=str(exc))
     evidence = whole.evidence

@@ -9,6 +9,7 @@ from typing import Any
 import msgspec
 from msgspec import Struct
 
+from shared import topology
 from shared.events import (
     AnyEvent,
     EffectApplied,
@@ -46,9 +47,17 @@ def _phase_evidence(job_log: JobLog, event: AnyEvent) -> dict[str, Any]:
     """What the transition rests on: the agent's own words where it gave any."""
     match event:
         case JobRequested():
-            return {"request_input_seq": event.input_seq, "submitter": event.submitter}
+            return {
+                "request_input_seq": event.input_seq,
+                "request_input_stream": topology.INPUT_STREAM,
+                "submitter": event.submitter,
+            }
         case LeaseGranted():
-            return {"claim_input_seq": event.claim_seq, "expires_at": event.expires_at.isoformat()}
+            return {
+                "claim_input_seq": event.claim_seq,
+                "claim_input_stream": topology.AGENT_INPUT_STREAM,
+                "expires_at": event.expires_at.isoformat(),
+            }
         case LeaseExpired():
             out: dict[str, Any] = {
                 "deadline": event.deadline.isoformat(),

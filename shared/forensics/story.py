@@ -243,7 +243,7 @@ def proposal_evidence(job_log: JobLog, submitted: ProposalSubmitted) -> dict[str
         body = decode_input(record.data, Propose)
     except InvalidInput as exc:
         return {"undecodable": str(exc)}
-    if submitted.payload_object:  # a large proposal: its evidence is in the object, not read here
+    if body.payload is not None:  # a large proposal: its evidence is in the object, not read here
         return {"payload_object": submitted.payload_object}
     evidence: dict[str, Any] = dict(clip(body.evidence))
     if body.usage != Usage():

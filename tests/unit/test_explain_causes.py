@@ -400,7 +400,7 @@ def test_a_late_proposal_on_a_tombstoned_job_is_named_with_the_lease_it_came_und
     assert expl.cause_class == "hung"
     late = [c for c in expl.contained if c.cls == "fenced_late_message"]
     assert len(late) == 1
-    assert late[0].proposal_id == proposal_id_for(topology.INPUT_STREAM, input_seq)
+    assert late[0].proposal_id == proposal_id_for(topology.AGENT_INPUT_STREAM, input_seq)
     assert (
         f"late proposal {late[0].proposal_id} (input #777) from late under lease 1 (expired at"
         in late[0].text

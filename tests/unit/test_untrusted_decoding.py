@@ -68,8 +68,8 @@ def test_clients_and_operators_are_answered_only_under_the_inbox_root(subject: s
         assert refusal is not None and "not an inbox" in refusal, bad
 
 
-def test_the_input_stream_stores_only_subjects_warden_reads_or_refuses() -> None:
-    subjects = topology.input_subjects()
+def test_the_input_streams_store_only_subjects_warden_reads_or_refuses() -> None:
+    subjects = [*topology.input_subjects(), *topology.agent_input_subjects()]
     assert f"{topology.INPUT_ROOT}.>" not in subjects
     assert topology.MALFORMED_AGENT_SUBJECTS in subjects
     assert topology.MALFORMED_AGENT_SUBJECTS in topology.SCHEDULER_CONSUMER.filter_subjects
