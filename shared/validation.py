@@ -6,6 +6,7 @@ experience. So a failed typed decode falls back to walking the Struct's fields o
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, TypeVar, Union, get_args, get_origin
 
@@ -54,6 +55,13 @@ def _struct_of(tp: Any) -> type[Struct] | None:
     return None
 
 
+@functools.cache
+def _fields_of(struct: type[Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    """A Struct's fields by their encoded name. Cached: `msgspec.structs.fields` evaluates the
+    class's annotations on every call, which took a fifth of the reconciler's time per input."""
+    return {f.encode_name: f for f in msgspec.structs.fields(struct)}
+
+
 def _collect(value: Any, tp: Any, path: str, errors: list[FieldError]) -> None:
     struct = _struct_of(tp)
     if struct is None or (value is None and struct is not tp):
@@ -70,7 +78,7 @@ def _collect(value: Any, tp: Any, path: str, errors: list[FieldError]) -> None:
     if not isinstance(value, dict):
         errors.append(FieldError(path=path, message=f"Expected `object`, got `{type(value).__name__}`"))
         return
-    info = msgspec.structs.fields(struct)
+    info = _fields_of(struct).values()
     known = {f.encode_name for f in info}
     config = struct.__struct_config__
     if config.tag_field:
@@ -96,7 +104,7 @@ def _unknown_fields(value: Any, tp: Any, path: str, errors: list[FieldError]) ->
     struct = _struct_of(tp)
     if struct is None or not isinstance(value, dict):
         return
-    fields = {f.encode_name: f for f in msgspec.structs.fields(struct)}
+    fields = _fields_of(struct)
     tag_field = struct.__struct_config__.tag_field
     for key, item in value.items():
         if key in fields:
