@@ -6,6 +6,7 @@ process and SIGKILL it between the effect and its record (WARDEN_FAULT).
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -407,3 +408,111 @@ async def test_an_agent_whose_level_lands_on_the_target_branch_moves_it_in_a_bar
     assert isinstance(effect, EffectApplied) and effect.receipt["branch"] == "main"
     assert gitrepo.head(bare) == effect.receipt["commit"]
     assert gitops.out(bare, "rev-parse", f"{effect.receipt['commit']}^") == base
+
+
+class Overlap:
+    """A webhook receiver that holds each POST until `expected` are in flight at once (or one
+    gave up waiting), so the answer it records says whether the applier's POSTs overlapped."""
+
+    def __init__(self, expected: int, patience_s: float = 10.0) -> None:
+        self.expected = expected
+        self.patience_s = patience_s
+        self.keys: list[str] = []
+        self.peak = 0
+        self._in_flight = 0
+        self._gave_up = False
+        self._changed = threading.Condition()
+
+    def arrive(self, key: str) -> None:
+        with self._changed:
+            self.keys.append(key)
+            self._in_flight += 1
+            self.peak = max(self.peak, self._in_flight)
+            self._changed.notify_all()
+            met = self._changed.wait_for(
+                lambda: self.peak >= self.expected or self._gave_up, timeout=self.patience_s
+            )
+            self._gave_up = self._gave_up or not met
+            self._in_flight -= 1
+            self._changed.notify_all()
+
+
+@pytest.fixture
+def overlapping_receiver() -> Iterator[tuple[str, Overlap]]:
+    overlap = Overlap(expected=6)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            overlap.arrive(self.headers["Idempotency-Key"])
+            self.send_response(201)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", overlap
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.usefixtures("permissive_policy")
+async def test_jobs_accepted_at_once_are_applied_concurrently_each_exactly_once(
+    nats_server: EmbeddedServer, overlapping_receiver: tuple[str, Overlap]
+) -> None:
+    url, overlap = overlapping_receiver
+    contract = Contract(scope=Scope(effects=["webhook"]), target=Target(url=url))
+    async with running(nats_server.url, DECIDERS, name="deciders"), client(nats_server.url) as nc:
+        pids = []
+        for i in range(overlap.expected):
+            agent, ctx = await lease(nc, f"notifier{i}", contract)
+            pids.append(await propose(agent, ctx, Proposal(effect="webhook", output={"n": i})))
+        for pid in pids:  # every one accepted, none applied: no applier runs yet
+            await wait_for_event(
+                nc, lambda e, pid=pid: isinstance(e, ProposalAccepted) and e.proposal_id == pid
+            )
+        async with running(nats_server.url, ["applier"], name="applier"):
+            for pid in pids:
+                await wait_for_event(nc, applied(pid), timeout=30)
+        events = await events_of(nc)
+    # Every POST was in flight at one moment: one driver per job, not one job at a time.
+    assert overlap.peak == overlap.expected
+    assert sorted(overlap.keys) == sorted(str(pid) for pid in pids)
+    assert count(events, EffectApplied) == len(pids) and count(events, JobCompleted) == len(pids)
+
+
+@pytest.mark.usefixtures("permissive_policy")
+async def test_changes_accepted_at_once_onto_one_branch_land_one_after_another_each_once(
+    nats_server: EmbeddedServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every change lands on main: the applier's drivers take the branch in turn instead of
+    # racing its compare-and-swap, so none runs out of tries and none is recorded as failed.
+    repo = gitrepo.make_repo(tmp_path)
+    before = gitrepo.head(repo)
+    changes = 12
+    async with running(nats_server.url, DECIDERS, name="deciders"), client(nats_server.url) as nc:
+        pids = []
+        for i in range(changes):
+            patch, base = gitrepo.patch_for(repo, {f"app/extra_{i}.py": f"VALUE = {i}\n"})
+            agent, ctx = await lease(nc, f"lander{i}", gitrepo.git_contract(repo, ci=False))
+            pids.append(await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base)))
+        for pid in pids:
+            await wait_for_event(
+                nc, lambda e, pid=pid: isinstance(e, ProposalAccepted) and e.proposal_id == pid
+            )
+        async with running(nats_server.url, ["applier"], name="applier"):
+            for pid in pids:
+                outcome = await wait_for_event(nc, settled(pid), timeout=60)
+                assert isinstance(outcome, EffectApplied), outcome
+        events = await events_of(nc)
+    for pid in pids:
+        assert len(gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid))) == 1
+    assert len(gitops.out(repo, "rev-list", f"{before}..main").split()) == changes
+    assert count(events, EffectFailed) == 0 and count(events, EffectApplied) == changes
+    # Nor did any driver lose the branch so often that it had to give up and try again later.
+    assert not [r for r in caplog.records if r.name == "warden.applier" and r.levelno >= logging.ERROR]

@@ -58,5 +58,6 @@ async def test_checker_and_applier_keep_nothing_per_job_once_their_jobs_complete
     assert checker._locks == {}
     assert checker._proposal_job == {}
     assert applier._unrecorded == {} and applier._pending == {} and applier._backoff == {}
+    assert applier._driving == set() and applier._again == set() and applier._exclusive == {}
     # What remains is bounded: the ended proposals a late approve or deny is answered about.
     assert set(checker._ended) == accepted

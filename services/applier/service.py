@@ -20,6 +20,9 @@ from one table by the proposal's effect kind.
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import AsyncIterator, Hashable
+from contextlib import asynccontextmanager
 from functools import partial
 from uuid import UUID
 
@@ -45,17 +48,38 @@ from shared.runtime import Context
 log = logging.getLogger("warden.applier")
 
 
+DRIVERS_ENV = "WARDEN_APPLIER_DRIVERS"
+DEFAULT_DRIVERS = 32
+
+
+def drivers_setting(value: str | None) -> int:
+    """How many jobs one applier drives at once (WARDEN_APPLIER_DRIVERS, default 32)."""
+    if not value:
+        return DEFAULT_DRIVERS
+    count = int(value)
+    if count < 1:
+        raise ValueError(f"{DRIVERS_ENV} must be at least 1, not {count}")
+    return count
+
+
 class Applier:
     name = "applier"
 
-    def __init__(self) -> None:
-        self._pending: dict[UUID, None] = {}  # insertion-ordered set of jobs with work
+    def __init__(self, *, drivers: int | None = None) -> None:
+        self.drivers = drivers or drivers_setting(os.environ.get(DRIVERS_ENV))
+        self._pending: dict[UUID, None] = {}  # insertion-ordered set of jobs waiting for a driver
+        # One driver per job, never two: a job with work already being driven is only marked
+        # to be looked at again by its driver, which may have read it before the news arrived.
+        self._driving: set[UUID] = set()
+        self._again: set[UUID] = set()
         self._wake = anyio.Event()
         # Per job, effects this process performed but has not recorded yet: a lost append race
         # is retried with the receipt in hand, not by looking the effect up as someone else's.
         # A job's entry goes once nothing more is owed to it.
         self._unrecorded: dict[UUID, dict[tuple[UUID, decide.Work], Performed]] = {}
         self._backoff: dict[UUID, float] = {}
+        # What an effect must have to itself (Effect.exclusive): held while it looks and acts.
+        self._exclusive: dict[Hashable, anyio.Lock] = {}
         self.ctx: Context
         self._tg: TaskGroup
 
@@ -66,7 +90,7 @@ class Applier:
         ctx.views.listeners.append(self._on_event)
         async with anyio.create_task_group() as tg:
             self._tg = tg
-            tg.start_soon(self._loop)
+            tg.start_soon(self._dispatch)
             task_status.started()
 
     def _on_event(self, event: Event | None, job: Job | None, _agent: object) -> None:
@@ -78,29 +102,62 @@ class Applier:
 
     def _consider(self, job: Job) -> None:
         if decide.owed(job) is not None:
-            self._pending[job.id] = None
-            self._wake.set()
+            self._enqueue(job.id)
 
-    async def _loop(self) -> None:
+    def _enqueue(self, job_id: UUID) -> None:
+        if job_id in self._driving:
+            self._again.add(job_id)
+            return
+        self._pending[job_id] = None
+        self._wake.set()
+
+    async def _dispatch(self) -> None:
+        """Start a driver for each job with work, oldest first, up to `drivers` at once."""
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            while self._pending:
+            while self._pending and len(self._driving) < self.drivers:
                 job_id = next(iter(self._pending))
                 del self._pending[job_id]
-                try:
-                    await self._drive(job_id)
-                    self._backoff.pop(job_id, None)
-                except Exception:  # Contended included: the job is driven again later
-                    delay = min(self._backoff.get(job_id, 0.5) * 2, 30.0)
-                    self._backoff[job_id] = delay
-                    log.exception("applier failed on job %s; retrying in %.1fs", job_id, delay)
-                    self._tg.start_soon(self._retry_later, job_id, delay)
+                self._driving.add(job_id)
+                self._tg.start_soon(self._driver, job_id)
+
+    async def _driver(self, job_id: UUID) -> None:
+        try:
+            while True:
+                self._again.discard(job_id)
+                await self._drive(job_id)
+                self._backoff.pop(job_id, None)
+                if job_id not in self._again:
+                    return
+        except Exception:  # Contended included: the job is driven again later
+            delay = min(self._backoff.get(job_id, 0.5) * 2, 30.0)
+            self._backoff[job_id] = delay
+            log.exception("applier failed on job %s; retrying in %.1fs", job_id, delay)
+            self._tg.start_soon(self._retry_later, job_id, delay)
+        finally:
+            self._driving.discard(job_id)
+            self._again.discard(job_id)
+            self._wake.set()  # a slot is free
 
     async def _retry_later(self, job_id: UUID, delay: float) -> None:
         await anyio.sleep(delay)
-        self._pending[job_id] = None
-        self._wake.set()
+        self._enqueue(job_id)
+
+    @asynccontextmanager
+    async def _alone_on(self, key: Hashable | None) -> AsyncIterator[None]:
+        """Hold what an effect needs to itself; the lock goes once nobody holds or awaits it."""
+        if key is None:
+            yield
+            return
+        lock = self._exclusive.setdefault(key, anyio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            # Released to a waiter, it is still locked; otherwise nobody needs it any more.
+            if not lock.locked() and lock.statistics().tasks_waiting == 0:
+                self._exclusive.pop(key, None)
 
     async def _drive(self, job_id: UUID) -> None:
         """Record what the job is owed, one step at a time, until nothing is."""
@@ -140,21 +197,23 @@ class Applier:
         done = self._in_hand(job.id, state.id, "apply")
         if done is None:
             proposal: Propose | None = None
-            try:
-                proposal = await proposals.read_stored(js, state)
-                found = await effect.find_receipt(js, job, state, proposal)
-                step = decide.apply(job, state, found, self.ctx.clock())
-                if not isinstance(step, decide.Perform):
-                    return await self._record(job, state, step, "receipt found" if found else "not applied")
-                done = await effect.perform(js, job, state, proposal)
-            except (EffectError, proposals.PayloadProblem) as exc:
-                # A replica may have landed this very effect while ours failed (its patch no
-                # longer applies on a head that already holds it): look for the receipt exactly
-                # as before acting, so a landed effect is never recorded as a failure.
-                found = await effect.find_receipt(js, job, state, proposal)
-                if found is None:
-                    return await self._fail(job, state, "apply", exc)
-                done = Performed(found, True)
+            async with self._alone_on(effect.exclusive(job, state)):
+                try:
+                    proposal = await proposals.read_stored(js, state)
+                    found = await effect.find_receipt(js, job, state, proposal)
+                    step = decide.apply(job, state, found, self.ctx.clock())
+                    if not isinstance(step, decide.Perform):
+                        what = "receipt found" if found else "not applied"
+                        return await self._record(job, state, step, what)
+                    done = await effect.perform(js, job, state, proposal)
+                except (EffectError, proposals.PayloadProblem) as exc:
+                    # A replica may have landed this very effect while ours failed (its patch no
+                    # longer applies on a head that already holds it): look for the receipt
+                    # exactly as before acting, so a landed effect is never recorded as a failure.
+                    found = await effect.find_receipt(js, job, state, proposal)
+                    if found is None:
+                        return await self._fail(job, state, "apply", exc)
+                    done = Performed(found, True)
             if not done.reused:
                 faults.crash_if_armed("applier", "after-effect")
             self._unrecorded.setdefault(job.id, {})[(state.id, "apply")] = done
@@ -172,8 +231,10 @@ class Applier:
     async def _rollback(self, job: Job, state: ProposalState) -> bool:
         done = self._in_hand(job.id, state.id, "rollback")
         if done is None:
+            effect = effect_for(state.effect)
             try:
-                done = await effect_for(state.effect).compensate(self.ctx.js, job, state)
+                async with self._alone_on(effect.exclusive(job, state)):
+                    done = await effect.compensate(self.ctx.js, job, state)
             except EffectError as exc:
                 return await self._fail(job, state, "rollback", exc)
             if not done.reused:

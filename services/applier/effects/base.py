@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Any, NamedTuple, Protocol
 
 from nats.js import JetStreamContext
@@ -28,6 +29,12 @@ class Performed(NamedTuple):
 
 
 class Effect(Protocol):
+    def exclusive(self, job: Job, state: ProposalState) -> Hashable | None:
+        """What this effect must have to itself while it looks for its receipt and acts (one
+        branch of a repository, one directory), so the applier's concurrent drivers never
+        interleave two effects there; None when effects of this kind never collide."""
+        ...
+
     async def find_receipt(
         self, js: JetStreamContext, job: Job, state: ProposalState, proposal: Propose | None
     ) -> Receipt | None:
@@ -48,6 +55,9 @@ class Effect(Protocol):
 class NoEffect:
     """`none`: a receipt only."""
 
+    def exclusive(self, job: Job, state: ProposalState) -> Hashable | None:
+        return None
+
     async def find_receipt(
         self, js: JetStreamContext, job: Job, state: ProposalState, proposal: Propose | None
     ) -> Receipt | None:
@@ -67,6 +77,9 @@ class UnknownEffect:
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
+
+    def exclusive(self, job: Job, state: ProposalState) -> Hashable | None:
+        return None
 
     async def find_receipt(
         self, js: JetStreamContext, job: Job, state: ProposalState, proposal: Propose | None

@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Hashable
 from pathlib import Path
 from uuid import UUID
 
@@ -29,6 +30,12 @@ INLINE_PREVIOUS_BYTES = 64 * 1024
 
 
 class FileWrite:
+    def exclusive(self, job: Job, state: ProposalState) -> Hashable | None:
+        # One write or restore at a time in a directory: a journal records what the files held
+        # just before this effect, which another job's write landing in between would falsify.
+        directory = (state.receipt or {}).get("directory") or job.contract.target.directory
+        return ("files", os.path.realpath(directory)) if directory else None
+
     async def find_receipt(
         self, js: JetStreamContext, job: Job, state: ProposalState, proposal: Propose | None
     ) -> Receipt | None:

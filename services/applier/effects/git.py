@@ -7,6 +7,9 @@ land a commit; a revert carries a `Warden-Rollback:` trailer and is found the sa
 
 from __future__ import annotations
 
+import os
+from collections.abc import Hashable
+
 import anyio
 from nats.js import JetStreamContext
 
@@ -20,6 +23,16 @@ CAS_TRIES = 10
 
 
 class GitPatch:
+    def exclusive(self, job: Job, state: ProposalState) -> Hashable | None:
+        # One branch at a time: its compare-and-swap keeps replicas apart, but drivers of one
+        # process racing on a branch would each rebuild their commit on every lost swap and
+        # could run out of tries; in turn, each lands on the head the last one left.
+        target = job.contract.target
+        receipt = state.receipt or {}
+        repo = receipt.get("repo") or target.repo
+        branch = receipt.get("branch") or state.branch or target.branch
+        return ("git", os.path.realpath(repo), branch) if repo else None
+
     async def find_receipt(
         self, js: JetStreamContext, job: Job, state: ProposalState, proposal: Propose | None
     ) -> Receipt | None:

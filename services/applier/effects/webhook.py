@@ -11,6 +11,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Hashable
 from uuid import UUID
 
 import anyio
@@ -27,6 +28,9 @@ TIMEOUT_S = 30.0
 
 
 class Webhook:
+    def exclusive(self, job: Job, state: ProposalState) -> Hashable | None:
+        return None  # each POST is its own request, deduplicated by its receiver
+
     async def find_receipt(
         self, js: JetStreamContext, job: Job, state: ProposalState, proposal: Propose | None
     ) -> Receipt | None:
