@@ -137,7 +137,7 @@ def _too_large(size: int, chunks: int) -> str:
     )
 
 
-async def _get_object(js: JetStreamContext, name: str) -> bytes | None:
+async def get_object(js: JetStreamContext, name: str) -> bytes | None:
     store = await js.object_store(topology.PAYLOAD_BUCKET)
     try:
         return (await store.get(name)).data or b""
@@ -147,7 +147,7 @@ async def _get_object(js: JetStreamContext, name: str) -> bytes | None:
 
 async def _keep(js: JetStreamContext, name: str, data: bytes) -> None:
     """Store `data` as object `name` unless a redelivery's first attempt already did."""
-    stored = await _get_object(js, name)
+    stored = await get_object(js, name)
     if stored is not None:
         if sha256(stored) != sha256(data):
             raise PayloadProblem(f"stored object {name!r} does not match its name")
@@ -216,7 +216,7 @@ async def resolve(js: JetStreamContext, agent: str, body: Propose, *, limit: int
     if upload.size > limit or len(upload.chunks) > topology.max_upload_chunks():
         raise PayloadProblem(_too_large(upload.size, len(upload.chunks)))
     payload_name = topology.payload_object_name(agent, body.job_id, body.epoch, upload.sha256)
-    stored = await _get_object(js, payload_name)
+    stored = await get_object(js, payload_name)
     if stored is not None:  # a redelivery: stored by the first attempt (its chunks may be gone)
         if sha256(stored) != upload.sha256:
             raise PayloadProblem(f"stored payload object {payload_name!r} does not match its name")
@@ -272,7 +272,7 @@ async def read_recorded(
     message when the caller already read it (only used without a record object)."""
     legacy_payload: bytes | None = None
     if payload_object:
-        data = await _get_object(js, payload_object)
+        data = await get_object(js, payload_object)
         if data is None:
             raise PayloadProblem(f"payload object {payload_object!r} is gone")
         if sha256(data) != payload_hash:
@@ -294,7 +294,7 @@ async def _with_payload(js: JetStreamContext, agent: str, body: Propose) -> Prop
     if upload is None:
         return body
     name = topology.payload_object_name(agent, body.job_id, body.epoch, upload.sha256)
-    payload = await _get_object(js, name)
+    payload = await get_object(js, name)
     if payload is None:
         raise PayloadProblem(f"payload object {name!r} is gone")
     if sha256(payload) != upload.sha256 or len(payload) != upload.size:

@@ -582,6 +582,12 @@ async def test_the_input_streams_bounds_are_as_configured_and_warden_doctor_repo
         assert (window["status"], window["detail"]) == ("ok", "60s")
         events = checks[f"stream {topology.EVENT_STREAM}: retention"]
         assert (events["status"], events["detail"]) == ("ok", "no max_age, no max_bytes, discard old")
+        per_agent = checks[f"stream {topology.AGENT_INPUT_STREAM}: per-agent bound"]
+        assert per_agent["status"] == "ok"
+        assert per_agent["detail"].endswith(
+            f"one agent holds at most {topology.agent_input_bound() / 2**20:.0f} MiB"
+        )
+        assert checks[f"consumer scheduler on {topology.AGENT_INPUT_STREAM}"]["status"] == "ok"
 
         # Someone loosens the bounds by hand: doctor names what it found and what it expects.
         config.max_age, config.discard, config.duplicate_window = 3600, js_api.DiscardPolicy.OLD, 120
@@ -596,6 +602,13 @@ async def test_the_input_streams_bounds_are_as_configured_and_warden_doctor_repo
         assert checks[f"stream {topology.INPUT_STREAM}: duplicate_window"]["detail"].startswith(
             "120s, expected 60s"
         )
+        # And someone widens the agent stream's ring: the per-agent bound no longer holds.
+        agent = (await js.stream_info(topology.AGENT_INPUT_STREAM)).config
+        agent.max_msgs_per_subject = 10_000
+        await js.update_stream(agent)
+        checks = await anyio.to_thread.run_sync(run_doctor, ops_server)
+        widened = checks[f"stream {topology.AGENT_INPUT_STREAM}: per-agent bound"]
+        assert widened["status"] == "fail" and "max_msgs_per_subject 10000" in widened["detail"]
 
 
 async def test_a_full_input_stream_refuses_new_inputs_and_keeps_every_stored_one(

@@ -33,6 +33,7 @@ from shared.events import (
     ProposalRejected,
     ProposalSubmitted,
 )
+from shared.forensics import collect, story
 from shared.forensics import output as outputs
 from shared.messages import Accepted, OperatorCommand, Propose, Rejected
 from shared.sdk import AgentClient, JobContext, Proposal, connect_agent
@@ -514,6 +515,9 @@ async def test_a_completed_jobs_proposal_is_still_read_back_after_its_agent_sent
             assert read.output == done[s.originator_id].output
             output = await outputs.job_output(js, s.originator_id)
             assert [o.problem for a in output.attempts for o in a.outputs] == [""]
+            # Explain still shows what the proposal said, from the record object.
+            evidence = story.proposal_evidence(await collect.collect(js, s.originator_id), s)
+            assert "unavailable" not in evidence and "undecodable" not in evidence, evidence
 
 
 async def test_an_upload_of_more_chunks_than_the_ring_keeps_is_refused_naming_the_sizes(

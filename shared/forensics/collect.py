@@ -16,7 +16,7 @@ import msgspec
 from msgspec import Struct
 from nats.js import JetStreamContext
 
-from shared import topology
+from shared import proposals, topology
 from shared.aggregates import project_job
 from shared.events import (
     AnyEvent,
@@ -28,6 +28,8 @@ from shared.events import (
     agent_id_for,
 )
 from shared.forensics import log
+from shared.messages import Propose, decode_input
+from shared.validation import InvalidInput
 
 AGENT_VERBS_NAMING_JOBS = ("heartbeat", "propose", "release")
 # Input stored a little after the job's last event can still be about it (a late heartbeat is
@@ -47,6 +49,15 @@ class _Names(Struct, kw_only=True):
 
 
 _names = msgspec.json.Decoder(_Names)
+
+
+def _is_proposal(data: bytes) -> bool:
+    """A record object, not a payload object recorded before record objects existed."""
+    try:
+        decode_input(data, Propose)
+    except InvalidInput:
+        return False
+    return True
 
 
 def _about(data: bytes) -> _Names | None:
@@ -69,6 +80,10 @@ class JobLog:
     # Other input messages the events name, by (stream, sequence): the request, claims, fenced
     # and refused messages.
     referenced: dict[tuple[str, int], log.Stored] = field(default_factory=dict)
+
+    # The record objects (shared/proposals.py) of proposals whose message the agent stream no
+    # longer holds, by the message's sequence, verified against `payload_hash`.
+    proposal_records: dict[int, bytes] = field(default_factory=dict)
 
     # Each input stream's first sequence when read: inputs age out, and the agent stream keeps
     # only each subject's latest messages (README, "Threat model"); the events citing them keep
@@ -198,4 +213,15 @@ async def collect(js: JetStreamContext, job_id: UUID, *, all_inputs: bool = Fals
         found = await log.get_many(js, stream, {seq for s, seq in wanted if s == stream})
         job_log.referenced.update({(stream, seq): record for seq, record in found.items()})
         job_log.inputs_from[stream] = (await js.stream_info(stream)).state.first_seq or 1
+    for item in events:
+        sub = item.event
+        if (
+            isinstance(sub, ProposalSubmitted)
+            and sub.payload_object
+            and job_log.input_at(sub.input_seq) is None
+        ):
+            # Evicted by the agent's newer inputs, or aged out: the checker kept it as an object.
+            data = await proposals.get_object(js, sub.payload_object)
+            if data is not None and proposals.sha256(data) == sub.payload_hash and _is_proposal(data):
+                job_log.proposal_records[sub.input_seq] = data
     return job_log

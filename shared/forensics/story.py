@@ -237,10 +237,11 @@ def attempts(job: Job | None, endings: dict[int, log.LoggedEvent], job_log: JobL
 
 def proposal_evidence(job_log: JobLog, submitted: ProposalSubmitted) -> dict[str, Any]:
     record = job_log.input_at(submitted.input_seq)
-    if record is None:
+    data = record.data if record is not None else job_log.proposal_records.get(submitted.input_seq)
+    if data is None:
         return {"unavailable": job_log.missing_input(submitted.input_seq)}
     try:
-        body = decode_input(record.data, Propose)
+        body = decode_input(data, Propose)
     except InvalidInput as exc:
         return {"undecodable": str(exc)}
     if body.payload is not None:  # a large proposal: its evidence is in the object, not read here
