@@ -50,6 +50,8 @@ log = logging.getLogger("warden.applier")
 
 DRIVERS_ENV = "WARDEN_APPLIER_DRIVERS"
 DEFAULT_DRIVERS = 32
+# How long a record may take once begun, even while the applier is being stopped.
+RECORD_S = 30.0
 
 
 def drivers_setting(value: str | None) -> int:
@@ -260,7 +262,10 @@ class Applier:
         if isinstance(decided, Refusal):  # the record moved on meanwhile; nothing of ours to add
             log.info("proposal %s of job %s: nothing to record: %s", state.id, job.id, decided.reason)
             return False
-        await self.ctx.save(*decided)
+        # Stopping lets a record in flight finish: the effect it records has happened, and a
+        # save cut off after its message was stored would leave the process unsure whether.
+        with anyio.fail_after(RECORD_S, shield=True):
+            await self.ctx.save(*decided)
         self._unrecorded.pop(job.id, None)
         if any(isinstance(e, EffectApplied) for e in decided):
             telemetry.instruments().jobs.add(1, {"state": "completed"})
