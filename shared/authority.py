@@ -37,9 +37,9 @@ async def revocation_figures(js: Any) -> list[RevocationFigures]:
 
     events = []
     for stored in await bus.read_subject(js, topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.*"):
-        event = written.event_of(stored.subject, stored.headers, stored.data)
-        if not isinstance(event, str):  # a message Warden did not write is no evidence
-            events.append(event)
+        found = written.events_of(stored.subject, stored.headers, stored.data)
+        if not isinstance(found, str):  # a message Warden did not write is no evidence
+            events.extend(found)
     fenced = {e.input_seq for e in events if isinstance(e, MessageRejected | InputRejected)}
     figures = []
     for i, event in enumerate(events):

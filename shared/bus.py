@@ -440,11 +440,12 @@ async def follow(
             return  # delivered already, by the consumer this one replaced
         next_seq = seq + 1
         # Tracking records and foreign messages share the stream; only Warden's events fold.
-        event = written.event_of(msg.subject, msg.headers, msg.data)
-        if not isinstance(event, str):
-            on_event(seq, event)
+        found = written.events_of(msg.subject, msg.headers, msg.data)
+        if not isinstance(found, str):
+            for event in found:  # a packed record's events share its sequence
+                on_event(seq, event)
         elif written.is_aggregate_subject(msg.subject):
-            log.warning("stepping over message %d on %s, not Warden's: %s", seq, msg.subject, event)
+            log.warning("stepping over message %d on %s, not Warden's: %s", seq, msg.subject, found)
         if on_position is not None:
             on_position(seq)
         if seq >= target:

@@ -71,9 +71,10 @@ class JobHandle:
         )
         job: Job | None = None
         for message in stored:
-            event = written.event_of(message.subject, message.headers, message.data)
-            if not isinstance(event, str):  # a message Warden did not write is never folded
-                job = evolve_job(job, event)
+            found = written.events_of(message.subject, message.headers, message.data)
+            if not isinstance(found, str):  # a message Warden did not write is never folded
+                for event in found:
+                    job = evolve_job(job, event)
         if job is None:
             raise JobNotFound(f"no events for job {self.job_id}")
         return job
@@ -87,8 +88,8 @@ class JobHandle:
         state: list[Job | None] = [None]
 
         async def on_message(msg: Msg) -> None:
-            event = written.event_of(msg.subject, msg.headers, msg.data)
-            if not isinstance(event, str):
+            found = written.events_of(msg.subject, msg.headers, msg.data)
+            for event in () if isinstance(found, str) else found:
                 state[0] = evolve_job(state[0], event)
             if state[0] is not None and state[0].status in TERMINAL:
                 done.set()

@@ -93,7 +93,8 @@ class Context:
         recorder = self.app.recorder
         if isinstance(recorder, JetStreamApplicationRecorder) and recorder.io.bridge.in_loop_thread():
             mapper = self.app.mapper
-            await recorder.write([mapper.to_stored_event(e) for e in chained])
+            # One message per aggregate (a packed record): no atomic batch for one job's events.
+            await recorder.write([mapper.to_stored_event(e) for e in chained], packed=True)
         else:
             await anyio.to_thread.run_sync(lambda: self.app.save(*chained))
         for event in chained:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -10,15 +9,14 @@ from typing import Any
 from uuid import UUID
 
 import anyio
-import msgspec
 from nats.aio.client import Client
 from nats.js import api as js_api
 
 from services import registry
 from shared import bus, runtime, topology
 from shared.events import AnyEvent
-from shared.events import decode as decode_event
 from shared.messages import Accepted, JobRequest
+from shared.persistence import written
 from shared.runtime import Context
 
 
@@ -59,8 +57,9 @@ async def events_of(nc: Client, subject: str = f"{topology.EVENT_ROOT}.>") -> li
     last = info.state.last_seq
 
     async def cb(msg: Any) -> None:
-        with contextlib.suppress(msgspec.DecodeError):
-            out.append(decode_event(msg.data))
+        found = written.events_of(msg.subject, msg.headers, msg.data)
+        if not isinstance(found, str):  # tracking records share the stream
+            out.extend(found)
         if msg.metadata.sequence.stream >= last or msg.metadata.num_pending == 0:
             done.set()
 
@@ -86,13 +85,11 @@ async def wait_for_event(
     hit = anyio.Event()
 
     async def cb(msg: Any) -> None:
-        try:
-            event = decode_event(msg.data)
-        except msgspec.DecodeError:
-            return
-        if not hit.is_set() and predicate(event):
-            found.append(event)
-            hit.set()
+        events = written.events_of(msg.subject, msg.headers, msg.data)
+        for event in () if isinstance(events, str) else events:
+            if not hit.is_set() and predicate(event):
+                found.append(event)
+                hit.set()
 
     sub = await js.subscribe(subject, ordered_consumer=True, cb=cb, deliver_policy=js_api.DeliverPolicy.ALL)
     try:

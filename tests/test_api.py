@@ -22,7 +22,15 @@ from shared.readmodel.tables import JOB_STATES
 from shared.sdk import AgentClient
 from shared.server import EmbeddedServer
 from tests.harness import client, submit
-from tests.readside import ReadSide, agent_history, append_histories, job_request, quick_contract, read_side
+from tests.readside import (
+    ReadSide,
+    agent_history,
+    append_histories,
+    job_history,
+    job_request,
+    quick_contract,
+    read_side,
+)
 
 
 @asynccontextmanager
@@ -155,42 +163,51 @@ async def test_live_updates_arrive_as_server_sent_events_and_resume_after_a_posi
     async with api_over(nats_server, tmp_path) as (side, http):
         await side.ctx.save(*agent_history("a1")[:1])
         start = await side.caught_up()
-        received: list[dict[str, object]] = []
-        got_three = anyio.Event()
+        history = job_history("a1", "expire", 3)
+        received: list[tuple[int | None, dict[str, object]]] = []
+        got_all = anyio.Event()
 
-        async def listen() -> None:
+        async def listen(after: int, count: int, into: list[tuple[int | None, dict[str, object]]]) -> None:
+            """`count` updates, each with the id its server-sent event carried (None: none)."""
             async with http.stream(
-                "GET", "/api/events/stream", headers={"Last-Event-ID": str(start)}
+                "GET", "/api/events/stream", headers={"Last-Event-ID": str(after)}
             ) as response:
                 assert response.headers["content-type"].startswith("text/event-stream")
+                event_id: int | None = None
                 async for line in response.aiter_lines():
-                    if line.startswith("data: "):
-                        received.append(json.loads(line[6:]))
-                        if len(received) >= 3:
-                            got_three.set()
+                    if line.startswith("id: "):
+                        event_id = int(line[4:])
+                    elif line.startswith("data: "):
+                        into.append((event_id, json.loads(line[6:])))
+                        event_id = None
+                        if len(into) >= count:
                             return
 
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(listen)
-            await append_histories(side.ctx, 1, start=3, agents=("a1",))  # an expiry
-            with anyio.fail_after(10):
-                await got_three.wait()
-        entries = [r["entry"] for r in received]
-        assert [e["type"] for e in entries] == ["job.requested", "lease.granted", "lease.expired"]  # type: ignore[index]
-        assert all(e["seq"] > start for e in entries)  # type: ignore[index, operator]
-        job = received[-1]["job"]
-        assert isinstance(job, dict) and job["state"] in JOB_STATES
+        async def listen_all() -> None:
+            await listen(start, len(history), received)
+            got_all.set()
 
-        # Replay: a client that reconnects after the first event gets the rest, in order.
-        after = entries[0]["seq"]  # type: ignore[index]
-        replayed: list[int] = []
-        async with http.stream("GET", "/api/events/stream", params={"after": after}) as response:
-            async for line in response.aiter_lines():
-                if line.startswith("id: "):
-                    replayed.append(int(line[4:]))
-                    if len(replayed) == 2:
-                        break
-        assert replayed == [e["seq"] for e in entries[1:]]  # type: ignore[index]
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listen_all)
+            # The request alone, then the rest of the history in one save: one packed record.
+            await side.ctx.save(history[0])
+            await side.ctx.save(*history[1:])
+            with anyio.fail_after(10):
+                await got_all.wait()
+        entries = [update["entry"] for _, update in received]
+        assert [e["type"] for e in entries] == [type(e).__struct_config__.tag for e in history]  # type: ignore[index]
+        assert all(e["seq"] > start for e in entries)  # type: ignore[index, operator]
+        job = received[-1][1]["job"]
+        assert isinstance(job, dict) and job["state"] in JOB_STATES
+        # Only a record's last event carries its id, so a Last-Event-ID names a whole record.
+        first, record = entries[0]["seq"], entries[-1]["seq"]  # type: ignore[index]
+        assert [i for i, _ in received] == [first] + [None] * (len(history) - 2) + [record]
+
+        # Replay: a client that reconnects after the first record gets the rest, in order.
+        replayed: list[tuple[int | None, dict[str, object]]] = []
+        with anyio.fail_after(10):
+            await listen(first, len(history) - 1, replayed)  # type: ignore[arg-type]
+        assert replayed == received[1:]
 
 
 async def test_the_openapi_document_describes_every_endpoint(

@@ -24,8 +24,7 @@ from nats.js import api as js_api
 
 from shared import credentials, liveness, topology
 from shared.contract import Contract, Stopping
-from shared.events import AnyEvent, JobTombstoned, LeaseGranted, LeaseReleased
-from shared.events import decode as decode_event
+from shared.events import AnyEvent, JobTombstoned, LeaseGranted, LeaseReleased, decode_all
 from shared.messages import Accepted, JobRequest
 from shared.sdk import AgentClient, JobContext, connect_agent
 from tests import opsnats
@@ -104,7 +103,7 @@ def decoded(stored: dict[int, bytes]) -> list[AnyEvent]:
     out = []
     for _seq, data in sorted(stored.items()):
         try:
-            out.append(decode_event(data))
+            out.extend(decode_all(data))
         except msgspec.DecodeError:  # tracking records share the stream
             continue
     return out

@@ -20,7 +20,7 @@ from shared import topology
 from shared.contract import Contract, Stopping
 from shared.events import JobCompleted
 from shared.events import tag_of as tag_of_event
-from shared.persistence.jetstream import TOPIC_HEADER
+from shared.persistence.jetstream import TOPIC_HEADER, TOPIC_SEPARATOR
 from shared.sdk import AgentClient, JobContext, Proposal
 from shared.server import EmbeddedServer
 from tests.harness import client, events_of, job_request, running, submit, wait_for_event
@@ -29,8 +29,9 @@ SERVICES = ["scheduler", "reconciler", "checker", "applier", "revoker"]
 JOBS, AGENTS = 12, 3
 
 
-def tag_of(msg: Msg) -> str:
-    return (msg.headers or {}).get(TOPIC_HEADER, "?")  # the event's tag
+def tags_of(msg: Msg) -> list[str]:
+    """The tags of the events a message holds (a packed record names each, in order)."""
+    return (msg.headers or {}).get(TOPIC_HEADER, "?").split(TOPIC_SEPARATOR)
 
 
 async def test_a_core_subscriber_hears_each_stored_event_once_with_services_in_separate_processes(
@@ -43,7 +44,7 @@ async def test_a_core_subscriber_hears_each_stored_event_once_with_services_in_s
         heard: Counter[str] = Counter()
 
         async def on_publish(msg: Msg) -> None:
-            heard[tag_of(msg)] += 1
+            heard.update(tags_of(msg))
 
         await nc.subscribe(f"{topology.EVENT_ROOT}.*", cb=on_publish)  # events, not tracking
         contract = Contract(stopping=Stopping(lease_ttl_s=60, heartbeat_interval_s=15, max_attempts=1))

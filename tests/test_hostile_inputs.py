@@ -21,10 +21,10 @@ from nats.js import api as js_api
 
 from shared import bus, credentials, topology
 from shared.contract import Contract, Stopping
-from shared.events import AnyEvent, InputRejected, LeaseGranted, ReplyRefused, agent_id_for
-from shared.events import decode as decode_event
+from shared.events import AnyEvent, InputRejected, LeaseGranted, ReplyRefused, agent_id_for, decode_all
 from shared.forensics.ledger import verify_log
 from shared.messages import Accepted, JobRequest, LeaseGrant, OperatorCommand, Rejected
+from shared.persistence import written
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, connect_agent
 from shared.server import EmbeddedServer
@@ -63,7 +63,8 @@ class Record:
 
     async def follow(self, nc: Client, *, task_status: Any = anyio.TASK_STATUS_IGNORED) -> None:
         async def cb(msg: Any) -> None:
-            self.events.append((msg.metadata.sequence.stream, msg.subject, decode_event(msg.data)))
+            seq = msg.metadata.sequence.stream
+            self.events.extend((seq, msg.subject, event) for event in decode_all(msg.data))
             self.changed.set()
 
         sub = await nc.jetstream().subscribe(
@@ -154,7 +155,8 @@ async def test_forged_reply_addresses_are_decided_but_never_published_to(
         # Only Warden's own events on the job's and the agent's subjects; the chain holds.
         for subject in (topology.event_subject(job_id), own_agent):
             for stored in await bus.read_subject(watcher.jetstream(), topology.EVENT_STREAM, subject):
-                decode_event(stored.data)
+                found = written.events_of(stored.subject, stored.headers, stored.data)
+                assert not isinstance(found, str), found
         report = await verify_log(watcher.jetstream())
         assert report.ok, report.breaks
 

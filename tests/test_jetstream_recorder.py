@@ -31,6 +31,7 @@ from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import (
     AggregateRecorder,
     ApplicationRecorder,
+    DataError,
     InfrastructureFactoryError,
     IntegrityError,
     ProcessRecorder,
@@ -51,6 +52,7 @@ from shared.persistence.jetstream import (
     JetStreamApplicationRecorder,
     JetStreamIO,
     JetStreamProcessRecorder,
+    JetStreamRecorder,
     JetStreamTrackingRecorder,
     _Ack,
     _Out,
@@ -307,17 +309,24 @@ def test_a_write_with_a_stale_cached_head_is_refused_by_the_server(factory: Fact
     assert [e.state for e in ahead.select_events(originator_id)] == [b"{}", b"{}"]
 
 
+def write_packed(recorder: JetStreamRecorder, events: list[StoredEvent]) -> list[int]:
+    """Warden's own save path: each aggregate's events in one message."""
+    return recorder.io.bridge.call(lambda: recorder.write(events, packed=True))
+
+
 @pytest.mark.parametrize(
-    ("events", "retry_error"),
+    ("events", "packed", "retry_error"),
     [
         # A single publish: the server checks the expected sequence before the message id.
-        (1, 10071),
+        (1, False, 10071),
         # An atomic batch: the server refuses the repeated message ids first.
-        (3, 10201),
+        (3, False, 10201),
+        # A packed record is a single publish.
+        (3, True, 10071),
     ],
 )
 def test_a_write_whose_ack_was_lost_is_retried_with_the_same_msg_ids_and_stored_once(
-    factory: Factory, monkeypatch: pytest.MonkeyPatch, events: int, retry_error: int
+    factory: Factory, monkeypatch: pytest.MonkeyPatch, events: int, packed: bool, retry_error: int
 ) -> None:
     recorder = application_recorder(factory)
     real_publish, real_landed = recorder.io.publish, recorder._landed
@@ -341,12 +350,95 @@ def test_a_write_whose_ack_was_lost_is_retried_with_the_same_msg_ids_and_stored_
     monkeypatch.setattr(recorder.io, "publish", ack_lost_once)
     monkeypatch.setattr(recorder, "_landed", blind_once)
     originator_id = uuid4()
-    batch = [stored(originator_id, v, f"v{v}".encode()) for v in range(1, events + 1)]
+    batch = [stored(originator_id, v, f'"v{v}"'.encode()) for v in range(1, events + 1)]
 
-    assert recorder.insert_events(batch) == list(range(1, events + 1))
+    seqs = write_packed(recorder, batch) if packed else recorder.insert_events(batch)
+    assert seqs == ([1] * events if packed else list(range(1, events + 1)))
     assert [a.error_code for a in acks] == [0, retry_error]
     assert recorder.select_events(originator_id) == batch
-    assert recorder.max_notification_id() == events
+    assert recorder.max_notification_id() == (1 if packed else events)
+
+
+def test_a_packed_write_of_one_aggregate_is_one_message_read_back_as_each_of_its_events(
+    factory: Factory, bridge: NatsBridge, stream: tuple[str, str]
+) -> None:
+    writer, reader = application_recorder(factory), application_recorder(factory)
+    originator_id = uuid4()
+    batch = [stored(originator_id, v, b'{"v":%d}' % v) for v in (1, 2, 3)]
+
+    assert write_packed(writer, batch) == [1, 1, 1]
+    info = bridge.call(lambda: bridge.js.stream_info(stream[0]))
+    assert info.state.messages == 1
+    message = bridge.call(lambda: bridge.js.get_msg(stream[0], 1))
+    assert message.data == b'[{"v":1},{"v":2},{"v":3}]'
+    assert message.headers is not None
+    assert message.headers["Warden-Versions"] == "1-3" and message.headers["Warden-Version"] == "3"
+    assert message.headers["Warden-Topic"] == ",".join(["tests:Happened"] * 3)
+    assert message.headers["Nats-Msg-Id"] == f"{stream[1]}.{originator_id}:1"
+
+    # Every read returns the events one by one, with the record's sequence as their id.
+    assert reader.select_events(originator_id) == batch
+    assert reader.select_events(originator_id, gt=1, lte=2) == batch[1:2]
+    notifications = reader.select_notifications(None, 10)
+    assert [(n.id, n.originator_version, n.state) for n in notifications] == [
+        (1, e.originator_version, e.state) for e in batch
+    ]
+    with reader.subscribe(gt=0) as subscription:
+        followed = [next(subscription) for _ in batch]
+    assert [(n.originator_version, n.ordinal, n.count) for n in followed] == [(1, 0, 3), (2, 1, 3), (3, 2, 3)]
+    # The head is the record's last version: the next write, by either recorder, is version 4.
+    assert reader.insert_events([stored(originator_id, 4)]) == [2]
+    with pytest.raises(IntegrityError):
+        write_packed(writer, [stored(originator_id, 4), stored(originator_id, 5)])
+    assert [e.originator_version for e in application_recorder(factory).select_events(originator_id)] == [
+        1,
+        2,
+        3,
+        4,
+    ]
+
+
+def test_a_packed_write_refuses_states_that_are_not_json_values(factory: Factory) -> None:
+    recorder, originator_id = application_recorder(factory), uuid4()
+    with pytest.raises(DataError, match="JSON value"):
+        write_packed(recorder, [stored(originator_id, 1, b"v1"), stored(originator_id, 2, b"{} {}")])
+    assert recorder.select_events(originator_id) == []
+
+
+def test_a_packed_write_that_lost_its_race_is_refused_and_stores_nothing(
+    factory: Factory, bridge: NatsBridge, stream: tuple[str, str]
+) -> None:
+    originator_id = uuid4()
+    behind, ahead = application_recorder(factory), application_recorder(factory)
+    behind.insert_events([stored(originator_id, 1)])
+    ahead.select_events(originator_id)
+    ahead.insert_events([stored(originator_id, 2, b'"won"')])
+
+    with pytest.raises(IntegrityError):
+        write_packed(behind, [stored(originator_id, 2, b'"lost"'), stored(originator_id, 3, b'"lost"')])
+    assert [e.state for e in behind.select_events(originator_id)] == [b"{}", b'"won"']
+    assert bridge.call(lambda: bridge.js.stream_info(stream[0])).state.messages == 2
+
+
+def test_a_packed_save_spanning_aggregates_is_one_atomic_batch_of_one_message_each(
+    factory: Factory, bridge: NatsBridge, stream: tuple[str, str]
+) -> None:
+    writer, rival = application_recorder(factory), application_recorder(factory)
+    job, agent = uuid4(), uuid4()
+    writer.insert_events([stored(agent, 1)])
+    rival.select_events(agent)
+
+    saved = [stored(job, 1), stored(agent, 2), stored(job, 2), stored(job, 3)]
+    # Two messages (the job's packed record first, where its first event is), one batch.
+    assert write_packed(writer, saved) == [2, 3, 2, 2]
+    assert bridge.call(lambda: bridge.js.stream_info(stream[0])).state.messages == 3
+
+    # A conflict on one aggregate fails the whole save: nothing of the other is stored.
+    other = uuid4()
+    with pytest.raises(IntegrityError):
+        write_packed(rival, [stored(other, 1), stored(other, 2), stored(agent, 2, b'"late"')])
+    assert rival.select_events(other) == []
+    assert bridge.call(lambda: bridge.js.stream_info(stream[0])).state.messages == 3
 
 
 def test_the_server_deduplicates_a_message_published_again_with_its_msg_id(

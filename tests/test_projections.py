@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from shared.events import JobRequested
 from shared.readmodel import open_read_model, queries
 from shared.readmodel.store import ReadModel
-from shared.readmodel.tables import TABLES
+from shared.readmodel.tables import CHECKS, TABLES, TIMELINE
 from shared.server import EmbeddedServer
 from tests.readside import agent_history, append_histories, job_history, read_side
 
@@ -44,6 +45,43 @@ def test_a_redelivered_batch_changes_nothing(sqlite_url: str) -> None:
         summary = queries.summary(store)
         assert summary["failures"] == {"job.tombstoned": 1, "lease.expired": 2, "message.rejected": 1}
         assert summary["jobs"]["by_state"] == {"tombstoned": 1}
+    finally:
+        store.close()
+
+
+def test_the_events_of_a_packed_record_share_its_seq_and_each_keeps_its_own_rows(sqlite_url: str) -> None:
+    store = open_read_model(sqlite_url)
+    try:
+        history = job_history("a1", "reject", 1)  # two invariant checks, saved together
+        # As a packed save stores them: the checks and the rejection in one record, seq 3.
+        batch = [(1, history[0]), (2, history[1]), (2, history[2]), *((3, e) for e in history[3:])]
+        assert store.project(batch) == 3
+        checks = queries.dump(store, CHECKS)
+        assert sorted(checks) == [(3, 0), (3, 1)]
+        timeline = queries.dump(store, TIMELINE)
+        assert sorted(timeline) == [(1, 0), (2, 0), (2, 1), (3, 0), (3, 1), (3, 2), (3, 3)]
+    finally:
+        store.close()
+
+
+def test_a_read_model_keyed_by_seq_alone_is_rebuilt_from_the_stream(sqlite_url: str) -> None:
+    store = open_read_model(sqlite_url)
+    try:
+        store.project(list(enumerate(job_history("a1", "expire", 1), start=1)))
+        assert store.position() > 0
+    finally:
+        store.close()
+    # As a read model made before packed records: its timeline keyed by seq, no ordinal.
+    path = sqlite_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as db:
+        db.execute(f"DROP TABLE {TIMELINE.name}")
+        db.execute(f"CREATE TABLE {TIMELINE.name} (seq INTEGER PRIMARY KEY, job_id TEXT)")
+    store = open_read_model(sqlite_url)
+    try:
+        assert store.position() == 0
+        assert counts(store) == dict.fromkeys(counts(store), 0)
+        assert store.project(list(enumerate(job_history("a1", "hold", 2), start=1))) == 2
+        assert len(queries.dump(store, TIMELINE)) == 2
     finally:
         store.close()
 
@@ -220,3 +258,27 @@ async def test_the_postgres_read_model_matches_the_sqlite_one(
     finally:
         pg_store.close()
         lite_store.close()
+
+
+@pytest.mark.postgres
+def test_a_postgres_read_model_keyed_by_seq_alone_is_rebuilt_from_the_stream(postgres_url: str) -> None:
+    import psycopg
+
+    store = open_read_model(postgres_url)
+    try:
+        store.project(list(enumerate(job_history("a1", "expire", 1), start=1)))
+        assert store.position() > 0
+    finally:
+        store.close()
+    base, _, schema = postgres_url.partition("?schema=")
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f'DROP TABLE "{schema}".{TIMELINE.name}')
+        conn.execute(f'CREATE TABLE "{schema}".{TIMELINE.name} (seq BIGINT PRIMARY KEY, job_id TEXT)')
+    store = open_read_model(postgres_url)
+    try:
+        assert store.position() == 0
+        assert counts(store) == dict.fromkeys(counts(store), 0)
+        assert store.project(list(enumerate(job_history("a1", "hold", 2), start=1))) == 2
+        assert len(queries.dump(store, TIMELINE)) == 2
+    finally:
+        store.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from starlette.staticfiles import StaticFiles
 
 from services.api import spec
 from services.api.auth import Auth, Denied, Need
-from services.api.hub import Hub, sse
+from services.api.hub import Hub, sse, updates
 from shared import bus, events, telemetry, topology
 from shared.app import WardenApp
 from shared.messages import Accepted, AnyReply, OperatorCommand, Rejected, decode_input
@@ -336,15 +337,16 @@ def build(deps: Deps) -> Starlette:
 async def _live(store: ReadModel, hub: Hub, after: int | None) -> AsyncIterator[bytes]:
     """The SSE body: what the client missed (after `after`), then every update as it is folded."""
     receive = hub.subscribe()
-    sent = -1 if after is None else after
+    # (seq, ordinal): the events of a packed record share its seq. `after` is a whole record.
+    sent = (-1, 0) if after is None else (after, sys.maxsize)
     with receive:
         yield b"retry: 1000\n\n"
         if after is not None:
             while True:
-                rows, jobs = await anyio.to_thread.run_sync(queries.timeline_after, store, sent, 500)
-                for row in rows:
-                    yield sse({"entry": row, "job": jobs.get(row["job_id"]) if row["job_id"] else None})
-                    sent = row["seq"]
+                rows, jobs = await anyio.to_thread.run_sync(queries.timeline_after, store, sent[0], 500)
+                for update in updates(rows, jobs):
+                    yield sse(update)
+                    sent = (update["entry"]["seq"], update["entry"]["ordinal"])
                 if len(rows) < 500:
                     break
         while True:
@@ -356,8 +358,9 @@ async def _live(store: ReadModel, hub: Hub, after: int | None) -> AsyncIterator[
             if idle.cancelled_caught:
                 yield b": keep-alive\n\n"
                 continue
-            if update["entry"]["seq"] > sent:
-                sent = update["entry"]["seq"]
+            place = (update["entry"]["seq"], update["entry"]["ordinal"])
+            if place > sent:
+                sent = place
                 yield sse(update)
 
 

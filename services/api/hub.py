@@ -28,9 +28,26 @@ SUMMARY_EVERY_S = 1.0
 
 
 def sse(update: dict[str, Any]) -> bytes:
-    """One server-sent event: id is the stream sequence, data the JSON update."""
-    seq = update["entry"]["seq"]
-    return b"id: %d\nevent: timeline\ndata: %s\n\n" % (seq, msgspec.json.encode(update))
+    """One server-sent event: data the JSON update, id the stream sequence. The events of a
+    packed record share its sequence, so only the record's last one carries the id: a client's
+    Last-Event-ID (and `after`) always names a record it received whole."""
+    data = msgspec.json.encode({"entry": update["entry"], "job": update["job"]})
+    if not update.get("ends_record", True):
+        return b"event: timeline\ndata: %s\n\n" % data
+    return b"id: %d\nevent: timeline\ndata: %s\n\n" % (update["entry"]["seq"], data)
+
+
+def updates(rows: list[dict[str, Any]], jobs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Timeline rows (whole records, in order) as live updates, each saying whether it is the
+    last of its record."""
+    return [
+        {
+            "entry": row,
+            "job": jobs.get(row["job_id"]) if row["job_id"] else None,
+            "ends_record": i == len(rows) - 1 or rows[i + 1]["seq"] != row["seq"],
+        }
+        for i, row in enumerate(rows)
+    ]
 
 
 class Hub:
@@ -67,8 +84,8 @@ class Hub:
             rows, jobs = await anyio.to_thread.run_sync(
                 queries.timeline_after, self.store, self.position, PAGE
             )
-            for row in rows:
-                self._broadcast({"entry": row, "job": jobs.get(row["job_id"]) if row["job_id"] else None})
+            for update in updates(rows, jobs):
+                self._broadcast(update)
             if len(rows) < PAGE:
                 break
             self.position = rows[-1]["seq"]

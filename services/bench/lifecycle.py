@@ -22,8 +22,8 @@ from services.bench.stats import Figures, percentile
 from shared import bus, throttle, topology
 from shared.contract import Contract, Scope, Stopping
 from shared.events import AgentRevoked, AnyEvent, InputRejected, JobCompleted, JobRequested, LeaseExpired
-from shared.events import decode as decode_event
 from shared.messages import Accepted, JobRequest
+from shared.persistence import written
 from shared.sdk import AgentClient, AgentError, JobContext, Proposal
 
 # How long an agent waits before claiming again after "no work". After each proposal the
@@ -46,14 +46,12 @@ async def collect_events(
     done = anyio.Event()
 
     async def cb(msg: Msg) -> None:
-        try:
-            event = decode_event(msg.data)
-        except Exception:
-            return
-        if predicate(event):
-            found.append(event)
-            if len(found) >= count:
-                done.set()
+        events = written.events_of(msg.subject, msg.headers, msg.data)
+        for event in () if isinstance(events, str) else events:
+            if predicate(event) and len(found) < count:
+                found.append(event)
+                if len(found) >= count:
+                    done.set()
 
     sub = await js.subscribe(
         subject,
@@ -127,6 +125,7 @@ async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, ru
             client_of[grant.job_id] = agent
             await agent.work(grant, handler)
 
+    before = await stored_messages(nc)
     started = time.perf_counter()
     async with anyio.create_task_group() as tg:
         for i, conn in enumerate(agents):
@@ -142,6 +141,9 @@ async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, ru
         all_done.set()
         tg.cancel_scope.cancel()
     completed = len(finished)
+    after = await stored_messages(nc)
+    # Everything the run stored (agents' registrations and claims included), per completed job.
+    per_job = {stream: round((after[stream] - before[stream]) / max(completed, 1), 2) for stream in after}
     requested = {
         e.originator_id: e.timestamp
         for e in await collect_events(
@@ -164,9 +166,19 @@ async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, ru
             "requested": jobs,
             "completed": completed,
             "claims_refused": len(refusals),
+            "stored_messages_per_job": {**per_job, "total": round(sum(per_job.values()), 2)},
             **await input_load(nc, names),
         },
     )
+
+
+async def stored_messages(nc: Client) -> dict[str, int]:
+    """Messages stored now in the event and input streams."""
+    js = nc.jetstream()
+    return {
+        stream: (await js.stream_info(stream)).state.messages
+        for stream in (topology.EVENT_STREAM, topology.INPUT_STREAM)
+    }
 
 
 async def input_load(nc: Client, names: list[str]) -> dict[str, object]:
@@ -192,12 +204,14 @@ async def input_load(nc: Client, names: list[str]) -> dict[str, object]:
             busiest[service] = max(busiest.get(service, 0), throttle.busiest_window(times, window_s))
     throttled: Counter[str] = Counter()
     for m in await bus.read_subject(js, topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.*"):
-        try:
-            event = decode_event(m.data)
-        except Exception:  # not Warden's: nothing to count
-            continue
-        if isinstance(event, InputRejected) and event.throttled_until is not None and event.sender in names:
-            throttled[event.throttled_by] += 1
+        events = written.events_of(m.subject, m.headers, m.data)
+        for event in () if isinstance(events, str) else events:  # not Warden's: nothing to count
+            if (
+                isinstance(event, InputRejected)
+                and event.throttled_until is not None
+                and event.sender in names
+            ):
+                throttled[event.throttled_by] += 1
     return {
         "throttle": {"limit": limit, "window_s": window_s},
         "busiest_agent_inputs_per_window": busiest,

@@ -69,14 +69,15 @@ async def follow_job(nc: Client, job_id: UUID, *, quiet: bool, timeout: float | 
     state: list[Job | None] = [None]
 
     async def cb(msg: Any) -> None:
-        event = written.event_of(msg.subject, msg.headers, msg.data)
-        if isinstance(event, str):
+        found = written.events_of(msg.subject, msg.headers, msg.data)
+        if isinstance(found, str):
             seq = msg.metadata.sequence.stream
-            click.echo(f"FINDING: stepped over message {seq}, not written by Warden: {event}", err=True)
+            click.echo(f"FINDING: stepped over message {seq}, not written by Warden: {found}", err=True)
             return
-        state[0] = evolve_job(state[0], event)
-        if not quiet:
-            click.echo(describe(event))
+        for event in found:
+            state[0] = evolve_job(state[0], event)
+            if not quiet:
+                click.echo(describe(event))
         if state[0] is not None and state[0].status in TERMINAL:
             done.set()
 

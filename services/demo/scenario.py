@@ -43,8 +43,8 @@ from shared.events import (
     ProposalRejected,
     ProposalSubmitted,
 )
-from shared.events import decode as decode_event
 from shared.messages import Accepted, JobRequest
+from shared.persistence import written
 from shared.readmodel.store import URL_ENV, default_url
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, Proposal
@@ -214,10 +214,9 @@ async def read_log(nc: Any) -> list[AnyEvent]:
     stored = await bus.read_subject(nc.jetstream(), topology.EVENT_STREAM, f"{topology.EVENT_ROOT}.*")
     events: list[AnyEvent] = []
     for item in stored:
-        try:
-            events.append(decode_event(item.data))
-        except msgspec.DecodeError:
-            continue
+        found = written.events_of(item.subject, item.headers, item.data)
+        if not isinstance(found, str):  # a message Warden did not write tells nothing
+            events.extend(found)
     return events
 
 

@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from shared import topology
 from shared.aggregates import is_job_event
+from shared.events import AnyEvent, ProposalSubmitted
 from shared.forensics import log
 from shared.persistence import written
 
@@ -101,10 +102,12 @@ async def _is_job(js: JetStreamContext, aggregate: UUID) -> bool:
         raw = await js.get_last_msg(topology.EVENT_STREAM, subject, direct=True)
     except NotFoundError:
         return False
-    event = written.event_of(subject, dict(raw.headers or {}), raw.data or b"")
-    if isinstance(event, str):
+    last = written.events_of(subject, dict(raw.headers or {}), raw.data or b"")
+    event: AnyEvent | str = last[0] if not isinstance(last, str) else ""
+    if isinstance(last, str):
         # The last message is not Warden's: any of the aggregate's own events says what it is.
-        found = [e.event for e in map(log.as_event, await log.scan(js, topology.EVENT_STREAM, subject))]
+        stored = await log.scan(js, topology.EVENT_STREAM, subject)
+        found = [e.event for s in stored for e in log.as_events(s)]
         event = next((e for e in found if e is not None), "")
     return not isinstance(event, str) and is_job_event(event)
 
@@ -133,9 +136,14 @@ async def resolve_proposal(nc: Client, text: str) -> UUID:
         return marker in record.data
 
     for record in await log.scan(nc.jetstream(), topology.EVENT_STREAM, log.EVENT_SUBJECTS, keep=keep):
-        pid = getattr(log.as_event(record).event, "proposal_id", None)
-        if isinstance(pid, UUID) and str(pid).startswith(given):
-            found.append(pid)
+        for logged in log.as_events(record):
+            pid = getattr(logged.event, "proposal_id", None)
+            if (
+                isinstance(logged.event, ProposalSubmitted)
+                and isinstance(pid, UUID)
+                and str(pid).startswith(given)
+            ):
+                found.append(pid)
     return choose(given, "proposal", found)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import cached_property
 from typing import Any
@@ -26,7 +26,7 @@ from nats.js import api as js_api
 from nats.js.errors import APIError, NotFoundError
 
 from shared import topology
-from shared.events import AnyEvent
+from shared.events import AnyEvent, unpack
 from shared.events import decode as decode_event
 from shared.persistence import written
 
@@ -66,11 +66,16 @@ class Stored:
 @dataclass(frozen=True)
 class LoggedEvent:
     """A stored message on an aggregate's subject, and the Warden event it is: None when it is
-    not one, and then `foreign` says why (see shared/persistence/written.py)."""
+    not one, and then `foreign` says why (see shared/persistence/written.py).
+
+    One event of a packed record (several events of one aggregate in one message) is logged
+    with the record's sequence, subject and time, and its own bytes as `data` (what its hash
+    is taken of); `ordinal` is its place in the record."""
 
     stored: Stored
     event: AnyEvent | None
     foreign: str = ""
+    ordinal: int = 0
 
     @property
     def seq(self) -> int:
@@ -94,15 +99,24 @@ class LoggedEvent:
         return self.stored.sha256
 
 
-def as_event(stored: Stored) -> LoggedEvent:
+def as_events(stored: Stored) -> list[LoggedEvent]:
+    """The events a stored message holds (a packed record's several), or one LoggedEvent
+    naming why it is foreign. A message without headers (from a copy) is read by its bytes."""
     if stored.headers is not None:
-        found = written.event_of(stored.subject, stored.headers, stored.data)
-        return LoggedEvent(stored, None, found) if isinstance(found, str) else LoggedEvent(stored, found)
+        found = written.written_of(stored.subject, stored.headers, stored.data)
+        if isinstance(found, str):
+            return [LoggedEvent(stored, None, found)]
+        if len(found) == 1:
+            return [LoggedEvent(stored, found[0].event)]
+        return [LoggedEvent(replace(stored, data=w.data), w.event, ordinal=i) for i, w in enumerate(found)]
     try:
-        event: AnyEvent | None = decode_event(stored.data)
+        elements = unpack(stored.data)
+        decoded = [(element, decode_event(element)) for element in elements]
     except msgspec.DecodeError as exc:
-        return LoggedEvent(stored, None, f"a payload that is not a Warden event ({exc})")
-    return LoggedEvent(stored, event)
+        return [LoggedEvent(stored, None, f"a payload that is not a Warden event ({exc})")]
+    if len(decoded) == 1:
+        return [LoggedEvent(stored, decoded[0][1])]
+    return [LoggedEvent(replace(stored, data=d), e, ordinal=i) for i, (d, e) in enumerate(decoded)]
 
 
 def is_aggregate_subject(subject: str) -> bool:
@@ -340,7 +354,7 @@ async def read_events(
         return until is not None and record.time > until
 
     stored = await scan(js, topology.EVENT_STREAM, subject, start_seq=start_seq, stop=beyond)
-    return [as_event(s) for s in stored if is_aggregate_subject(s.subject)]
+    return [e for s in stored if is_aggregate_subject(s.subject) for e in as_events(s)]
 
 
 async def job_events(js: JetStreamContext, job_id: UUID) -> list[LoggedEvent]:

@@ -96,6 +96,7 @@ class BatchFold:
         self.agent_ids: dict[str, UUID] = {}
         self.dirty_agents: set[UUID] = set()
         self.dirty_proposals: set[str] = set()
+        self.ordinal = 0
         self.inserts: dict[str, list[Row]] = {
             t.name: [] for t in (LEVELS, CHECKS, FAILURES, REVOCATIONS, TIMELINE)
         }
@@ -152,13 +153,23 @@ class BatchFold:
 
     # -- folding ------------------------------------------------------------------------
 
-    def apply(self, seq: int, event: AnyEvent) -> None:
+    def _event_row(self, table: Table, row: Row) -> None:
+        """A row of an event table: keyed by the event's place in the stream (its stored
+        message's sequence, and its ordinal within a packed record)."""
+        row["ordinal"] = self.ordinal
+        self.inserts[table.name].append(row)
+
+    def apply(self, seq: int, event: AnyEvent, ordinal: int = 0) -> None:
+        """Fold the event at `seq` (the `ordinal`th of its stored message: see
+        shared/persistence/jetstream.py on packed records)."""
+        self.ordinal = ordinal
         at = ts(event.timestamp)
         if isinstance(event, InputRejected):
             self._timeline(seq, event, at, job_id=None, agent=event.sender or None)
             if event.subject.startswith(OPERATOR_INPUTS):
                 return  # a person's mistyped command, answered at once: no failure of the system
-            self.inserts[FAILURES.name].append(
+            self._event_row(
+                FAILURES,
                 {
                     "seq": seq,
                     "kind": "input.rejected",
@@ -173,12 +184,13 @@ class BatchFold:
                         {"subject": event.subject, "input_seq": event.input_seq, "excerpt": event.excerpt}
                     ),
                     "at": at,
-                }
+                },
             )
             return
         if isinstance(event, ReplyRefused):
             self._timeline(seq, event, at, job_id=None, agent=event.sender or None)
-            self.inserts[FAILURES.name].append(
+            self._event_row(
+                FAILURES,
                 {
                     "seq": seq,
                     "kind": "input.reply_refused",
@@ -193,7 +205,7 @@ class BatchFold:
                         {"subject": event.subject, "input_seq": event.input_seq, "reply_to": event.reply_to}
                     ),
                     "at": at,
-                }
+                },
             )
             return
         agent_state, _ = self.agent(event.originator_id)
@@ -203,7 +215,8 @@ class BatchFold:
             self._apply_job(seq, event, at)
 
     def _timeline(self, seq: int, event: Event, at: str, *, job_id: str | None, agent: str | None) -> None:
-        self.inserts[TIMELINE.name].append(
+        self._event_row(
+            TIMELINE,
             {
                 "seq": seq,
                 "aggregate_id": str(event.originator_id),
@@ -212,7 +225,7 @@ class BatchFold:
                 "type": tag_of(event),
                 "summary": summarize(event)[:500],
                 "at": at,
-            }
+            },
         )
 
     def _apply_agent(self, seq: int, event: AnyEvent, at: str) -> None:
@@ -246,7 +259,8 @@ class BatchFold:
         self.dirty_agents.add(after.id)
         match event:
             case AgentLevelChanged():
-                self.inserts[LEVELS.name].append(
+                self._event_row(
+                    LEVELS,
                     {
                         "seq": seq,
                         "agent_id": str(after.id),
@@ -257,7 +271,7 @@ class BatchFold:
                         "actor": event.by,
                         "evidence": to_json(event.evidence),
                         "at": at,
-                    }
+                    },
                 )
                 if event.level < event.previous:  # a demotion takes authority away
                     self._revocation(seq, "agent.level_changed", event, at, agent=after.name, actor=event.by)
@@ -280,7 +294,8 @@ class BatchFold:
         signal: str = "",
     ) -> None:
         signal_at: datetime | None = getattr(event, "signal_at", None)
-        self.inserts[REVOCATIONS.name].append(
+        self._event_row(
+            REVOCATIONS,
             {
                 "seq": seq,
                 "kind": kind,
@@ -294,7 +309,7 @@ class BatchFold:
                 "latency_ms": _ms_between(signal_at, event.timestamp),
                 "evidence": to_json(list(getattr(event, "evidence", []))),
                 "at": at,
-            }
+            },
         )
 
     def _count(self, agent_name: str, counter: str) -> None:
@@ -410,7 +425,7 @@ class BatchFold:
         detail = fields.pop("detail", {})
         row.update(fields)
         row["detail"] = to_json(detail)
-        self.inserts[FAILURES.name].append(row)
+        self._event_row(FAILURES, row)
 
     def _update_proposal(self, seq: int, at: str, proposal_id: UUID, **changes: Any) -> Row | None:
         row = self.proposal(proposal_id)
@@ -505,7 +520,8 @@ class BatchFold:
                 }
                 self.dirty_proposals.add(key)
             case InvariantChecked():
-                self.inserts[CHECKS.name].append(
+                self._event_row(
+                    CHECKS,
                     {
                         "seq": seq,
                         "proposal_id": str(event.proposal_id),
@@ -515,7 +531,7 @@ class BatchFold:
                         "verdict": event.verdict,
                         "evidence": to_json(event.evidence),
                         "at": at,
-                    }
+                    },
                 )
                 row = self.proposal(event.proposal_id)
                 if row is not None:

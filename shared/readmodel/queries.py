@@ -90,12 +90,14 @@ def job_detail(store: ReadModel, job_id: str) -> dict[str, Any] | None:
         proposals = _select(
             db, PROPOSALS, " WHERE job_id = ?", (job_id,), " ORDER BY submitted_at, proposal_id"
         )
-        checks = _select(db, CHECKS, " WHERE job_id = ?", (job_id,), " ORDER BY seq")
+        checks = _select(db, CHECKS, " WHERE job_id = ?", (job_id,), " ORDER BY seq, ordinal")
         for proposal in proposals:
             proposal["checks"] = [c for c in checks if c["proposal_id"] == proposal["proposal_id"]]
         job["proposals"] = proposals
-        job["failures"] = _select(db, FAILURES, " WHERE job_id = ?", (job_id,), " ORDER BY seq")
-        job["revocations"] = _select(db, REVOCATIONS, " WHERE job_id = ?", (job_id,), " ORDER BY seq")
+        job["failures"] = _select(db, FAILURES, " WHERE job_id = ?", (job_id,), " ORDER BY seq, ordinal")
+        job["revocations"] = _select(
+            db, REVOCATIONS, " WHERE job_id = ?", (job_id,), " ORDER BY seq, ordinal"
+        )
     return job
 
 
@@ -105,12 +107,12 @@ def agent_detail(store: ReadModel, name: str) -> dict[str, Any] | None:
         if not rows:
             return None
         agent = rows[0]
-        agent["level_changes"] = _select(db, LEVELS, " WHERE agent = ?", (name,), " ORDER BY seq")
+        agent["level_changes"] = _select(db, LEVELS, " WHERE agent = ?", (name,), " ORDER BY seq, ordinal")
         agent["recent_leases"] = _select(
             db, LEASES, " WHERE agent = ?", (name,), f" ORDER BY {LEASES.order} LIMIT 50"
         )
         agent["revocations"] = _select(
-            db, REVOCATIONS, " WHERE agent = ?", (name,), " ORDER BY seq DESC LIMIT 50"
+            db, REVOCATIONS, " WHERE agent = ?", (name,), " ORDER BY seq DESC, ordinal DESC LIMIT 50"
         )
     return agent
 
@@ -187,7 +189,7 @@ def detection_latencies(store: ReadModel, limit: int) -> list[dict[str, Any]]:
             FAILURES,
             " WHERE kind = 'lease.expired' AND latency_ms IS NOT NULL",
             (),
-            f" ORDER BY seq DESC LIMIT {int(limit)}",
+            f" ORDER BY seq DESC, ordinal DESC LIMIT {int(limit)}",
         )
     rows.reverse()
     return [
@@ -199,9 +201,19 @@ def detection_latencies(store: ReadModel, limit: int) -> list[dict[str, Any]]:
 def timeline_after(
     store: ReadModel, after: int, limit: int
 ) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]]]:
-    """Timeline rows after a position, with the current row of every job they touch."""
+    """Timeline rows after a position, with the current row of every job they touch. A page
+    never ends inside a packed record (its rows share a seq): it may hold a few more than `limit`."""
     with store.reading() as db:
-        rows = _select(db, TIMELINE, " WHERE seq > ?", (after,), f" ORDER BY seq LIMIT {int(limit)}")
+        rows = _select(db, TIMELINE, " WHERE seq > ?", (after,), f" ORDER BY seq, ordinal LIMIT {int(limit)}")
+        if len(rows) >= limit:
+            last = rows[-1]
+            rows += _select(
+                db,
+                TIMELINE,
+                " WHERE seq = ? AND ordinal > ?",
+                (last["seq"], last["ordinal"]),
+                " ORDER BY ordinal",
+            )
         job_ids = sorted({r["job_id"] for r in rows if r["job_id"]})
         jobs: dict[str, dict[str, Any]] = {}
         for start in range(0, len(job_ids), 500):
@@ -214,7 +226,7 @@ def timeline_after(
 
 def job_timeline(store: ReadModel, job_id: str) -> list[dict[str, Any]]:
     with store.reading() as db:
-        return _select(db, TIMELINE, " WHERE job_id = ?", (job_id,), " ORDER BY seq")
+        return _select(db, TIMELINE, " WHERE job_id = ?", (job_id,), " ORDER BY seq, ordinal")
 
 
 def dump(
@@ -397,7 +409,7 @@ def approvals(store: ReadModel, limit: int, offset: int) -> Page:
                 continue  # the proposal's row is folded in the same batch as its job's
             proposal = found[0]
             proposal["checks"] = _select(
-                db, CHECKS, " WHERE proposal_id = ?", (proposal["proposal_id"],), " ORDER BY seq"
+                db, CHECKS, " WHERE proposal_id = ?", (proposal["proposal_id"],), " ORDER BY seq, ordinal"
             )
             proposal["kind"] = job["kind"]
             items.append(proposal)

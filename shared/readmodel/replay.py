@@ -68,7 +68,7 @@ def notifications(
 
     while start <= stop:
         records = io.run(partial(io.scan, subject, start, limit=PAGE, stop=stop, keep=keep))
-        page = [n for r in records if (n := recorder._notification(r)) is not None]
+        page = [n for r in records for n in recorder._notifications(r)]
         if not page:
             return
         yield page

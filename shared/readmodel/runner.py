@@ -28,6 +28,7 @@ from opentelemetry.context import Context as OtelContext
 from shared import telemetry
 from shared.events import AnyEvent
 from shared.persistence import written
+from shared.persistence.jetstream import RecordNotification
 from shared.readmodel.store import APPLICATION, PROJECTION_NAME, ReadModel
 
 log = logging.getLogger("warden.projection")
@@ -157,7 +158,10 @@ class BatchingProjectionRunner:
             pump.join()
 
     def _take(self) -> tuple[list[Notification], BaseException | None, bool]:
-        """Block for one item, then take whatever else is already waiting, up to a batch."""
+        """Block for one item, then take whatever else is already waiting, up to a batch.
+
+        A batch never ends inside a packed record: its events share one notification id, and
+        the read model tracks its position by id, so a record cut in two would lose its rest."""
         batch: list[Notification] = []
         item = self._queue.get()
         while True:
@@ -167,10 +171,11 @@ class BatchingProjectionRunner:
             if isinstance(item, BaseException):
                 return batch, item, True
             batch.append(item)
-            if len(batch) >= self.max_batch:
+            inside = isinstance(item, RecordNotification) and not item.ends_record
+            if len(batch) >= self.max_batch and not inside:
                 return batch, None, False
             try:
-                item = self._queue.get_nowait()
+                item = self._queue.get() if inside else self._queue.get_nowait()
             except queue.Empty:
                 return batch, None, False
 

@@ -15,6 +15,7 @@ through eventsourcing's own datastores and tracking tables, chosen by URL:
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
@@ -30,7 +31,9 @@ from eventsourcing.utils import Environment
 from shared.events import AnyEvent
 from shared.readmodel.db import Db
 from shared.readmodel.fold import BatchFold
-from shared.readmodel.tables import TABLES
+from shared.readmodel.tables import TABLES, TIMELINE
+
+log = logging.getLogger("warden.projection")
 
 # The application whose notifications the read model tracks (WardenApp.name).
 APPLICATION = "warden"
@@ -75,7 +78,8 @@ class ReadModel(TrackingRecorder):
     def project(self, batch: Sequence[tuple[int, AnyEvent | None]]) -> int:
         """Fold events (stream sequence, event or None if undecodable) in one transaction.
 
-        Returns the position afterwards. Events at or below the tracked position are skipped.
+        Returns the position afterwards. Events at or below the tracked position are skipped,
+        so a batch holds all the events of a packed record (they share its sequence) or none.
         """
         if not batch:
             return self.position()
@@ -86,9 +90,13 @@ class ReadModel(TrackingRecorder):
                 return current
             fold = BatchFold(db)
             fold.prefetch(fresh)
+            # Events of one packed record share its sequence: their ordinals tell them apart.
+            ordinal, previous = 0, None
             for seq, event in fresh:
+                ordinal = ordinal + 1 if seq == previous else 0
+                previous = seq
                 if event is not None:
-                    fold.apply(seq, event)
+                    fold.apply(seq, event, ordinal)
             fold.flush()
             top = fresh[-1][0]
             # Raises IntegrityError (rolling everything back) unless `top` is past the position.
@@ -117,9 +125,24 @@ class SQLiteReadModel(ReadModel, SQLiteTrackingRecorder):
         with open(f"{db_name}.create-lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
+                self._drop_if_unkeyed_by_ordinal()
                 super().create_table()
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _drop_if_unkeyed_by_ordinal(self) -> None:
+        """A read model made before packed records keys its event tables by seq alone, which a
+        packed record's events share: it is dropped (tables and position) and rebuilt from the
+        stream, as any read model can be."""
+        with self.datastore.transaction(commit=True) as cursor:
+            db = Db(cursor.sqlite_cursor, "qmark")
+            columns = {row[1] for row in db.all(f"PRAGMA table_info({TIMELINE.name})")}
+            if not columns or "ordinal" in columns:
+                return
+            log.warning("read model %s predates packed records: rebuilding it from the stream", self)
+            for table in TABLES:
+                db.execute(f"DROP TABLE IF EXISTS {table.name}")
+            db.execute("DELETE FROM tracking WHERE application_name = ?", (APPLICATION,))
 
     def construct_create_table_statements(self) -> list[str]:
         statements = super().construct_create_table_statements()
@@ -166,6 +189,18 @@ class PostgresReadModel(ReadModel, PostgresTrackingRecorder):
         self.sql_create_statements[:0] = [_sql(f'CREATE SCHEMA IF NOT EXISTS "{schema}"')]
         # All statements run in one transaction: the read-model tables go in the schema too.
         self.sql_create_statements.append(_sql(f'SET LOCAL search_path TO "{schema}"'))
+        # A read model made before packed records keys its event tables by seq alone (which a
+        # packed record's events share): dropped with its position, and rebuilt from the stream.
+        drops = "; ".join(f"DROP TABLE IF EXISTS {t.name}" for t in TABLES)
+        self.sql_create_statements.append(
+            _sql(
+                "DO $$ BEGIN IF EXISTS (SELECT 1 FROM information_schema.tables WHERE table_schema = "
+                f"current_schema() AND table_name = '{TIMELINE.name}') AND NOT EXISTS (SELECT 1 FROM "
+                "information_schema.columns WHERE table_schema = current_schema() AND table_name = "
+                f"'{TIMELINE.name}' AND column_name = 'ordinal') THEN {drops}; DELETE FROM "
+                f"\"{self.tracking_table_name}\" WHERE application_name = '{APPLICATION}'; END IF; END $$"
+            )
+        )
         for table in TABLES:
             self.sql_create_statements.extend(_sql(s) for s in table.ddl())
 

@@ -71,6 +71,8 @@ class LevelChangeRow(Struct, kw_only=True):
     """One change of an agent's autonomy level, with the evidence it cites."""
 
     seq: int
+    # Its place in a packed record (events of one aggregate stored as one message), else 0.
+    ordinal: int = 0
     agent_id: str
     agent: str
     level: int
@@ -123,6 +125,8 @@ class CheckRow(Struct, kw_only=True):
     """One invariant check of a proposal (an `invariant.checked` event)."""
 
     seq: int
+    # Its place in a packed record (events of one aggregate stored as one message), else 0.
+    ordinal: int = 0
     proposal_id: str
     job_id: str
     invariant: str
@@ -136,6 +140,8 @@ class FailureRow(Struct, kw_only=True):
     """A failure Warden detected: an expired lease, a fenced or malformed message, a tombstone."""
 
     seq: int
+    # Its place in a packed record (events of one aggregate stored as one message), else 0.
+    ordinal: int = 0
     kind: (
         str  # the event type: lease.expired, message.rejected, input.rejected, job.tombstoned,
         # effect.failed, proposal.rejected (an operator's refused command is no failure)
@@ -155,6 +161,8 @@ class RevocationRow(Struct, kw_only=True):
     """Authority taken away: a lease revoked, an agent revoked, suspended or demoted."""
 
     seq: int
+    # Its place in a packed record (events of one aggregate stored as one message), else 0.
+    ordinal: int = 0
     kind: str  # lease.revoked, agent.revoked, agent.suspended, agent.level_changed (demotions)
     job_id: str | None = None
     agent: str
@@ -172,6 +180,8 @@ class TimelineRow(Struct, kw_only=True):
     """Every event, summarised: the live feed and a job's timeline at a glance."""
 
     seq: int
+    # Its place in a packed record (events of one aggregate stored as one message), else 0.
+    ordinal: int = 0
     aggregate_id: str
     job_id: str | None = None
     agent: str | None = None
@@ -271,10 +281,10 @@ AGENTS = Table(
 LEVELS = Table(
     "warden_agent_levels",
     LevelChangeRow,
-    key=("seq",),
+    key=("seq", "ordinal"),
     time="at",
     job_column=None,
-    order="seq DESC",
+    order="seq DESC, ordinal DESC",
     indexes=("agent",),
 )
 LEASES = Table(
@@ -298,37 +308,37 @@ PROPOSALS = Table(
 CHECKS = Table(
     "warden_checks",
     CheckRow,
-    key=("seq",),
+    key=("seq", "ordinal"),
     time="at",
     job_column="job_id",
-    order="seq",
+    order="seq, ordinal",
     indexes=("proposal_id", "job_id"),
 )
 FAILURES = Table(
     "warden_failures",
     FailureRow,
-    key=("seq",),
+    key=("seq", "ordinal"),
     time="at",
     job_column="job_id",
-    order="seq DESC",
+    order="seq DESC, ordinal DESC",
     indexes=("kind", "job_id", "agent", "latency_ms"),
 )
 REVOCATIONS = Table(
     "warden_revocations",
     RevocationRow,
-    key=("seq",),
+    key=("seq", "ordinal"),
     time="at",
     job_column="job_id",
-    order="seq DESC",
+    order="seq DESC, ordinal DESC",
     indexes=("kind", "job_id", "agent"),
 )
 TIMELINE = Table(
     "warden_timeline",
     TimelineRow,
-    key=("seq",),
+    key=("seq", "ordinal"),
     time="at",
     job_column="job_id",
-    order="seq",
+    order="seq, ordinal",
     indexes=("job_id",),
 )
 
