@@ -173,11 +173,12 @@ async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, ru
 
 
 async def stored_messages(nc: Client) -> dict[str, int]:
-    """Messages stored now in the event and input streams."""
+    """How many messages the event and input streams have stored so far (their last sequence:
+    the agent stream keeps only each subject's latest, so its count would undercount)."""
     js = nc.jetstream()
     return {
-        stream: (await js.stream_info(stream)).state.messages
-        for stream in (topology.EVENT_STREAM, topology.INPUT_STREAM)
+        stream: (await js.stream_info(stream)).state.last_seq
+        for stream in (topology.EVENT_STREAM, topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM)
     }
 
 
