@@ -9,14 +9,28 @@ the live projector, a replay, the application's repository) misses one event of 
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from uuid import UUID
 
 import anyio
 import anyio.to_thread
+from click.testing import CliRunner, Result
 
+import services.cli.main  # noqa: F401  (registers every command on cli)
+from services.cli.app import cli
 from shared import bus, topology
-from shared.events import AnyEvent, Event, InvariantChecked, ProposalRejected, digest, tag_of
+from shared.events import (
+    AnyEvent,
+    EffectApplied,
+    Event,
+    InvariantChecked,
+    JobCompleted,
+    ProposalAccepted,
+    ProposalRejected,
+    digest,
+    tag_of,
+)
 from shared.forensics import log
 from shared.forensics.explain import explain_job
 from shared.forensics.ledger import verify_log
@@ -24,9 +38,10 @@ from shared.persistence.jetstream import JetStreamApplicationRecorder
 from shared.readmodel import open_read_model, queries
 from shared.readmodel.replay import rebuild
 from shared.readmodel.tables import CHECKS
+from shared.sdk import AgentClient, JobContext, Proposal
 from shared.server import EmbeddedServer
-from tests.harness import client, events_of
-from tests.readside import agent_history, job_history, read_side
+from tests.harness import client, events_of, running, submit, wait_for_event
+from tests.readside import agent_history, job_history, job_request, quick_contract, read_side
 
 
 async def test_a_save_of_several_events_of_one_job_is_one_message_that_every_reader_reads_whole(
@@ -116,6 +131,51 @@ async def test_a_save_of_several_events_of_one_job_is_one_message_that_every_rea
         assert replayed == timeline
         assert any(isinstance(e, ProposalRejected) for e in saved)
         tg.cancel_scope.cancel()
+
+
+async def test_a_governed_job_is_stored_in_fewer_messages_than_events_and_its_ledger_verifies(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    url = nats_server.url
+    async with running(url, ["scheduler", "reconciler", "revoker", "checker", "applier"]), client(url) as nc:
+        job_id = await submit(nc, job_request(contract=quick_contract(ttl=30)))
+
+        async def handler(ctx: JobContext) -> Proposal:
+            return Proposal(effect="none", output={"ok": True})
+
+        await AgentClient(nc, "packer").serve(handler, max_jobs=1)
+        await wait_for_event(nc, lambda e: isinstance(e, JobCompleted) and e.originator_id == job_id)
+        logged = await log.job_events(nc.jetstream(), job_id)
+    seq_of = {type(e.event): e.seq for e in logged}
+    # The checker's verdicts and its decision are one message; so are the effect and completion.
+    assert seq_of[InvariantChecked] == seq_of[ProposalAccepted]
+    assert seq_of[EffectApplied] == seq_of[JobCompleted]
+    assert len({e.seq for e in logged}) < len(logged)
+
+    # `warden ledger verify`, and a dossier (one record per event) checked against the stream.
+    def cli_run(*args: str) -> Result:
+        return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+    verified = await anyio.to_thread.run_sync(cli_run, "ledger", "verify", "--nats", url)
+    assert verified.exit_code == 0 and "ledger intact" in verified.output, verified.output
+    copy = tmp_path / "dossier.json"
+    made = await anyio.to_thread.run_sync(cli_run, "dossier", str(job_id), "--nats", url, "--out", str(copy))
+    assert made.exit_code == 0, made.output
+    against = await anyio.to_thread.run_sync(
+        cli_run, "ledger", "verify", "--file", str(copy), "--against-log", "--nats", url
+    )
+    assert against.exit_code == 0, against.output
+    # An edit inside a packed record's event is caught against the stream.
+    bundle = json.loads(copy.read_text())
+    completed = next(e for e in bundle["events"] if e["event"]["type"] == "job.completed")
+    raw = completed["raw"].replace('"packer"', '"someone"')
+    completed["raw"], completed["event"] = raw, json.loads(raw)
+    completed["hash"] = hashlib.sha256(raw.encode()).hexdigest()
+    copy.write_text(json.dumps(bundle))
+    edited = await anyio.to_thread.run_sync(
+        cli_run, "ledger", "verify", "--file", str(copy), "--against-log", "--nats", url
+    )
+    assert edited.exit_code == 1 and "differs from the event the stream holds" in edited.output
 
 
 def _places(events: list[tuple[int, AnyEvent]]) -> list[tuple[int, int]]:
