@@ -28,6 +28,7 @@ class Level(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     name: str
     effects: list[str]
     branches: Literal["sandbox", "target"] = "sandbox"
+    # Leases an agent works at once; one whose proposal awaits its decision no longer counts.
     max_leases: int = 1
     invariants: list[str] = field(default_factory=list)
 

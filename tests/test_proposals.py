@@ -226,6 +226,31 @@ async def test_approval_required_waits_for_an_operator_and_records_who_approved(
     assert len(gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid))) == 1
 
 
+async def test_an_agent_whose_only_lease_awaits_approval_is_granted_its_next_job_meanwhile(
+    nats_server: EmbeddedServer,
+) -> None:
+    contract = Contract(scope=Scope(effects=["none"]), approval_required=True)
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent = AgentClient(nc, "diligent", max_concurrent=1)
+        await agent.register()
+        first_id = await submit(nc, request(contract))
+        second_id = await submit(nc, request(contract))
+        first = await agent.claim()
+        assert first is not None and first.job_id == first_id
+        ctx = JobContext(grant=first)
+        pid = await propose(agent, ctx, Proposal(output="first"))
+
+        # Its part of the first job is done: the operator's approval is not its to wait for.
+        second = await agent.claim()
+        assert second is not None and second.job_id == second_id
+        # The first lease still lives: its heartbeats are answered, and it ends with its job.
+        ack = await agent.heartbeat(ctx)
+        assert ack.standing == "extended"
+        assert isinstance(await operator(nc, "approve", pid, "alice", "fine"), Accepted)
+        done = await wait_for_event(nc, lambda e: isinstance(e, JobCompleted) and e.originator_id == first_id)
+        assert isinstance(done, JobCompleted) and done.agent == "diligent" and done.epoch == 1
+
+
 async def test_a_denied_proposal_is_rejected_naming_the_operator_and_the_attempt_is_spent(
     nats_server: EmbeddedServer,
 ) -> None:

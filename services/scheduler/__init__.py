@@ -272,7 +272,7 @@ class Scheduler:
         unknown = await self._unknown_lease(name, claim, seq)
         if unknown is not None:
             return await self._grant_again(unknown)
-        held = self.ctx.views.live_leases_of(name)
+        held = rules.held(self.ctx.views.jobs.values(), name)
         present = [
             other
             for other_name in self._last_claim.present(at)

@@ -391,6 +391,20 @@ def someone_else_for(job: Job, name: str, present: Iterable[Agent]) -> bool:
     )
 
 
+def occupies(job: Job, name: str) -> bool:
+    """Does this job take up one of `name`'s leases? Its live lease does until something is
+    proposed under it: the agent's part is then done (checks, an approval and the effect are
+    Warden's), so it may work its next job meanwhile. The lease itself still lives: messages
+    under it are fenced by it, its heartbeats answered, it can be revoked."""
+    lease = job.live_lease
+    return not job.terminal and lease is not None and lease.agent == name and job.pending_proposal is None
+
+
+def held(jobs: Iterable[Job], name: str) -> int:
+    """How many of `name`'s leases count against its limit."""
+    return sum(1 for job in jobs if occupies(job, name))
+
+
 def lease_limit(agent: Agent, policy: Policy) -> int:
     """The agent's own limit, capped by what its autonomy level allows."""
     return min(agent.max_concurrent, policy.at(agent.level).max_leases)
@@ -431,7 +445,7 @@ def grant(
 ) -> Granted | NoWork:
     """The first of `candidates` (oldest first) this claim may take, and its grant; or why none.
 
-    `held` is how many live leases the agent holds; `present` the other agents that claimed
+    `held` is how many of its leases count against its limit (see `held`); `present` the others that claimed
     lately (a retry prefers one of them to the agent that failed it).
     """
     limit = lease_limit(agent, policy)

@@ -510,6 +510,44 @@ def test_an_agent_at_its_lease_limit_is_given_no_work_and_its_level_caps_its_own
     assert rules.lease_limit(agent(max_concurrent=10, level=1), POLICY) == 5
 
 
+def test_a_live_lease_counts_against_its_agent_until_something_is_proposed_under_it() -> None:
+    working = leased(requested(), "a")
+    awaiting = proposed(leased(requested(), "a"))
+    pid = awaiting.pending_proposal
+    assert pid is not None
+    approved = fold(
+        awaiting,
+        *after(
+            awaiting, ProposalAccepted(originator_id=awaiting.id, originator_version=NEXT, proposal_id=pid)
+        ),
+    )
+    assert rules.occupies(working, "a") and not rules.occupies(working, "b")
+    # Proposed, or accepted and waiting for its effect: the lease lives, but the agent is free.
+    assert awaiting.live_lease is not None and not rules.occupies(awaiting, "a")
+    assert approved.live_lease is not None and not rules.occupies(approved, "a")
+    assert rules.held([working, awaiting, approved, requested()], "a") == 1
+
+
+def test_an_ended_lease_or_a_finished_job_takes_up_no_lease_of_its_agent() -> None:
+    job = leased(requested(), "a")
+    done = JobCompleted(
+        originator_id=job.id, originator_version=NEXT, proposal_id=uuid4(), agent="a", epoch=1
+    )
+    completed = fold(job, *after(job, done))
+    assert not rules.occupies(ended(job, "expired"), "a")
+    assert not rules.occupies(completed, "a")
+    assert rules.held([ended(job, "released"), completed], "a") == 0
+
+
+def test_an_agent_whose_only_lease_awaits_its_decision_is_granted_its_next_job() -> None:
+    awaiting = proposed(leased(requested(), "a"))
+    one = agent(max_concurrent=1)
+    assert isinstance(grant([requested()], one, held=rules.held([awaiting], "a")), rules.Granted)
+    assert grant([requested()], one, held=rules.held([leased(requested(), "a")], "a")) == NoWork(
+        detail="agent a holds 1 of 1 leases (level 0)"
+    )
+
+
 def test_a_job_past_its_deadline_or_no_longer_queued_is_not_granted() -> None:
     assert isinstance(grant([requested(deadline=at(1))], agent(), when=1), NoWork)
     assert isinstance(grant([leased(requested())], agent()), NoWork)
