@@ -188,7 +188,7 @@ class EmbeddedServer:
         log = open(self.log_path, "a", encoding="utf-8")  # noqa: SIM115  (closed by the reader thread)
 
         def read() -> None:
-            with log:
+            with log, stderr:  # the pipe closes at the server's exit, not whenever it is collected
                 for raw in stderr:
                     line = raw.decode("utf-8", "replace")
                     log.write(line)

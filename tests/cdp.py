@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import anyio
 from websockets.asyncio.client import ClientConnection, connect
@@ -193,6 +193,13 @@ async def browser_page(executable: str) -> AsyncIterator[Page]:
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def _drain(pipe: IO[str]) -> None:
+    """Read to the end (the browser's exit), then close: a pipe left open warns when collected."""
+    with pipe:
+        for _ in pipe:
+            pass
+
+
 def _devtools_endpoint(process: subprocess.Popen[str], deadline_s: float = 30.0) -> str:
     """Chromium prints its DevTools websocket address on stderr once it listens."""
     assert process.stderr is not None
@@ -206,8 +213,9 @@ def _devtools_endpoint(process: subprocess.Popen[str], deadline_s: float = 30.0)
             seen.append(line)
             if "DevTools listening on" in line:
                 # Keep draining, or a chatty browser blocks on a full pipe.
-                threading.Thread(target=lambda: [None for _ in stderr], daemon=True).start()
+                threading.Thread(target=_drain, args=(stderr,), daemon=True).start()
                 return line.split("DevTools listening on", 1)[1].strip()
+        stderr.close()
     finally:
         watchdog.cancel()
     raise CDPError("chromium exited before DevTools listened:\n" + "".join(seen[-20:]))

@@ -7,6 +7,7 @@ a check script (`python check.py`) that fails when the call sites and the functi
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 from shared import gitops
@@ -63,7 +64,7 @@ def head(repo: Path, branch: str = "main") -> str:
     return sha
 
 
-def patch_for(repo: Path, changes: dict[str, str | None], base: str | None = None) -> tuple[str, str]:
+def patch_for(repo: Path, changes: Mapping[str, str | None], base: str | None = None) -> tuple[str, str]:
     """(unified diff, base commit) for `changes` (path -> new text, None deletes) made on `base`."""
     base = base or head(repo)
     tree = gitops.add_worktree(repo, base)

@@ -22,6 +22,7 @@ from shared.events import (
     AgentLevelChanged,
     AgentRegistered,
     AgentRevoked,
+    AnyEvent,
     Event,
     InvariantChecked,
     JobRequested,
@@ -92,7 +93,7 @@ def job_request(*, kind: str = "noop", contract: Contract | None = None) -> JobR
     return JobRequest(idempotency_key=str(uuid.uuid4()), kind=kind, contract=contract or quick_contract())
 
 
-def job_history(agent: str, outcome: str, index: int) -> list[Event]:
+def job_history(agent: str, outcome: str, index: int) -> list[AnyEvent]:
     """A plausible event history for one job (what the services would append), built directly.
 
     Appending histories through the application is much faster than driving agents, and covers
@@ -101,7 +102,7 @@ def job_history(agent: str, outcome: str, index: int) -> list[Event]:
     job_id = uuid.uuid4()
     t = now()
     contract = quick_contract(attempts=2)
-    out: list[Event] = [
+    out: list[AnyEvent] = [
         JobRequested(
             originator_id=job_id,
             originator_version=1,
@@ -161,7 +162,7 @@ def job_history(agent: str, outcome: str, index: int) -> list[Event]:
     return out
 
 
-def agent_history(name: str) -> list[Event]:
+def agent_history(name: str) -> list[AnyEvent]:
     agent_id = agent_id_for(name)
     t = now()
     return [

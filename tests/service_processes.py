@@ -85,12 +85,13 @@ def start(
     log = workdir / f"{label}.log"
     args = ["run", service, "--nats", url, "--data-dir", str(workdir / "data"), "--http", "127.0.0.1:0"]
     base = {k: v for k, v in os.environ.items() if not k.startswith("WARDEN_")}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", LAUNCHER, str(release_at or 0.0), *args],
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**base, "PYTHONUNBUFFERED": "1", "WARDEN_API_AUTH": "off", **(env or {})},
-        start_new_session=True,
-    )
+    with log.open("wb") as out:  # the child has its own copy of the descriptor
+        proc = subprocess.Popen(
+            [sys.executable, "-c", LAUNCHER, str(release_at or 0.0), *args],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**base, "PYTHONUNBUFFERED": "1", "WARDEN_API_AUTH": "off", **(env or {})},
+            start_new_session=True,
+        )
     return ServiceProcess(service, proc, log)

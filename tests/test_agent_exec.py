@@ -68,13 +68,14 @@ def _exec(
     env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     argv = [sys.executable, "-m", "services.cli", "agent", "exec", "--name", name, "--nats", url, *options]
-    return subprocess.Popen(
-        [*argv, "--", *command],
-        cwd=ROOT,
-        stdout=log.open("wb"),
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "WARDEN_NATS_URL": "", **(env or {})},
-    )
+    with log.open("wb") as out:  # the child has its own copy of the descriptor
+        return subprocess.Popen(
+            [*argv, "--", *command],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "WARDEN_NATS_URL": "", **(env or {})},
+        )
 
 
 def _ended(proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> tuple[int, str]:
@@ -160,6 +161,7 @@ async def test_agent_exec_runs_a_real_command_and_its_diff_arrives_as_a_proposal
         assert submitted.originator_id == job_id and submitted.agent == "scribe"
         assert await anyio.to_thread.run_sync(proc.wait) == 0, (tmp_path / "agent.log").read_text()
         raw = await nc.jetstream().get_msg(topology.AGENT_INPUT_STREAM, submitted.input_seq)
+        assert raw.data is not None
         proposal = msgspec.json.decode(raw.data)
         assert "+hello from exec" in proposal["patch"]
         assert "notes.txt" in proposal["patch"]

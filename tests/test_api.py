@@ -22,6 +22,7 @@ from shared.readmodel.tables import JOB_STATES
 from shared.sdk import AgentClient
 from shared.server import EmbeddedServer
 from tests.harness import client, submit
+from tests.processes import ended
 from tests.readside import (
     ReadSide,
     agent_history,
@@ -196,7 +197,7 @@ async def test_live_updates_arrive_as_server_sent_events_and_resume_after_a_posi
                 await got_all.wait()
         entries = [update["entry"] for _, update in received]
         assert [e["type"] for e in entries] == [type(e).__struct_config__.tag for e in history]  # type: ignore[index]
-        assert all(e["seq"] > start for e in entries)  # type: ignore[index, operator]
+        assert all(e["seq"] > start for e in entries)  # type: ignore[index]
         job = received[-1][1]["job"]
         assert isinstance(job, dict) and job["state"] in JOB_STATES
         # Only a record's last event carries its id, so a Last-Event-ID names a whole record.
@@ -206,7 +207,7 @@ async def test_live_updates_arrive_as_server_sent_events_and_resume_after_a_posi
         # Replay: a client that reconnects after the first record gets the rest, in order.
         replayed: list[tuple[int | None, dict[str, object]]] = []
         with anyio.fail_after(10):
-            await listen(first, len(history) - 1, replayed)  # type: ignore[arg-type]
+            await listen(first, len(history) - 1, replayed)
         assert replayed == received[1:]
 
 
@@ -315,5 +316,4 @@ def test_warden_up_serves_the_dashboard_and_api_with_projections_in_its_data_dir
             assert status["store"] == f"sqlite:///{data_dir / 'projections.sqlite'}"
         assert (data_dir / "projections.sqlite").exists()
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert ended(proc, signal.SIGINT) == 0

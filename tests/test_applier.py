@@ -52,6 +52,10 @@ def applied(pid: uuid.UUID) -> Any:
     return lambda e: isinstance(e, EffectApplied) and e.proposal_id == pid
 
 
+def accepted(pid: uuid.UUID) -> Any:
+    return lambda e: isinstance(e, ProposalAccepted) and e.proposal_id == pid
+
+
 def settled(pid: uuid.UUID) -> Any:
     return lambda e: isinstance(e, EffectApplied | EffectFailed) and e.proposal_id == pid
 
@@ -473,9 +477,7 @@ async def test_jobs_accepted_at_once_are_applied_concurrently_each_exactly_once(
             agent, ctx = await lease(nc, f"notifier{i}", contract)
             pids.append(await propose(agent, ctx, Proposal(effect="webhook", output={"n": i})))
         for pid in pids:  # every one accepted, none applied: no applier runs yet
-            await wait_for_event(
-                nc, lambda e, pid=pid: isinstance(e, ProposalAccepted) and e.proposal_id == pid
-            )
+            await wait_for_event(nc, accepted(pid))
         async with running(nats_server.url, ["applier"], name="applier"):
             for pid in pids:
                 await wait_for_event(nc, applied(pid), timeout=30)
@@ -502,9 +504,7 @@ async def test_changes_accepted_at_once_onto_one_branch_land_one_after_another_e
             agent, ctx = await lease(nc, f"lander{i}", gitrepo.git_contract(repo, ci=False))
             pids.append(await propose(agent, ctx, Proposal(effect="git.patch", patch=patch, base=base)))
         for pid in pids:
-            await wait_for_event(
-                nc, lambda e, pid=pid: isinstance(e, ProposalAccepted) and e.proposal_id == pid
-            )
+            await wait_for_event(nc, accepted(pid))
         async with running(nats_server.url, ["applier"], name="applier"):
             for pid in pids:
                 outcome = await wait_for_event(nc, settled(pid), timeout=60)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from uuid import UUID
 
 import anyio
 import pytest
@@ -21,6 +23,7 @@ from shared.events import (
     AgentReinstated,
     AgentRevoked,
     AgentSuspended,
+    AnyEvent,
     EffectApplied,
     Event,
     InvariantChecked,
@@ -237,9 +240,11 @@ async def test_revoking_an_agent_revokes_its_live_leases_and_cancels_its_handler
         revoked = await wait_for_event(nc, lambda e: isinstance(e, AgentRevoked))
         assert isinstance(revoked, AgentRevoked) and revoked.by == "alice"
         for job_id in (first, second):
-            lease_end = await wait_for_event(
-                nc, lambda e, j=job_id: isinstance(e, LeaseRevoked) and e.originator_id == j
-            )
+
+            def its_lease_revoked(e: AnyEvent, j: UUID = job_id) -> bool:
+                return isinstance(e, LeaseRevoked) and e.originator_id == j
+
+            lease_end = await wait_for_event(nc, its_lease_revoked)
             assert isinstance(lease_end, LeaseRevoked) and lease_end.signal == "agent-revoked"
         # The other lease's next heartbeat is refused, and a new claim too.
         ack = await agent.heartbeat(JobContext(grant=g2))
@@ -286,14 +291,15 @@ async def test_every_operator_command_works_from_the_cli_and_names_who_and_why(
             (("requeue", str(job_id)), None),
         ]
         for args, kind in expectations:
-            result = await anyio.to_thread.run_sync(lambda a=args: warden(*a))
+            result = await anyio.to_thread.run_sync(functools.partial(warden, *args))
             assert result.returncode == 0, (args, result.stdout, result.stderr)
             if kind is not None:
-                event = await wait_for_event(
-                    nc,
-                    lambda e, k=kind, v=args[0]: isinstance(e, k) and getattr(e, "reason", "") == f"why {v}",
-                )
-                assert event.by == "carol"
+
+                def recorded(e: AnyEvent, k: type[object] = kind, v: str = args[0]) -> bool:
+                    return isinstance(e, k) and getattr(e, "reason", "") == f"why {v}"
+
+                event = await wait_for_event(nc, recorded)
+                assert getattr(event, "by", None) == "carol"
         # A refused command says why and exits non-zero.
         result = await anyio.to_thread.run_sync(lambda: warden("reinstate", "zed"))
         assert result.returncode == 1

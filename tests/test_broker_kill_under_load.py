@@ -13,6 +13,7 @@ once. Services must resume within a third of the TTL of the server being ready.
 
 from __future__ import annotations
 
+import functools
 from contextlib import AsyncExitStack
 from datetime import UTC, datetime
 from uuid import UUID
@@ -124,7 +125,7 @@ async def test_valid_inputs_across_broker_kills_under_load_are_neither_refused_n
 
         async with anyio.create_task_group() as tg:
             for agent in agents:
-                tg.start_soon(lambda a=agent: a.serve(handler, on_outcome=on_outcome))
+                tg.start_soon(functools.partial(agent.serve, handler, on_outcome=on_outcome))
             tg.start_soon(submit_all)
             await kill_broker()
             with anyio.fail_after(120):

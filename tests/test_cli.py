@@ -25,6 +25,7 @@ import pytest
 from services.cli.main import cli
 from shared.server import free_port
 from tests.gitrepo import make_repo
+from tests.processes import ended
 
 NOBODY = 65534
 
@@ -84,13 +85,12 @@ def start_up(
         seen.append(line)
         if "warden ready" in line:
             return proc
-    proc.wait(timeout=10)
+    stop(proc)
     raise AssertionError(f"warden up exited {proc.returncode} before ready:\n{''.join(seen)}")
 
 
 def stop(proc: subprocess.Popen[str]) -> int:
-    proc.terminate()
-    return proc.wait(timeout=30)
+    return ended(proc)
 
 
 def test_a_non_root_user_runs_warden_up_with_a_relative_data_dir_and_every_file_lands_inside_it(
@@ -377,8 +377,7 @@ def test_one_warden_up_owns_a_data_dir_and_a_kill_9_of_it_frees_the_lock(tmp_pat
         finally:
             assert stop(successor) == 0
     finally:
-        if owner.poll() is None:
-            stop(owner)
+        stop(owner)
     assert not (data_dir / "server.json").exists()
 
 
@@ -575,7 +574,6 @@ def test_warden_demo_keep_prints_its_urls_and_other_commands_find_its_server(tmp
         assert listed.returncode == 0 and json.loads(listed.stdout)["total"] == 3
         assert warden("status", "--data-dir", str(data_dir), env=env).returncode == 0
     finally:
-        proc.send_signal(signal.SIGTERM)
-        code = proc.wait(timeout=60)
+        code = ended(proc, timeout=60)
     assert code in (0, 1)  # stopped cleanly (1: a guarantee failed, as three jobs may not exercise all)
     assert not (data_dir / "server.json").exists()

@@ -206,9 +206,11 @@ async def test_jobs_run_on_through_a_sigkill_of_the_stream_leader(
                         for stream in topology.consumer_streams(spec)
                     }
                     inputs = await js.stream_info(topology.AGENT_INPUT_STREAM)
-                    agents = {a: (ctx.views.agents[a].standing, ctx.views.live_leases_of(a)) for a in AGENTS}
+                    standing = {
+                        a: (ctx.views.agents[a].standing, ctx.views.live_leases_of(a)) for a in AGENTS
+                    }
                     raise AssertionError(
-                        f"jobs stuck after {victim.server.name} died: {stuck}; agents: {agents}; "
+                        f"jobs stuck after {victim.server.name} died: {stuck}; agents: {standing}; "
                         f"consumers: {consumers}; input stream: {inputs.cluster} {inputs.state}"
                     )
                 done.set()

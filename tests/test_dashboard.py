@@ -6,12 +6,14 @@ import os
 import subprocess
 import uuid
 from pathlib import Path
+from uuid import UUID
 
 import anyio
 import pytest
 
 from shared import bus, topology
-from shared.messages import Rejected
+from shared.events import AnyEvent
+from shared.messages import Accepted, Rejected
 from shared.sdk import AgentClient
 from shared.server import EmbeddedServer
 from tests.cdp import Page, browser_page, find_chromium
@@ -289,6 +291,7 @@ async def test_an_operator_finds_approves_denies_rolls_back_and_suspends_from_th
             reply = await careful.propose(
                 JobContext(grant=grant), Proposal(effect="git.patch", patch=patch, base=base)
             )
+            assert isinstance(reply, Accepted)
             approve_pid = reply.proposal_id
             hopeful = AgentClient(nc, "hopeful")
             await hopeful.register()
@@ -305,15 +308,17 @@ async def test_an_operator_finds_approves_denies_rolls_back_and_suspends_from_th
             )
             grant = await hopeful.claim()
             assert grant is not None and grant.job_id == deny_job
-            deny_pid = (await hopeful.propose(JobContext(grant=grant), Proposal(output="please"))).proposal_id
+            reply = await hopeful.propose(JobContext(grant=grant), Proposal(output="please"))
+            assert isinstance(reply, Accepted)
+            deny_pid = reply.proposal_id
             for job in (approve_job, deny_job):
-                await wait_for_event(
-                    nc,
-                    lambda e, j=job: (
+
+                def ci_gate_checked(e: AnyEvent, j: UUID = job) -> bool:
+                    return (
                         isinstance(e, InvariantChecked) and e.originator_id == j and e.invariant == "ci_gate"
-                    ),
-                    timeout=60,
-                )
+                    )
+
+                await wait_for_event(nc, ci_gate_checked, timeout=60)
             # An operator's typo (over NATS): refused and recorded, yet no failure of the system.
             typo = await bus.request(
                 nc,

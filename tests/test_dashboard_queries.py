@@ -14,6 +14,7 @@ import pytest
 
 from shared.contract import Contract, Scope
 from shared.events import (
+    AnyEvent,
     EffectApplied,
     EffectRolledBack,
     Event,
@@ -61,7 +62,7 @@ class History:
     """Events for several jobs, numbered as the stream would."""
 
     def __init__(self) -> None:
-        self.events: list[Event] = []
+        self.events: list[AnyEvent] = []
         self.versions: dict[uuid.UUID, int] = {}
 
     def add(self, cls: type[Event], job: uuid.UUID, at: datetime, **fields: object) -> None:

@@ -15,6 +15,7 @@ from shared import credentials, doctor, topology
 from shared.server import EmbeddedServer, free_port
 from tests import opsnats
 from tests.harness import client, running
+from tests.processes import ended
 
 SERVICES = ("scheduler", "reconciler")
 
@@ -182,8 +183,7 @@ def test_warden_doctor_finds_warden_ups_server_and_services_through_its_data_dir
             check=False,
         )
     finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(30)
+        ended(up, signal.SIGINT)
     report = json.loads(result.stdout)
     assert result.returncode == 0, report
     checks = {f["check"]: f["status"] for f in report["findings"]}

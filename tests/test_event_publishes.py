@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from collections import Counter
 from contextlib import AsyncExitStack
+from uuid import UUID
 
 import anyio
 from nats.aio.msg import Msg
 
 from shared import topology
 from shared.contract import Contract, Stopping
-from shared.events import JobCompleted
+from shared.events import AnyEvent, JobCompleted
 from shared.events import tag_of as tag_of_event
 from shared.persistence.jetstream import TOPIC_HEADER, TOPIC_SEPARATOR
 from shared.sdk import AgentClient, JobContext, Proposal
@@ -60,9 +61,11 @@ async def test_a_core_subscriber_hears_each_stored_event_once_with_services_in_s
             for i in range(AGENTS):
                 tg.start_soon(agent, f"agent{i}")
         for job_id in jobs:
-            await wait_for_event(
-                nc, lambda e, j=job_id: isinstance(e, JobCompleted) and e.originator_id == j, timeout=30
-            )
+
+            def completed(e: AnyEvent, j: UUID = job_id) -> bool:
+                return isinstance(e, JobCompleted) and e.originator_id == j
+
+            await wait_for_event(nc, completed, timeout=30)
         stored_events = await events_of(nc)
         # The core subscription hears a publish before the stream's ack returns it to the writer;
         # a flush round-trip after the last stored event has been read settles the count.

@@ -132,6 +132,7 @@ async def test_explain_names_deadline_revocation_denial_effect_failure_and_stale
         explained = {kind: await explain.explain_job(js, job) for kind, job in jobs.items()}
 
     refusing.shutdown()
+    refusing.server_close()
     # The command as an operator runs it, in its own thread (it runs its own event loop).
     argv = ["explain", str(jobs["hook"]), "--json", "--nats", nats_server.url]
     as_json = await anyio.to_thread.run_sync(lambda: CliRunner().invoke(cli, argv))

@@ -23,7 +23,7 @@ from shared import bus, credentials, topology
 from shared.contract import Contract, Stopping
 from shared.events import AnyEvent, InputRejected, LeaseGranted, ReplyRefused, agent_id_for, decode_all
 from shared.forensics.ledger import verify_log
-from shared.messages import Accepted, JobRequest, LeaseGrant, OperatorCommand, Rejected
+from shared.messages import Accepted, JobRequest, LeaseGrant, OperatorCommand, Rejected, reply_decoder
 from shared.persistence import written
 from shared.runtime import Context
 from shared.sdk import AgentClient, JobContext, connect_agent
@@ -195,7 +195,7 @@ WRONG: dict[str, list[Any]] = {
 
 
 def _valid(kind: str, job_id: uuid.UUID, rng: random.Random) -> dict[str, Any]:
-    return {
+    bodies: dict[str, dict[str, Any]] = {
         "request": {"idempotency_key": f"fuzz-{rng.random()}", "kind": "k"},
         "register": {"max_concurrent": 1},
         "claim": {"wait_s": 5},
@@ -203,7 +203,8 @@ def _valid(kind: str, job_id: uuid.UUID, rng: random.Random) -> dict[str, Any]:
         "propose": {"job_id": str(job_id), "epoch": 1, "patch": ""},
         "release": {"job_id": str(job_id), "epoch": 1},
         "op": {"operator": "fuzz", "reason": "fuzz", "job_id": str(job_id)},
-    }[kind]
+    }
+    return bodies[kind]
 
 
 def _break(kind: str, body: dict[str, Any], rng: random.Random) -> bytes:
@@ -362,7 +363,7 @@ async def test_hundreds_of_generated_hostile_inputs_are_each_refused_once_and_re
         with anyio.fail_after(30):
             await answered.wait()
         assert len(answers) == expect_answers
-        assert all(isinstance(bus.reply_decoder.decode(a), Rejected) for a in answers)
+        assert all(isinstance(reply_decoder.decode(a), Rejected) for a in answers)
         # No handler failed or retried, and no input led to a second record.
         assert "failed on" not in caplog.text, (seed, caplog.text[-2000:])
         keys = [(topology.stream_of(e.subject), e.input_seq) for e in record.of(InputRejected)]

@@ -28,6 +28,7 @@ from shared.events import AgentReinstated, AgentSuspended, InputRejected, JobCom
 from shared.sdk import AgentClient, JobContext, Proposal
 from shared.server import EmbeddedServer
 from tests.harness import client, propose_accepted, wait_for_event
+from tests.processes import ended
 from tests.readside import ReadSide, read_side
 from tests.test_api import free_port
 
@@ -384,8 +385,7 @@ def test_warden_up_on_loopback_writes_a_local_operator_token_that_the_api_accept
             created = http.post("/api/jobs", json=body, headers=bearer(token))
             assert created.status_code == 201, created.text
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert ended(proc, signal.SIGINT) == 0
 
 
 async def test_a_token_store_that_cannot_be_read_refuses_with_a_503_not_a_guess(

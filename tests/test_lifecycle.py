@@ -10,6 +10,7 @@ import pytest
 from shared import bus, topology
 from shared.contract import Contract, Stopping
 from shared.events import (
+    AnyEvent,
     InputRejected,
     JobCancelled,
     JobRequested,
@@ -131,9 +132,11 @@ async def test_max_attempts_reached_leaves_a_tombstone_with_the_dossier(nats_ser
         for epoch in (1, 2):
             grant = await agent.claim()
             assert grant is not None and grant.epoch == epoch
-            await wait_for_event(
-                nc, lambda e, ep=epoch: isinstance(e, LeaseExpired) and e.epoch == ep, timeout=10
-            )
+
+            def expired(e: AnyEvent, ep: int = epoch) -> bool:
+                return isinstance(e, LeaseExpired) and e.epoch == ep
+
+            await wait_for_event(nc, expired, timeout=10)
         tomb = await wait_for_event(nc, lambda e: isinstance(e, JobTombstoned), timeout=10)
         assert isinstance(tomb, JobTombstoned)
         assert tomb.attempts == 2 and "max attempts (2)" in tomb.reason

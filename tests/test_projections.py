@@ -15,7 +15,7 @@ from shared.readmodel import open_read_model, queries
 from shared.readmodel.store import ReadModel
 from shared.readmodel.tables import CHECKS, TABLES, TIMELINE
 from shared.server import EmbeddedServer
-from tests.readside import agent_history, append_histories, job_history, read_side
+from tests.readside import agent_history, append_histories, job_history, quick_contract, read_side
 
 
 def snapshot(store: ReadModel) -> dict[str, dict[tuple[object, ...], dict[str, object]]]:
@@ -121,7 +121,7 @@ def test_an_event_type_the_read_model_does_not_know_still_advances_the_position(
             originator_version=1,
             idempotency_key="k",
             kind="noop",
-            contract=job_history("a", "hold", 0)[0].contract,  # type: ignore[attr-defined]
+            contract=quick_contract(attempts=2),  # as job_history's
         )
         assert store.project([(1, requested), (2, None), (3, None)]) == 3
         assert store.position() == 3
@@ -247,13 +247,13 @@ async def test_the_postgres_read_model_matches_the_sqlite_one(
                             originator_version=1,
                             idempotency_key="x",
                             kind="x",
-                            contract=job_history("a", "hold", 0)[0].contract,
+                            contract=quick_contract(attempts=2),  # as job_history's
                         ),
                     )
                 ]
             )
             == pg_store.position()
-        )  # type: ignore[attr-defined]
+        )
         assert snapshot(pg_store) == before
     finally:
         pg_store.close()

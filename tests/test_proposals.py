@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from nats.js.errors import NotFoundError
 
 from services.cli.creds import creds
-from shared import bus, credentials, proposals, topology
+from shared import bus, credentials, gitops, proposals, topology
 from shared.contract import Contract, Scope, Target
 from shared.events import (
     AgentSuspended,
@@ -124,7 +124,7 @@ async def test_a_change_that_breaks_the_tests_is_rejected_with_the_test_output_a
         assert ci.evidence["ran_at"] == base
     assert gitrepo.commits_carrying(repo, "Warden-Proposal", str(pid)) == []
     # The CI worktree is gone: nothing of the run is left in the repository.
-    assert "warden-wt-" not in gitrepo.gitops.out(repo, "worktree", "list")
+    assert "warden-wt-" not in gitops.out(repo, "worktree", "list")
 
 
 async def test_a_proposal_on_a_stale_base_is_rejected_by_the_drift_invariant(
@@ -266,6 +266,7 @@ async def test_a_denied_proposal_is_rejected_naming_the_operator_and_the_attempt
         assert rejected.by == "carol" and rejected.reason == "not this week"
         assert rejected.violations == ["denied by carol: not this week"]
         requeued = await wait_for_event(nc, lambda e: isinstance(e, JobRequeued))
+        assert isinstance(requeued, JobRequeued)
         assert str(pid) in requeued.reason
 
 
@@ -515,9 +516,11 @@ async def test_a_completed_jobs_proposal_is_still_read_back_after_its_agent_sent
         for proposal in (Proposal(output={"answer": 42}), Proposal(output={"blob": blob})):
             agent, ctx = await claim(nc, "keeper", contract)
             await propose(agent, ctx, proposal)
-            await wait_for_event(
-                nc, lambda e, j=ctx.job_id: isinstance(e, JobCompleted) and e.originator_id == j
-            )
+
+            def completed(e: AnyEvent, j: uuid.UUID = ctx.job_id) -> bool:
+                return isinstance(e, JobCompleted) and e.originator_id == j
+
+            await wait_for_event(nc, completed)
             done[ctx.job_id] = proposal
         submitted = [e for e in await events_of(nc) if isinstance(e, ProposalSubmitted)]
         assert len(submitted) == 2 and all(s.payload_object for s in submitted)

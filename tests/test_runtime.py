@@ -19,6 +19,7 @@ from shared.messages import JobRequest
 from shared.sdk import AgentClient
 from shared.server import EmbeddedServer
 from tests.harness import client, events_of, running, wait_for_event
+from tests.processes import ended
 
 WARDEN = [sys.executable, "-m", "services.cli"]
 
@@ -68,7 +69,7 @@ def _start_up(data_dir: Path) -> tuple[subprocess.Popen[str], str]:
         lines.append(line)
         if "warden ready" in line:
             return proc, line
-    raise AssertionError(f"warden up exited {proc.wait()} before ready: {''.join(lines)}")
+    raise AssertionError(f"warden up exited {ended(proc)} before ready: {''.join(lines)}")
 
 
 def test_warden_up_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Path) -> None:
@@ -88,8 +89,7 @@ def test_warden_up_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Pa
         assert first.returncode == 0, first.stderr
         job_id = json.loads(first.stdout)["job_id"]
     finally:
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=30) == 0
+        assert ended(proc, signal.SIGINT) == 0
     assert not (data_dir / "server.json").exists()
 
     proc, _ready = _start_up(data_dir)
@@ -107,8 +107,7 @@ def test_warden_up_starts_stops_on_ctrl_c_and_finds_its_state_again(tmp_path: Pa
         assert reply["duplicate"] is True
         assert json.loads((data_dir / "server.json").read_text())["url"] != "" and state["url"]
     finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert ended(proc, signal.SIGTERM) == 0
 
 
 def test_client_commands_refuse_to_guess_a_server(tmp_path: Path) -> None:

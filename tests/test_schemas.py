@@ -72,7 +72,8 @@ def _json_type(value: Any) -> str:
         return "integer"
     if isinstance(value, float):
         return "number"
-    return {str: "string", list: "array", dict: "object"}[type(value)]
+    names: dict[type[object], str] = {str: "string", list: "array", dict: "object"}
+    return names[type(value)]
 
 
 def _branches(node: dict[str, Any], root: dict[str, Any]) -> list[dict[str, Any]]:

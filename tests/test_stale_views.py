@@ -116,6 +116,7 @@ async def test_valid_inputs_right_after_a_broker_restart_are_neither_refused_nor
             for i in range(8):
                 tg.start_soon(work_one, nc, f"after{i}", after, refusals)
         first = await wait_for_event(nc, lambda e: isinstance(e, LeaseGranted) and e.originator_id in after)
+        assert isinstance(first, LeaseGranted)
         print(f"first lease after the broker was ready: {time.monotonic() - ready:.2f}s ({first.agent})")
         await assert_nothing_refused(nc, jobs | after, refusals)
 

@@ -124,7 +124,7 @@ class Trace:
 
 def produced_by(span: ReadableSpan, event: Event) -> bool:
     assert span.context is not None
-    return span_id_of(event.trace) == span.context.span_id
+    return bool(span_id_of(event.trace) == span.context.span_id)
 
 
 async def test_a_job_is_one_trace_through_every_service_with_each_span_a_child_of_its_cause(
@@ -199,7 +199,7 @@ async def test_a_job_is_one_trace_through_every_service_with_each_span_a_child_o
     assert {span_id_of(e.trace) for e in checked} == {s.context.span_id for s in invariants if s.context}
     folds = job.named("projector fold", aggregate_id=jid)
     assert len(folds) == len(events)
-    assert sorted(job.parent_of(f).context.span_id for f in folds) == sorted(  # type: ignore[union-attr]
+    assert sorted(job.parent_of(f).context.span_id for f in folds) == sorted(
         span_id_of(e.trace) for e in events
     )
 

@@ -117,6 +117,7 @@ class Hub:
                 client.close()
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 self._clients.discard(client)
+                client.close()  # its reader went away; an unclosed stream warns when collected
 
     def subscribe(self) -> MemoryObjectReceiveStream[dict[str, Any]]:
         send, receive = anyio.create_memory_object_stream[dict[str, Any]](CLIENT_BUFFER)

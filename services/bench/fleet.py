@@ -133,23 +133,23 @@ def _start_services(url: str, directory: Path, policy: Path) -> dict[str, subpro
     procs: dict[str, subprocess.Popen[bytes]] = {}
     env = {**os.environ, "WARDEN_HTTP": "127.0.0.1:0", "WARDEN_POLICY": str(policy)}
     for name in SERVICES:
-        log = open(directory / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-        procs[name] = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "services.cli",
-                "run",
-                name,
-                "--nats",
-                url,
-                "--data-dir",
-                str(directory / name),
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        with open(directory / f"{name}.log", "wb") as log:  # the child has its own copy
+            procs[name] = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "services.cli",
+                    "run",
+                    name,
+                    "--nats",
+                    url,
+                    "--data-dir",
+                    str(directory / name),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
     return procs
 
 

@@ -201,23 +201,23 @@ class ServiceProcesses:
         self.logs = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         for name in names:
-            log = open(data_dir / f"{name}.log", "wb")  # noqa: SIM115 - the child owns it
-            self.procs[name] = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "services.cli",
-                    "run",
-                    name,
-                    "--nats",
-                    url,
-                    "--data-dir",
-                    str(data_dir / name),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "WARDEN_HTTP": "127.0.0.1:0"},
-            )
+            with open(data_dir / f"{name}.log", "wb") as log:  # the child has its own copy
+                self.procs[name] = subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "services.cli",
+                        "run",
+                        name,
+                        "--nats",
+                        url,
+                        "--data-dir",
+                        str(data_dir / name),
+                    ],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env={**os.environ, "WARDEN_HTTP": "127.0.0.1:0"},
+                )
 
     def stop(self) -> None:
         for proc in self.procs.values():

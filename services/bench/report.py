@@ -124,6 +124,8 @@ class Services:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
 
 
 Progress = Callable[[str], None]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from services.cli.app import Listed, cli
 
+__all__ = ["COMMANDS", "cli", "main"]
+
 # Every subcommand. A test checks this against the commands the modules define, summaries
 # included, so a command cannot go missing from --help or completion.
 COMMANDS: dict[str, Listed] = {

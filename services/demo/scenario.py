@@ -172,14 +172,14 @@ class Fleet:
             # Their workspaces (a killed agent's included) live in the demo's folder, removed with it.
             "TMPDIR": str(self.tmp),
         }
-        log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child process
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", *stand_in_exec_args(name, "feature")],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with open(self.logs / f"{name}.log", "wb") as log:  # the child has its own copy
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "services.cli", *stand_in_exec_args(name, "feature")],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def signal(self, name: str, signum: signal.Signals) -> None:
         proc = self.procs.get(name)

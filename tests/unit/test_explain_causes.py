@@ -8,7 +8,7 @@ tests against real servers (tests/test_forensics.py) check that they really do.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import msgspec
@@ -18,6 +18,7 @@ from shared.contract import Budgets, Contract, Stopping
 from shared.events import (
     AgentRegistered,
     AgentRevoked,
+    AnyEvent,
     EffectApplied,
     EffectFailed,
     Event,
@@ -83,7 +84,7 @@ class Record:
             originator_id=self.job_id, originator_version=len(self.events) + 1, timestamp=self.at, **fields
         )
         stored = self._stored(topology.event_subject(self.job_id), encode(event))
-        self.events.append(log.LoggedEvent(stored, event))
+        self.events.append(log.LoggedEvent(stored, cast(AnyEvent, event)))
         return event
 
     def agent_event(self, name: str, event_type: type[Event], /, **fields: Any) -> None:
@@ -92,12 +93,10 @@ class Record:
             originator_id=agent_id_for(name),
             originator_version=len(mine) + 1,
             timestamp=self.at,
-            name=name,
-            **fields,
+            **{"name": name, **fields},  # every agent event names its agent; Event itself does not
         )
-        mine.append(
-            log.LoggedEvent(self._stored(topology.event_subject(agent_id_for(name)), encode(event)), event)
-        )
+        stored = self._stored(topology.event_subject(agent_id_for(name)), encode(event))
+        mine.append(log.LoggedEvent(stored, cast(AnyEvent, event)))
 
     def heartbeat(self, agent: str, epoch: int, note: str = "", usage: Usage | None = None) -> int:
         body = Heartbeat(job_id=self.job_id, epoch=epoch, note=note, usage=usage or Usage())
