@@ -241,7 +241,8 @@ class Reconciler:
 
     async def _recover_heartbeats(self) -> None:
         """After a restart, the last heartbeat of each live lease is read back from the stream."""
-        for job in self.ctx.views.jobs.values():
+        # A copy: the view folds on while this awaits, and a job that settles leaves it.
+        for job in list(self.ctx.views.jobs.values()):
             lease = job.live_lease
             if lease is None:
                 continue
