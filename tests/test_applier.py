@@ -465,19 +465,25 @@ def overlapping_receiver() -> Iterator[tuple[str, Overlap]]:
         server.server_close()
 
 
+async def accepted_webhooks(nc: Any, url: str, jobs: int) -> list[uuid.UUID]:
+    """`jobs` webhook proposals, each of its own agent, all accepted (no applier runs yet)."""
+    contract = Contract(scope=Scope(effects=["webhook"]), target=Target(url=url))
+    pids = []
+    for i in range(jobs):
+        agent, ctx = await lease(nc, f"notifier{i}", contract)
+        pids.append(await propose(agent, ctx, Proposal(effect="webhook", output={"n": i})))
+    for pid in pids:
+        await wait_for_event(nc, accepted(pid))
+    return pids
+
+
 @pytest.mark.usefixtures("permissive_policy")
 async def test_jobs_accepted_at_once_are_applied_concurrently_each_exactly_once(
     nats_server: EmbeddedServer, overlapping_receiver: tuple[str, Overlap]
 ) -> None:
     url, overlap = overlapping_receiver
-    contract = Contract(scope=Scope(effects=["webhook"]), target=Target(url=url))
     async with running(nats_server.url, DECIDERS, name="deciders"), client(nats_server.url) as nc:
-        pids = []
-        for i in range(overlap.expected):
-            agent, ctx = await lease(nc, f"notifier{i}", contract)
-            pids.append(await propose(agent, ctx, Proposal(effect="webhook", output={"n": i})))
-        for pid in pids:  # every one accepted, none applied: no applier runs yet
-            await wait_for_event(nc, accepted(pid))
+        pids = await accepted_webhooks(nc, url, overlap.expected)
         async with running(nats_server.url, ["applier"], name="applier"):
             for pid in pids:
                 await wait_for_event(nc, applied(pid), timeout=30)
@@ -486,6 +492,24 @@ async def test_jobs_accepted_at_once_are_applied_concurrently_each_exactly_once(
     assert overlap.peak == overlap.expected
     assert sorted(overlap.keys) == sorted(str(pid) for pid in pids)
     assert count(events, EffectApplied) == len(pids) and count(events, JobCompleted) == len(pids)
+
+
+@pytest.mark.usefixtures("permissive_policy")
+async def test_an_applier_drives_no_more_jobs_at_once_than_its_setting_allows(
+    nats_server: EmbeddedServer, overlapping_receiver: tuple[str, Overlap], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url, overlap = overlapping_receiver
+    # Each POST is held until a third is in flight beside it, which two drivers never allow:
+    # the first to lose patience lets them all pass.
+    overlap.expected, overlap.patience_s = 3, 1.0
+    monkeypatch.setenv("WARDEN_APPLIER_DRIVERS", "2")
+    async with running(nats_server.url, DECIDERS, name="deciders"), client(nats_server.url) as nc:
+        pids = await accepted_webhooks(nc, url, 6)
+        async with running(nats_server.url, ["applier"], name="applier"):
+            for pid in pids:
+                await wait_for_event(nc, applied(pid), timeout=30)
+    assert overlap.peak == 2
+    assert sorted(overlap.keys) == sorted(str(pid) for pid in pids)
 
 
 @pytest.mark.usefixtures("permissive_policy")
