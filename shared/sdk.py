@@ -45,6 +45,10 @@ from shared.messages import (
 log = logging.getLogger("warden.sdk")
 
 
+# How long a claim waits at the scheduler for work before it is answered "no work".
+CLAIM_WAIT_S = 20.0
+
+
 class AgentError(RuntimeError):
     """Raised when Warden refuses an agent's message (the reply names every reason)."""
 
@@ -232,12 +236,14 @@ class AgentClient:
         max_concurrent: int = 1,
         kinds: list[str] | None = None,
         timeout: float = 10.0,
+        claim_wait_s: float = CLAIM_WAIT_S,
     ) -> None:
         self.nc = nc
         self.name = topology.check_agent_name(name)
         self.max_concurrent = max_concurrent
         self.kinds = kinds or []
         self.timeout = timeout
+        self.claim_wait_s = claim_wait_s
         self._stop = anyio.Event()
         self.stop_reason = ""
         # The jobs whose leases this client was granted: every claim names them, so the scheduler
@@ -263,12 +269,12 @@ class AgentClient:
         with anyio.move_on_after(seconds):
             await self._stop.wait()
 
-    async def _send(self, verb: str, body: msgspec.Struct) -> AnyReply:
+    async def _send(self, verb: str, body: msgspec.Struct, timeout: float | None = None) -> AnyReply:
         return await bus.request(
             self.nc,
             topology.agent_subject(self.name, verb),
             body,
-            timeout=self.timeout,
+            timeout=timeout or self.timeout,
             inbox_prefix=topology.reply_inbox_prefix(self.name),
         )
 
@@ -291,18 +297,21 @@ class AgentClient:
                 await self._pause(backoff.next())
 
     async def claim(self, wait_s: float | None = None) -> LeaseGrant | None:
-        """A lease on the oldest runnable job this agent may take, or None when there is none.
+        """A lease on the oldest runnable job this agent may take, or None when none turned up
+        within `wait_s` (default `claim_wait_s`): the scheduler holds the claim until work
+        arrives or the wait ends, so an idle agent sends one claim per wait, not a stream.
 
         The lease may be one granted earlier whose answer never arrived (see Claim.holding)."""
+        wait = wait_s or self.claim_wait_s
         async with self._claiming:
             at = now()
             for job_id, until in list(self._holding.items()):
                 if until is not None and until < at:
                     del self._holding[job_id]
-            body = Claim(
-                kinds=self.kinds, wait_s=wait_s or self.timeout, sent_at=at, holding=sorted(self._holding)
-            )
-            reply = await self._send("claim", body)
+            body = Claim(kinds=self.kinds, wait_s=wait, sent_at=at, holding=sorted(self._holding))
+            # The scheduler answers a little before the wait ends; the request outlasts the wait
+            # by the usual time for an answer, so a late "no work" is still heard.
+            reply = await self._send("claim", body, timeout=wait + self.timeout)
             if isinstance(reply, LeaseGrant):
                 self._holding[reply.job_id] = None
         if isinstance(reply, LeaseGrant):
@@ -491,9 +500,13 @@ class AgentClient:
             while not self.stopping:
                 if max_jobs is not None and taken >= max_jobs:
                     return
+                wait = self.claim_wait_s
+                if idle_exit_s is not None:  # wait no longer than the idle time left
+                    wait = min(wait, max(0.1, idle_exit_s - (anyio.current_time() - idle_since)))
                 taken += 1  # reserved before the claim, so workers together never exceed max_jobs
+                asked = anyio.current_time()
                 try:
-                    grant = await self.claim()
+                    grant = await self.claim(wait)
                 except AgentError as exc:
                     taken -= 1
                     if exc.revoked:
@@ -515,10 +528,14 @@ class AgentClient:
                     taken -= 1
                     if once:
                         return
-                    if idle_exit_s is not None and anyio.current_time() - idle_since > idle_exit_s:
+                    if idle_exit_s is not None and anyio.current_time() - idle_since >= idle_exit_s:
                         self.stop(f"idle for {idle_exit_s}s")
                         return
-                    await self._pause(poll_s)
+                    if anyio.current_time() - asked < poll_s:
+                        # Answered at once (a scheduler that lets no claim wait, or too many
+                        # waiting): claim again no sooner than `poll_s`. A claim that waited
+                        # is followed by the next at once.
+                        await self._pause(poll_s)
                     continue
                 if self.stopping:  # granted as we were told to stop: hand it back at once
                     why = f"agent stopping: {self.stop_reason}"

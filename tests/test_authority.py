@@ -198,14 +198,14 @@ async def test_a_demoted_agent_can_no_longer_claim_a_job_that_needs_its_former_l
         agent = AgentClient(nc, "eve")
         await agent.register()
         job_id = await submit(nc, _request(level=1))
-        assert await agent.claim() is None  # level 0 may not take it
+        assert await agent.claim(wait_s=1.0) is None  # level 0 may not take it
         assert isinstance(await _operate(nc, "promote", agent="eve"), Accepted)
         await wait_for_event(nc, lambda e: isinstance(e, AgentLevelChanged) and e.level == 1)
         assert isinstance(await _operate(nc, "demote", agent="eve"), Accepted)
         demoted = await wait_for_event(nc, lambda e: isinstance(e, AgentLevelChanged) and e.level == 0)
         assert isinstance(demoted, AgentLevelChanged)
         assert demoted.by == "alice" and demoted.reason == "test demote"
-        assert await agent.claim() is None
+        assert await agent.claim(wait_s=1.0) is None
         assert isinstance(await _operate(nc, "promote", agent="eve"), Accepted)
         await wait_for_event(
             nc, lambda e: isinstance(e, AgentLevelChanged) and e.level == 1 and e.originator_version == 4

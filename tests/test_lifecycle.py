@@ -147,7 +147,7 @@ async def test_max_attempts_reached_leaves_a_tombstone_with_the_dossier(nats_ser
         assert [g.epoch for g in grants] == [1, 2]
         assert [x.epoch for x in expiries] == [1, 2]
         assert all(x.agent == "flaky" for x in expiries)
-        assert await agent.claim() is None  # a dead job is never offered again
+        assert await agent.claim(wait_s=1.0) is None  # a dead job is never offered again
 
 
 async def test_an_operator_requeues_a_tombstoned_job_with_fresh_attempts(nats_server: EmbeddedServer) -> None:
@@ -216,7 +216,7 @@ async def test_two_scheduler_replicas_never_grant_one_job_twice(nats_server: Emb
         grants = []
 
         async def claim_all(a: AgentClient) -> None:
-            while (g := await a.claim()) is not None:
+            while (g := await a.claim(wait_s=1.0)) is not None:
                 grants.append((a.name, g.job_id, g.epoch))
 
         async with anyio.create_task_group() as tg:
@@ -285,12 +285,12 @@ async def test_a_job_failed_by_one_agent_waits_for_another_present_agent(nats_se
         liar, honest = AgentClient(nc, "liar2"), AgentClient(nc, "honest2")
         await liar.register()
         await honest.register()
-        assert await honest.claim() is None  # present, asking for work
+        assert await honest.claim(wait_s=1.0) is None  # present, asking for work
         job_id = await submit(nc, request(contract=quick_contract(ttl=5.0, attempts=5)))
         grant = await liar.claim()
         assert grant is not None and grant.job_id == job_id
         await liar.release(JobContext(grant=grant), "gave up")
-        assert await liar.claim() is None  # the retry is kept for the other agent
+        assert await liar.claim(wait_s=1.0) is None  # the retry is kept for the other agent
         retry = await honest.claim()
         assert retry is not None and retry.job_id == job_id and retry.epoch == 2
 

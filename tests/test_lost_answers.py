@@ -24,13 +24,13 @@ def contract() -> Contract:
     return Contract(stopping=Stopping(lease_ttl_s=60, heartbeat_interval_s=15, max_attempts=1))
 
 
-async def raw_claim(nc: object, name: str, holding: list[UUID] | None) -> object:
+async def raw_claim(nc: object, name: str, holding: list[UUID] | None, wait_s: float = 5.0) -> object:
     """A claim as any client may send it: the SDK's bookkeeping bypassed."""
     return await bus.request(
         nc,  # type: ignore[arg-type]
         topology.agent_subject(name, "claim"),
-        Claim(wait_s=5.0, holding=holding),
-        timeout=5.0,
+        Claim(wait_s=wait_s, holding=holding),
+        timeout=wait_s,
         inbox_prefix=topology.reply_inbox_prefix(name),
     )
 
@@ -60,7 +60,7 @@ async def test_a_lease_whose_grant_never_reached_its_agent_is_handed_back_on_its
         # A claim that names the lease gets new work; an old client that names nothing does too.
         other = await raw_claim(nc, "forgetful", holding=[first])
         assert isinstance(other, LeaseGrant) and other.job_id == second
-        full = await raw_claim(nc, "forgetful", holding=None)
+        full = await raw_claim(nc, "forgetful", holding=None, wait_s=1.0)
         assert isinstance(full, NoWork), full  # at its limit of 2
 
         grants = [e for e in await events_of(nc) if isinstance(e, LeaseGranted)]
@@ -71,7 +71,7 @@ async def test_a_lease_whose_grant_never_reached_its_agent_is_handed_back_on_its
         handed = await agent.claim()
         assert handed is not None and handed.job_id in (first, second)
         assert await agent.claim() is not None  # the other one, also unknown to this client
-        assert await agent.claim() is None  # it now knows both: at its limit
+        assert await agent.claim(wait_s=1.0) is None  # it now knows both: at its limit
 
 
 async def test_a_heartbeat_arriving_after_its_own_lease_completed_is_answered_and_not_fenced(

@@ -526,7 +526,11 @@ def agent() -> None:
     default=None,
     help="Stop after taking this many jobs (default: run on).",
 )
-@click.option("--once", is_flag=True, help="One claim round: do the job granted, if any, then stop.")
+@click.option(
+    "--once",
+    is_flag=True,
+    help="One claim round (waiting up to 20 s for work): do the job granted, if any, then stop.",
+)
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 64),

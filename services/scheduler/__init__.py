@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timedelta
@@ -20,10 +21,11 @@ from uuid import UUID
 
 import anyio
 import msgspec
-from anyio.abc import TaskStatus
+from anyio.abc import TaskGroup, TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
+from services.scheduler.waiting import Full, Parked, Waiting
 from shared import bus, telemetry, throttle, topology
 from shared.aggregates import Agent, Job
 from shared.contract import partial_semantic_errors
@@ -92,18 +94,28 @@ class Scheduler:
         # rather than race its own process to the same version (a lost race is still a publish
         # every core subscriber of the job's subject sees).
         self._granting: set[UUID] = set()
+        # Claims waiting for work (see waiting.py), the agents whose claim is being decided now
+        # (one decision per agent at a time), and the waiting agents to check the standing of.
+        self._waiting: Waiting[Msg] = Waiting()
+        self._deciding: set[str] = set()
+        self._recheck: set[str] = set()
+        self._wake = anyio.Event()
         self._agent_verbs: dict[str, Callable[[Msg, str], Awaitable[None]]] = {
             "register": self.on_register,
             "claim": self.on_claim,
         }
         self.ctx: Context
+        self._tg: TaskGroup
 
     async def run(self, ctx: Context, *, task_status: TaskStatus[None]) -> None:
         self.ctx = ctx
         for job in ctx.views.jobs.values():
             self._track(job)
         ctx.views.listeners.append(lambda _e, job, _a: self._track(job) if job else None)
+        ctx.views.listeners.append(lambda _e, job, agent: self._heard(job, agent))
         async with anyio.create_task_group() as tg:
+            self._tg = tg
+            await tg.start(self._serve_waiting)
             await tg.start(
                 partial(bus.consume, key=_ordering_key, give_up=partial(give_up, ctx)),
                 ctx.js,
@@ -245,13 +257,145 @@ class Scheduler:
         if refusal is not None or agent is None:
             await self._reply(msg, refusal or Refusal.of("$", f"agent {name} is not registered"), name)
             return
-        verdict = await self._lease_for(agent, claim, at, input_seq(msg))
-        if isinstance(verdict, NoWork) and await self.ctx.view_current():
-            # "No work" rests on what the view lacks: decide again once it holds what the store
-            # held when the claim arrived (after an outage the view catches up first).
-            agent = self.ctx.views.agents.get(name) or agent
-            verdict = await self._lease_for(agent, claim, at, input_seq(msg))
-        await answer(self.ctx, msg, verdict)
+        seq = input_seq(msg)
+        unknown = await self._unknown_lease(name, claim, seq)
+        if unknown is not None:
+            await answer(self.ctx, msg, await self._grant_again(unknown))
+            return
+        if self._waiting or name in self._deciding:
+            # Others wait already (or this agent's previous claim is being served): this one
+            # joins the line, so the waiting are served first, oldest first.
+            self._park(msg, name, claim, seq, at, "no runnable job for this agent")
+            return
+        self._deciding.add(name)
+        try:
+            verdict = await self._lease_for(agent, claim, at, seq)
+            if isinstance(verdict, NoWork) and await self.ctx.view_current():
+                # "No work" rests on what the view lacks: decide again once it holds what the
+                # store held when the claim arrived (after an outage the view catches up first).
+                agent = self.ctx.views.agents.get(name) or agent
+                verdict = await self._lease_for(agent, claim, at, seq)
+        finally:
+            self._deciding.discard(name)
+        if isinstance(verdict, LeaseGrant):
+            await answer(self.ctx, msg, verdict)
+        else:
+            self._park(msg, name, claim, seq, at, verdict.detail)
+
+    def _park(self, msg: Msg, name: str, claim: Claim, seq: int, at: datetime, detail: str) -> None:
+        """Keep a claim that found no work until work turns up or its wait ends. Its input is
+        acknowledged when this handler returns: the consumer moves on, and the input is never
+        delivered again for waiting past the consumer's ack_wait."""
+        until = rules.wait_until(claim, at)
+        if until is None:
+            self._answer_later(msg, NoWork(detail=detail))
+            return
+        try:
+            replaced = self._waiting.park(
+                Parked(name=name, claim=claim, seq=seq, until=until, msg=msg, detail=detail)
+            )
+        except Full as full:
+            self._answer_later(msg, NoWork(detail=f"{detail} ({full}: claim again)"))
+            return
+        if replaced is not None and replaced.seq != seq:  # the same claim delivered again: one answer
+            self._answer_later(replaced.msg, NoWork(detail="a newer claim of this agent waits instead"))
+        self._wake.set()
+
+    def _heard(self, job: Job | None, agent: Agent | None) -> None:
+        """A listener of the view: wake the waiting claims when work may have turned up for
+        them, or when a waiting agent's standing may have changed."""
+        if not self._waiting:
+            return
+        if agent is not None and agent.name in self._waiting:
+            self._recheck.add(agent.name)
+            self._wake.set()
+        if job is not None and rules.may_bring_work(job, self._waiting):
+            self._wake.set()
+
+    def _answer_later(self, msg: Msg, reply: Reply | Refusal, sender: str = "") -> None:
+        self._tg.start_soon(self._answer_safely, msg, reply, sender)
+
+    async def _answer_safely(self, msg: Msg, reply: Reply | Refusal, sender: str = "") -> None:
+        """Answer a claim outside the consumer (it was acknowledged when it began to wait):
+        a failure here is logged, never the end of the scheduler; the agent's wait runs out
+        and it claims again."""
+        try:
+            await self._reply(msg, reply, sender)
+        except Exception:
+            log.exception("could not answer claim %d on %s", input_seq(msg), msg.subject)
+
+    async def _serve_waiting(self, *, task_status: TaskStatus[None]) -> None:
+        """Answer waiting claims: refused once their agent may no longer claim, granted (oldest
+        first) when work turns up, "no work" when their wait ends."""
+        task_status.started()
+        while True:
+            until = self._waiting.next_due()
+            left = (until - self.ctx.clock()).total_seconds() if until is not None else None
+            with anyio.move_on_after(max(left, 0.0) if left is not None else math.inf):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+            for parked in self._waiting.due(self.ctx.clock()):
+                self._answer_later(parked.msg, NoWork(detail=parked.detail))
+            self._refuse_stopped()
+            if self._queue:
+                self._grant_waiting()
+
+    def _refuse_stopped(self) -> None:
+        """A waiting agent suspended or revoked meanwhile: its claim is refused, as it would be
+        if it arrived now."""
+        names, self._recheck = self._recheck, set()
+        for name in names:
+            refusal = rules.claimant_refusal(name, self.ctx.views.agents.get(name))
+            if refusal is None:
+                continue
+            parked = self._waiting.take(name)
+            if parked is not None:
+                self._answer_later(parked.msg, refusal, name)
+
+    def _grant_waiting(self) -> None:
+        """Decide for every waiting claim in arrival order, each on what the earlier left: a job
+        chosen is marked as being granted before the next decides (no await between), so the
+        oldest claim gets the oldest job it may take. Each grant is saved concurrently."""
+        at = self.ctx.clock()
+        for parked in self._waiting.oldest_first():
+            agent = self.ctx.views.agents.get(parked.name)
+            if parked.name in self._deciding or rules.claimant_refusal(parked.name, agent) is not None:
+                continue  # decided elsewhere now, or about to be refused (`_refuse_stopped`)
+            assert agent is not None  # a claimant that may claim is a registered agent
+            decided = self._decide(agent, parked.claim, at, parked.seq, set())
+            if isinstance(decided, NoWork):
+                parked.detail = decided.detail
+                continue
+            self._waiting.take(parked.name)
+            self._deciding.add(parked.name)
+            self._granting.add(decided.job.id)
+            self._tg.start_soon(self._grant_parked, parked, agent, decided)
+
+    async def _grant_parked(self, parked: Parked[Msg], agent: Agent, decided: rules.Granted) -> None:
+        verdict: LeaseGrant | NoWork
+        # The claim's own trace (its headers) parents the span, as when it is granted on arrival.
+        with telemetry.span("scheduler claim waited", headers=parked.msg.headers, agent=parked.name):
+            lost: list[UUID] = []
+            try:
+                try:
+                    verdict = await self._grant(decided, lost)
+                except IntegrityError:  # another replica granted it first: on down the queue
+                    await self._reload(lost[-1])
+                    verdict = await self._lease_for(agent, parked.claim, self.ctx.clock(), parked.seq, lost)
+            except Exception:  # Contended, a store that did not answer: the claim waits on
+                log.exception("claim %d of %s not granted; it waits on", parked.seq, parked.name)
+                verdict = NoWork(detail=parked.detail)
+            finally:
+                self._granting.discard(decided.job.id)
+                self._deciding.discard(parked.name)
+            if isinstance(verdict, LeaseGrant):
+                await self._answer_safely(parked.msg, verdict)
+                return
+            parked.detail = verdict.detail
+            if self.ctx.clock() < parked.until and self._waiting.restore(parked):
+                self._wake.set()  # its deadline is the book's again
+                return
+            await self._answer_safely(parked.msg, verdict)
 
     def _candidates(self, passed: set[UUID]) -> Iterator[Job]:
         """The queued jobs, oldest first, but those being granted here now or `passed` by."""
@@ -267,44 +411,52 @@ class Scheduler:
                 continue
             yield job
 
-    async def _lease_for(self, agent: Agent, claim: Claim, at: datetime, seq: int) -> LeaseGrant | NoWork:
+    def _decide(
+        self, agent: Agent, claim: Claim, at: datetime, seq: int, passed: set[UUID]
+    ) -> rules.Granted | NoWork:
+        """What this claim is granted now, on what this process knows (no await: a job it
+        chooses can be marked as being granted before anything else decides)."""
         name = agent.name
-        unknown = await self._unknown_lease(name, claim, seq)
-        if unknown is not None:
-            return await self._grant_again(unknown)
-        held = rules.held(self.ctx.views.jobs.values(), name)
         present = [
             other
             for other_name in self._last_claim.present(at)
             if other_name != name and (other := self.ctx.views.agents.get(other_name)) is not None
         ]
+        return rules.grant(
+            self._candidates(passed),
+            agent,
+            claim,
+            policy=self.policy,
+            held=rules.held(self.ctx.views.jobs.values(), name),
+            present=present,
+            at=at,
+            claim_seq=seq,
+        )
+
+    async def _lease_for(
+        self, agent: Agent, claim: Claim, at: datetime, seq: int, lost: list[UUID] | None = None
+    ) -> LeaseGrant | NoWork:
         # A job this claim lost to another replica is passed by, as in one walk down the queue:
         # so at most one try per queued job, and the last try finds none left (no work).
-        lost: list[UUID] = []
+        passed: list[UUID] = lost if lost is not None else []
 
         async def step() -> LeaseGrant | NoWork:
-            decided = rules.grant(
-                self._candidates(set(lost)),
-                agent,
-                claim,
-                policy=self.policy,
-                held=held,
-                present=present,
-                at=at,
-                claim_seq=seq,
-            )
+            decided = self._decide(agent, claim, at, seq, set(passed))
             if isinstance(decided, NoWork):
                 return decided
-            return await self._grant(decided, lost)
+            return await self._grant(decided, passed)
 
         async def reload() -> None:  # another replica moved it first
-            stored = await self.ctx.job_from_store(lost[-1])
-            if stored is None:
-                self._untrack(lost[-1])
-            else:
-                self._track(stored)
+            await self._reload(passed[-1])
 
-        return await retry(step, reload, tries=len(self._queue) + 1, what=f"claim of {name}")
+        return await retry(step, reload, tries=len(self._queue) + 1, what=f"claim of {agent.name}")
+
+    async def _reload(self, job_id: UUID) -> None:
+        stored = await self.ctx.job_from_store(job_id)
+        if stored is None:
+            self._untrack(job_id)
+        else:
+            self._track(stored)
 
     async def _unknown_lease(self, name: str, claim: Claim, seq: int) -> Job | None:
         """A job whose live lease `name` holds without knowing it (`leases.unknown_to`): handed

@@ -10,7 +10,7 @@ same thing wherever it is seen.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Literal
@@ -342,6 +342,33 @@ def release(job: Job, agent: str, rel: Release, input_seq: int, at: datetime) ->
 def claim_too_late(claim: Claim, at: datetime) -> bool:
     """Its sender stopped waiting: a grant now would be a lease nobody holds."""
     return claim.sent_at is not None and claim.sent_at + timedelta(seconds=claim.wait_s) < at
+
+
+# A waiting claim is answered this long before its sender stops waiting (at most a fifth of
+# its wait), so the "no work" arrives while the agent still listens.
+WAIT_MARGIN_S = 1.0
+# However long a claim says it may wait, it waits here at most this long: a waiting claim
+# holds a place in the scheduler's bounded book, and claiming again costs one stored input.
+MAX_WAIT_S = 60.0
+
+
+def wait_until(claim: Claim, at: datetime) -> datetime | None:
+    """Until when a claim that found no work (arriving at `at`) may wait for some, or None when
+    its wait leaves no time to wait in (answer "no work" now). Its sender's wait began when it
+    sent the claim (never later than its arrival: a sender's clock may run ahead)."""
+    began = min(claim.sent_at, at) if claim.sent_at is not None else at
+    margin = min(WAIT_MARGIN_S, claim.wait_s / 5)
+    until = min(began + timedelta(seconds=claim.wait_s - margin), at + timedelta(seconds=MAX_WAIT_S))
+    return until if until > at else None
+
+
+def may_bring_work(job: Job, waiting: Container[str]) -> bool:
+    """Could what just happened to `job` let a waiting claim be granted? It is runnable (new,
+    requeued), or a lease of an agent that waits changed (ended, say: a place under its limit)."""
+    if job.status == "queued":
+        return True
+    lease = job.lease
+    return lease is not None and lease.agent in waiting
 
 
 def claimant_refusal(name: str, agent: Agent | None) -> Refusal | None:
