@@ -78,7 +78,9 @@ class Register(Input, frozen=True, tag="agent.register"):
 
 class Claim(Input, frozen=True, tag="agent.claim"):
     kinds: list[str] = field(default_factory=list)
-    # A claim nobody answered within this many seconds is stale: never grant on it.
+    # How long the sender waits for the answer: a claim that finds no work waits at the
+    # scheduler until work turns up or (just before) this ends; one nobody answered within it
+    # is stale: never grant on it.
     wait_s: Annotated[float, Meta(gt=0, le=3600)] = 10.0
     sent_at: datetime | None = None
     # The jobs whose leases the sender knows it holds. A live lease of the sender missing here
