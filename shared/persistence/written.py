@@ -66,12 +66,9 @@ def written_of(subject: str, headers: Mapping[str, str] | None, data: bytes) -> 
     if versions is None:
         event = _one_event_of(subject, headers, data)
         return event if isinstance(event, str) else [Written(event, data)]
-    missing = [name for name in WRITER_HEADERS if name not in headers]
-    if missing:
-        return f"no Warden writer header ({', '.join(missing)} missing)"
+    if problem := _header_problem(subject, headers):
+        return problem
     originator = headers[ORIGINATOR_HEADER]
-    if subject != _EVENT_PREFIX + originator:
-        return f"{ORIGINATOR_HEADER} {originator[:40]!r} on another subject than that aggregate's"
     first_text, _, last_text = versions.partition("-")
     try:
         first, last = int(first_text), int(last_text)
@@ -102,8 +99,8 @@ def written_of(subject: str, headers: Mapping[str, str] | None, data: bytes) -> 
     return out
 
 
-def _one_event_of(subject: str, headers: Mapping[str, str], data: bytes) -> AnyEvent | str:
-    """The Warden event a stored message of one event (not packed) is, or why it is not one."""
+def _header_problem(subject: str, headers: Mapping[str, str]) -> str | None:
+    """Why a message's writer headers are not Warden's for this subject, or None."""
     missing = [name for name in WRITER_HEADERS if name not in headers]
     if missing:
         return f"no Warden writer header ({', '.join(missing)} missing)"
@@ -112,6 +109,14 @@ def _one_event_of(subject: str, headers: Mapping[str, str], data: bytes) -> AnyE
     originator = headers[ORIGINATOR_HEADER]
     if subject != _EVENT_PREFIX + originator:
         return f"{ORIGINATOR_HEADER} {originator[:40]!r} on another subject than that aggregate's"
+    return None
+
+
+def _one_event_of(subject: str, headers: Mapping[str, str], data: bytes) -> AnyEvent | str:
+    """The Warden event a stored message of one event (not packed) is, or why it is not one."""
+    if problem := _header_problem(subject, headers):
+        return problem
+    originator = headers[ORIGINATOR_HEADER]
     try:
         version = int(headers[VERSION_HEADER])
     except ValueError:
