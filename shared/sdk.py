@@ -253,12 +253,18 @@ class AgentClient:
         # handed back. One claim at a time, so a claim never leaves out a grant another is receiving.
         self._holding: dict[UUID, datetime | None] = {}
         self._claiming = anyio.Lock()
+        # `serve`'s claims in flight: a claim waits up to its wait at the scheduler, and an agent
+        # told to stop stops waiting at once (a grant that arrives meanwhile goes unheard, and
+        # is handed back on the agent's next claim or expires).
+        self._claims_waiting: set[anyio.CancelScope] = set()
 
     def stop(self, reason: str = "told to stop") -> None:
         """Claim nothing more; a job in hand has its handler cancelled and its lease released."""
         if not self._stop.is_set():
             self.stop_reason = reason
             self._stop.set()
+        for scope in self._claims_waiting:
+            scope.cancel()
 
     @property
     def stopping(self) -> bool:
@@ -505,8 +511,14 @@ class AgentClient:
                     wait = min(wait, max(0.1, idle_exit_s - (anyio.current_time() - idle_since)))
                 taken += 1  # reserved before the claim, so workers together never exceed max_jobs
                 asked = anyio.current_time()
+                grant: LeaseGrant | None = None
                 try:
-                    grant = await self.claim(wait)
+                    with anyio.CancelScope() as waiting:
+                        self._claims_waiting.add(waiting)
+                        try:
+                            grant = await self.claim(wait)
+                        finally:
+                            self._claims_waiting.discard(waiting)
                 except AgentError as exc:
                     taken -= 1
                     if exc.revoked:

@@ -34,7 +34,7 @@ from shared.messages import (
     Rejected,
     reply_decoder,
 )
-from shared.sdk import AgentClient
+from shared.sdk import AgentClient, JobContext, Proposal, ServeResult
 from shared.server import EmbeddedServer
 from tests.harness import client, events_of, job_request, running, submit
 
@@ -243,3 +243,26 @@ async def test_claims_waiting_at_two_scheduler_replicas_are_granted_each_job_onc
     assert sorted(a.job_id for a in first_two.values() if isinstance(a, LeaseGrant)) == sorted(jobs[:2])
     assert sorted(g.originator_id for g in grants) == sorted(jobs), "each job granted once"
     assert {g.agent for g in grants} == set(names)
+
+
+async def test_an_idle_agent_told_to_stop_stops_waiting_for_work_at_once(nats_server: EmbeddedServer) -> None:
+    async def handler(ctx: JobContext) -> Proposal:
+        raise AssertionError("no job exists")
+
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc, scheduler_acks(nc) as acks:
+        agent = AgentClient(nc, "idler")
+        served: list[ServeResult] = []
+
+        async def serve() -> None:
+            served.append(await agent.serve(handler))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve)
+            # Its registration and its first claim are the agent stream's first two inputs.
+            await acks.of(2)
+            stopped = time.monotonic()
+            agent.stop("test over")
+        took = time.monotonic() - stopped
+    assert [r.reason for r in served] == ["test over"]
+    print(f"stopped {took:.3f}s after being told to (its claim could wait {agent.claim_wait_s:g}s)")
+    assert took < agent.claim_wait_s / 4
