@@ -8,12 +8,17 @@ and anything it sends later under them is fenced and recorded.
 
 Every decision is a pure rule (shared/decide): a handler loads the states a rule reads, asks
 it, saves what it returns, and on a lost race reloads and asks again (`retry`).
+
+Decisions about different agents run side by side: signals come in bursts (many leases expire
+together), and one agent's save must not hold back another's revocation. Decisions about one
+agent, automatic or an operator's, take that agent's turn, one at a time in the order they came.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
 from datetime import datetime
 from functools import partial
 from uuid import UUID
@@ -49,6 +54,32 @@ log = logging.getLogger("warden.revoker")
 
 # After a decision lost every race, the agent is decided again this much later.
 CONTENDED_BACKOFF_S = 1.0
+# Agents decided at once, at most: each mostly waits on a durable write, and the broker
+# commits concurrent writes together (as the input consumers do).
+MAX_DECIDING = 32
+
+
+class _Named(msgspec.Struct):
+    """Whom an operator command is about, read before it is validated: only to order it."""
+
+    agent: str | None = None
+    proposal_id: str | None = None
+
+
+def _operator_key(msg: Msg) -> str:
+    """One agent's commands in stream order, whatever their verbs; different agents' side by side.
+
+    Hostile bytes name nothing and raise nothing: they keep the subject's order, and the handler
+    records why they are refused."""
+    named = _Named()
+    if len(msg.data) <= topology.MAX_INPUT_BYTES:
+        with suppress(msgspec.MsgspecError, RecursionError, ValueError):
+            named = msgspec.json.decode(msg.data, type=_Named)
+    if named.agent:
+        return f"agent {named.agent}"
+    if named.proposal_id:
+        return f"proposal {named.proposal_id}"
+    return str(msg.subject)
 
 
 class Revoker:
@@ -57,7 +88,11 @@ class Revoker:
     def __init__(self) -> None:
         self.policy = load_policy()
         self.authority = Authority()
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = set()  # agents whose record changed since they were last decided
+        self._deciding: set[str] = set()  # agents with a task deciding them
+        self._turns: dict[str, anyio.Lock] = {}  # only while someone holds or awaits the turn
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._slots: anyio.Semaphore  # made in `run`, in the loop it bounds
         # Aggregates a reload moved past versions the record never folded: (folded, reached].
         self._gaps: dict[UUID, tuple[int, int]] = {}
         self._wake = anyio.Event()
@@ -84,17 +119,23 @@ class Revoker:
         self.ctx = ctx
         if self._on_view not in ctx.views.listeners:
             raise RuntimeError("the revoker folds beside the view: attach it before the view is followed")
-        async with anyio.create_task_group() as tg:
-            self._dirty.update(self.authority.agents)  # finish what a crash may have left undone
-            self._wake.set()
-            tg.start_soon(self._decide_loop, tg)
-            await tg.start(
-                partial(bus.consume, give_up=partial(give_up, ctx)),
-                ctx.js,
-                topology.REVOKER_CONSUMER,
-                self.on_operator,
-            )
-            task_status.started()
+        self._slots = anyio.Semaphore(MAX_DECIDING)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                self._dirty.update(self.authority.agents)  # finish what a crash may have left undone
+                for name in list(self._dirty):
+                    self._start(name)
+                tg.start_soon(self._gap_loop)
+                await tg.start(
+                    partial(bus.consume, key=_operator_key, give_up=partial(give_up, ctx)),
+                    ctx.js,
+                    topology.REVOKER_CONSUMER,
+                    self.on_operator,
+                )
+                task_status.started()
+        finally:
+            self._tg = None
 
     # --- the record, folded beside the view -------------------------------------------------
 
@@ -120,7 +161,7 @@ class Revoker:
         changed = fold(self.authority, event, self.policy)
         if changed is not None:
             self._dirty.add(changed)
-            self._wake.set()
+            self._start(changed)
 
     async def _fill_gaps(self) -> None:
         while self._gaps:
@@ -132,29 +173,72 @@ class Revoker:
 
     # --- what the policy calls for ----------------------------------------------------------
 
-    async def _decide_loop(self, tg: anyio.abc.TaskGroup) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            await self._fill_gaps()
-            while self._dirty:
-                name = self._dirty.pop()
-                for action in due(self.authority.agents.get(name), self.policy):
-                    try:
-                        await retry(
-                            partial(self._act, action),
-                            partial(self._reload_for, action),
-                            what=f"{action.kind} of {name}",
-                        )
-                    except Contended as exc:
-                        log.warning("%s; deciding again in %.0f s", exc, CONTENDED_BACKOFF_S)
-                        tg.start_soon(self._decide_later, name)
-                        break
+    def _start(self, name: str) -> None:
+        """Decide the agent in a task of its own, unless one is deciding it already (that task
+        sees the change: it decides again while the agent is dirty)."""
+        if self._tg is not None and name not in self._deciding:
+            self._deciding.add(name)
+            self._tg.start_soon(self._decide_agent, name)
+
+    async def _decide_agent(self, name: str) -> None:
+        try:
+            async with self._slots:
+                while name in self._dirty:
+                    self._dirty.discard(name)
+                    await self._fill_gaps()
+                    async with self._turn(name):
+                        decided = await self._decide(name)
+                    if not decided:
+                        self._later(name)
+                        return
+        finally:
+            # No await between the loop's last look at `_dirty` and here: a change folded
+            # after it starts a new task.
+            self._deciding.discard(name)
+
+    async def _decide(self, name: str) -> bool:
+        """Carry out what the policy calls for now; False when a decision lost every race."""
+        for action in due(self.authority.agents.get(name), self.policy):
+            try:
+                await retry(
+                    partial(self._act, action),
+                    partial(self._reload_for, action),
+                    what=f"{action.kind} of {name}",
+                )
+            except Contended as exc:
+                log.warning("%s; deciding again in %.0f s", exc, CONTENDED_BACKOFF_S)
+                return False
+        return True
+
+    def _later(self, name: str) -> None:
+        if self._tg is not None:
+            self._tg.start_soon(self._decide_later, name)
 
     async def _decide_later(self, name: str) -> None:
         await anyio.sleep(CONTENDED_BACKOFF_S)
         self._dirty.add(name)
-        self._wake.set()
+        self._start(name)
+
+    async def _gap_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+            await self._fill_gaps()
+
+    @asynccontextmanager
+    async def _turn(self, name: str) -> AsyncIterator[None]:
+        """One decision about an agent at a time, in the order they asked (anyio's lock is
+        first come, first served); the lock goes once nobody holds or awaits it."""
+        lock = self._turns.get(name)
+        if lock is None:
+            lock = self._turns[name] = anyio.Lock()
+        try:
+            async with lock:
+                yield
+        finally:
+            # A waiter is handed the lock on release, so an unlocked lock has none.
+            if not lock.locked() and self._turns.get(name) is lock:
+                del self._turns[name]
 
     async def _reload_for(self, action: Action) -> None:
         await self.ctx.agent_from_store(action.agent)
@@ -380,15 +464,25 @@ class Revoker:
             refusal = Refusal.of("$", f"the revoker does not handle {verb}")
         else:
             loaded = [Given()]  # what the last try loaded: a lost race reloads it from the store
-            refusal = await retry(
-                partial(self._operate, handler, cmd, loaded),
-                partial(self._reload, loaded),
-                what=f"operator {verb}",
-            )
+            async with self._turn_of(cmd):
+                refusal = await retry(
+                    partial(self._operate, handler, cmd, loaded),
+                    partial(self._reload, loaded),
+                    what=f"operator {verb}",
+                )
         if refusal is not None:
             await reject_input(self.ctx, msg, refusal.errors, sender=cmd.operator)
         else:
             await answer(self.ctx, msg, Accepted(detail=f"{verb} recorded"))
+
+    @asynccontextmanager
+    async def _turn_of(self, cmd: OperatorCommand) -> AsyncIterator[None]:
+        """A command about an agent takes that agent's turn, like the policy's own decisions."""
+        if not cmd.agent:
+            yield
+            return
+        async with self._turn(cmd.agent):
+            yield
 
     async def _operate(self, verb: Verb, cmd: OperatorCommand, loaded: list[Given]) -> Refusal | None:
         given = loaded[0] = await self._given(verb, cmd)
