@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 from nats.aio.client import Client
 
-from services.bench import raw
+from services.bench import raw, restart
 from services.bench.projections import rebuild_rate
 from services.bench.report import Options, Progress, Report, Services
 from services.bench.stats import Figures
@@ -180,7 +180,15 @@ def cpu_ticks(pid: int) -> int:
 
 
 async def settled_rss(pid: int, quiet_s: float = 1.0, limit_s: float = 600.0) -> int:
-    """RSS once the process has stopped burning CPU for `quiet_s` (it has caught up)."""
+    """RSS once the process has stopped burning CPU for `quiet_s` (it has caught up); 0 when it
+    exited meanwhile."""
+    try:
+        return await _settled_rss(pid, quiet_s, limit_s)
+    except FileNotFoundError:  # /proc/<pid> is gone: the caller notes the exit
+        return 0
+
+
+async def _settled_rss(pid: int, quiet_s: float, limit_s: float) -> int:
     deadline = time.monotonic() + limit_s
     last, quiet_since = cpu_ticks(pid), time.monotonic()
     while time.monotonic() < deadline:
@@ -247,9 +255,23 @@ async def run(
         if procs is not None:
             progress(f"measuring each service's memory after {first:,} events")
             for name, proc in procs.procs.items():
+                if proc.poll() is not None:
+                    report.notes.append(f"{name} exited with {proc.returncode}: see {procs.logs / name}.log")
+                    continue
                 report.figures[f"memory_{name}"] = Figures(
                     extra={"rss_kib_first": await settled_rss(proc.pid), "first_events": first}
                 )
+        if "restart" in options.parts:
+            await restart.measure(
+                report,
+                nc,
+                url,
+                names,
+                first,
+                data_dir,
+                progress,
+                running=procs.procs if procs is not None else None,
+            )
         rest = options.replay_events - first
         if rest > 0:
             progress(f"writing {rest:,} more events")
@@ -258,14 +280,28 @@ async def run(
         if procs is not None:
             progress(f"measuring each service's memory after {options.replay_events:,} events")
             for name, proc in procs.procs.items():
-                figures = report.figures[f"memory_{name}"]
-                figures.extra["rss_kib_end"] = await settled_rss(proc.pid)
-                figures.extra["end_events"] = options.replay_events
+                figures = report.figures.get(f"memory_{name}")
+                if figures is None:
+                    continue  # it had exited by the first measure (noted then)
                 if proc.poll() is not None:
                     report.notes.append(f"{name} exited with {proc.returncode}: see {procs.logs / name}.log")
+                    continue
+                figures.extra["rss_kib_end"] = await settled_rss(proc.pid)
+                figures.extra["end_events"] = options.replay_events
                 figures.extra["growth"] = (
                     figures.extra["rss_kib_end"] / max(1, figures.extra["rss_kib_first"]) - 1
                 )
+        if "restart" in options.parts and rest > 0:
+            await restart.measure(
+                report,
+                nc,
+                url,
+                names,
+                options.replay_events,
+                data_dir,
+                progress,
+                running=procs.procs if procs is not None else None,
+            )
     finally:
         if procs is not None:
             await anyio.to_thread.run_sync(procs.stop)

@@ -18,7 +18,7 @@ from typing import Any
 
 from services.bench.stats import Figures
 
-PARTS = ("raw", "governed", "detection", "replay", "memory", "explain", "fleet")
+PARTS = ("raw", "governed", "detection", "replay", "memory", "restart", "explain", "fleet")
 
 
 @dataclass

@@ -79,7 +79,7 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
             report.figures["detection_dead"] = dead
             report.figures["detection_hung"] = hung
             report.figures["revocation"] = revocation
-        if "replay" in options.parts or "memory" in options.parts:
+        if {"replay", "memory", "restart"} & set(options.parts):
             await history.run(report, nc, url, options, services, progress)
         if "explain" in options.parts:
             await explain.run(report, nc, url, options, services, progress)

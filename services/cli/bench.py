@@ -20,6 +20,7 @@ TARGETS = {
     "revocation_p99_ms": 50.0,
     "replay_rate": 100_000.0,
     "memory_growth": 0.10,
+    "restart_s": 2.0,
     "fleet_detection_p99_ms": 50.0,
 }
 
@@ -118,6 +119,29 @@ def render(report: Report, console: Console) -> None:
                 _num(100 * fig.extra["growth"], "%", 1) if "growth" in fig.extra else "-",
             )
         console.print(mem)
+    restarts = {
+        k[len("restart_") :]: v for k, v in f.items() if k.startswith("restart_") and k != "restart_sizes"
+    }
+    if restarts:
+        sizes = sorted(int(n) for n in f["restart_sizes"].extra) if "restart_sizes" in f else []
+        table = Table(
+            title=f"time to serving on restart, spawn to ready (target ≤ {TARGETS['restart_s']:.0f} s at the largest log)"
+        )
+        table.add_column("service")
+        for size in sizes:
+            table.add_column(f"{size:,} events", justify="right")
+            table.add_column("of which after imports", justify="right")
+            table.add_column("load", justify="right")
+        for name, fig in restarts.items():
+            cells = [name.replace("_", " ")]
+            for size in sizes:
+                cells += [
+                    _num(fig.extra.get(f"serving_s_{size}"), " s", 2),
+                    _num(fig.extra.get(f"ready_s_{size}"), " s", 2),
+                    _num(fig.extra.get(f"load_{size}"), "", 2),
+                ]
+            table.add_row(*cells)
+        console.print(table)
     for note in report.notes:
         console.print(f"note: {note}")
     console.print(f"machine: {report.machine}")
@@ -152,7 +176,8 @@ def bench(
 
     Parts: raw baselines and the governed lifecycle (jobs/s, p50/p99), time-to-failure-detection
     for dead and hung agents, revocation latency, projection replay rate, each service's
-    memory after 100k and after all events, `warden explain` latency at both sizes, and a
+    memory after 100k and after all events, each service's time to serving on restart at both
+    sizes (from its snapshot; the scheduler also with a full fold), `warden explain` latency at both sizes, and a
     fleet (1,000 simulated agents holding 10,000 leases, heartbeating at their contract's
     interval: heartbeats answered per second, detection of leases killed under that load, the
     services' memory). Figures guide work; no test asserts them.
