@@ -143,8 +143,8 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
             log.warning("NATS error on %s: %s", name, exc)
 
     async def disconnected_cb() -> None:
-        if holder and (holder[0].is_closed or holder[0].is_draining):
-            return  # our own close, not an outage
+        if not holder or holder[0].is_closed or holder[0].is_draining:
+            return  # a first connection given up, or our own close: not an outage
         log.warning("%s disconnected from NATS", name)
 
     async def reconnected_cb() -> None:
@@ -168,11 +168,11 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
         options["inbox_prefix"] = prefix
     nc: Client | None = None
     if bound is None:
-        nc = await nats.connect(servers, **options)
+        nc = await _connect(servers, options)
     else:
         options["connect_timeout"] = min(float(options["connect_timeout"]), bound)
         with anyio.move_on_after(bound):
-            nc = await nats.connect(servers, **options)
+            nc = await _connect(servers, options)
         if nc is None:
             last = f" ({errors[-1]})" if errors else ""
             raise Unreachable(
@@ -181,6 +181,19 @@ async def connect(url: str, name: str, **kwargs: Any) -> Client:
             )
     holder.append(nc)
     nc._warden_watches = watches  # type: ignore[attr-defined]
+    return nc
+
+
+async def _connect(servers: list[str], options: dict[str, Any]) -> Client:
+    """nats.connect, closing the half-made connection when it fails or is cancelled: nats-py
+    leaves the socket of a refused login (or an interrupted attempt) open otherwise."""
+    nc = Client()
+    try:
+        await nc.connect(servers, **options)
+    except BaseException:
+        with anyio.move_on_after(5, shield=True):  # a close that hangs must not hold the error
+            await nc.close()
+        raise
     return nc
 
 

@@ -22,7 +22,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
-import nats
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 
@@ -137,7 +136,13 @@ class NatsBridge:
         async def connect() -> Client:
             # Several servers (a cluster) separated by commas, as everywhere in Warden.
             servers = [u.strip() for u in url.split(",") if u.strip()]
-            return await asyncio.wait_for(nats.connect(servers, **options), deadline)
+            nc = Client()
+            try:
+                await asyncio.wait_for(nc.connect(servers, **options), deadline)
+            except BaseException:
+                await nc.close()  # nats-py leaves a failed attempt's socket open otherwise
+                raise
+            return nc
 
         try:
             nc = asyncio.run_coroutine_threadsafe(connect(), loop).result(deadline + 5)
