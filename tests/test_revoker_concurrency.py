@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 import msgspec
+from eventsourcing.persistence import OperationalError
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -55,7 +56,7 @@ class HeldRevoker(Revoker):
 
 
 @asynccontextmanager
-async def _warden(url: str, revoker: HeldRevoker | None, name: str) -> AsyncIterator[None]:
+async def _warden(url: str, revoker: Revoker | None, name: str) -> AsyncIterator[None]:
     """The services leases and revocations need; the revoker only when one is given."""
     services = [*registry.build(["scheduler", "reconciler"]), *([revoker] if revoker else [])]
     async with runtime.deployment(url, name=name) as (ctx, _url), anyio.create_task_group() as tg:
@@ -167,3 +168,32 @@ async def test_one_agents_two_commands_are_decided_one_after_the_other_in_the_or
                 type(e) for e in await events_of(nc) if isinstance(e, AgentSuspended | AgentReinstated)
             ]
             assert standing == [AgentSuspended, AgentReinstated]
+
+
+class FaultyRevoker(Revoker):
+    """A revoker whose store fails (times out) on the first decision it makes, as a busy or
+    restarting broker would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.faults = 0
+
+    async def _act(self, action: Action) -> None:
+        if self.faults == 0:
+            self.faults += 1
+            raise OperationalError("NATS request failed: TimeoutError()")
+        await super()._act(action)
+
+
+async def test_a_store_fault_while_deciding_delays_a_revocation_and_never_ends_the_revoker(
+    nats_server: EmbeddedServer,
+) -> None:
+    revoker = FaultyRevoker()
+    async with _warden(nats_server.url, revoker, "faulty-store"), client(nats_server.url) as nc:
+        await _lose_leases(nc, "flaky")
+
+        def revoked(e: AnyEvent) -> bool:
+            return isinstance(e, AgentRevoked) and e.name == "flaky"
+
+        await wait_for_event(nc, revoked, timeout=20)
+        assert revoker.faults == 1

@@ -26,8 +26,10 @@ from uuid import UUID
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
+from eventsourcing.persistence import OperationalError
 from msgspec.structs import replace
 from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
 
 from shared import bus, telemetry, topology
 from shared.aggregates import Agent, Job
@@ -54,6 +56,8 @@ log = logging.getLogger("warden.revoker")
 
 # After a decision lost every race, the agent is decided again this much later.
 CONTENDED_BACKOFF_S = 1.0
+# What a read or save of the store raises when the store is slow or away, not when input is bad.
+STORE_FAULTS = (OperationalError, NatsError, TimeoutError)
 # Agents decided at once, at most: each mostly waits on a durable write, and the broker
 # commits concurrent writes together (as the input consumers do).
 MAX_DECIDING = 32
@@ -185,9 +189,20 @@ class Revoker:
             async with self._slots:
                 while name in self._dirty:
                     self._dirty.discard(name)
-                    await self._fill_gaps()
-                    async with self._turn(name):
-                        decided = await self._decide(name)
+                    try:
+                        await self._fill_gaps()
+                        async with self._turn(name):
+                            decided = await self._decide(name)
+                    except STORE_FAULTS as exc:
+                        # The store did not answer (a busy loop, a broker restart): a fault
+                        # to wait out, never a reason to end the service or drop the decision.
+                        log.warning(
+                            "deciding %s failed (%r); deciding again in %.0f s",
+                            name,
+                            exc,
+                            CONTENDED_BACKOFF_S,
+                        )
+                        decided = False
                     if not decided:
                         self._later(name)
                         return
@@ -223,7 +238,14 @@ class Revoker:
         while True:
             await self._wake.wait()
             self._wake = anyio.Event()
-            await self._fill_gaps()
+            try:
+                await self._fill_gaps()
+            except STORE_FAULTS as exc:
+                log.warning(
+                    "reading reloaded versions failed (%r); trying again in %.0f s", exc, CONTENDED_BACKOFF_S
+                )
+                await anyio.sleep(CONTENDED_BACKOFF_S)
+                self._wake.set()
 
     @asynccontextmanager
     async def _turn(self, name: str) -> AsyncIterator[None]:
