@@ -6,9 +6,15 @@ test and the server it talks to never share a loop's lifetime.
 
 from __future__ import annotations
 
+# hypothesis is imported here, at start-up: its pytest plugin otherwise imports it at session end,
+# where pytest's assertion rewriting parses it, and on Python 3.11.7 that parse can fail with
+# "SystemError: AST constructor recursion depth mismatch" once something earlier in the session
+# left the AST constructor's depth counter off (CPython gh-106905, fixed in 3.11.8 and 3.12.1;
+# what sets it off here was not found). Seen on `pytest tests/test_revoker_state.py` run alone.
 from collections.abc import Iterator
 from pathlib import Path
 
+import hypothesis  # noqa: F401
 import pytest
 
 from shared.server import EmbeddedServer
