@@ -349,7 +349,9 @@ def claim_too_late(claim: Claim, at: datetime) -> bool:
 WAIT_MARGIN_S = 1.0
 # However long a claim says it may wait, it waits here at most this long: a waiting claim
 # holds a place in the scheduler's bounded book, and claiming again costs one stored input.
-MAX_WAIT_S = 60.0
+# No longer than a claim counts as presence, so an agent waiting for work is always present
+# (a retry prefers it to the agent that failed the job).
+MAX_WAIT_S = RECENT_CLAIM_S
 
 
 def wait_until(claim: Claim, at: datetime) -> datetime | None:

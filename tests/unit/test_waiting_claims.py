@@ -52,6 +52,11 @@ def test_a_claim_asking_to_wait_an_hour_waits_at_most_the_schedulers_longest_wai
     assert rules.wait_until(claim, at(0)) == at(rules.MAX_WAIT_S)
 
 
+def test_a_claim_waits_no_longer_than_its_agent_counts_as_present_for_a_retry() -> None:
+    until = rules.wait_until(Claim(wait_s=3600, sent_at=at(0)), at(0))
+    assert until is not None and until <= at(rules.RECENT_CLAIM_S)
+
+
 # --- what may bring work to a waiting claim ---------------------------------------------------
 
 
