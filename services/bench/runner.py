@@ -14,6 +14,7 @@ import anyio
 from nats.aio.client import Client
 
 from services.bench import explain, fleet, history, lifecycle, raw
+from services.bench.history import cpu_ticks
 from services.bench.report import Options, Progress, Report, Services
 from shared import bus
 from shared.server import EmbeddedServer
@@ -26,6 +27,23 @@ def machine() -> dict[str, Any]:
         "platform": platform.platform(),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
     }
+
+
+class CpuSplit:
+    """CPU time spent by each process class between `start` and `per_job`, from /proc (Linux)."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = {k: v for k, v in pids.items() if Path(f"/proc/{v}/stat").exists()}
+        self.start = {k: cpu_ticks(v) for k, v in self.pids.items()}
+
+    def per_job(self, jobs: int) -> dict[str, float]:
+        """Milliseconds of CPU per job by process class, and their sum."""
+        tick_ms = 1000 / os.sysconf("SC_CLK_TCK")
+        split = {
+            k: round((cpu_ticks(pid) - self.start[k]) * tick_ms / max(1, jobs), 2)
+            for k, pid in self.pids.items()
+        }
+        return split | {"total": round(sum(split.values()), 2)}
 
 
 async def run(url: str | None, options: Options, progress: Progress) -> Report:
@@ -53,7 +71,9 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
         workers = [await connect(f"bench-worker-{i}") for i in range(options.workers)]
         if "raw" in options.parts or "governed" in options.parts:
             progress(f"raw JetStream work queue: {options.jobs} jobs, {options.workers} workers")
+            cpu = CpuSplit(_pids(server, os.getpid()))
             report.figures["work_queue"] = await raw.work_queue(nc, workers, options.jobs, options.payload)
+            report.figures["work_queue"].extra["cpu_ms_per_job"] = cpu.per_job(options.jobs)
             progress(f"raw publish: {options.publish} acked, pipelined")
             report.figures["publish_raw"] = await raw.publish_rate(
                 nc, options.publish, max(options.payload, 200)
@@ -65,9 +85,11 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
         await anyio.to_thread.run_sync(services.start)
         if "governed" in options.parts:
             progress(f"governed lifecycle: {options.jobs} jobs, {options.workers} agents")
+            cpu = CpuSplit(_pids(server, os.getpid()) | {"services": services.pid})
             report.figures["governed"] = await lifecycle.governed(
                 nc, workers, options.jobs, options.payload, run_id
             )
+            report.figures["governed"].extra["cpu_ms_per_job"] = cpu.per_job(options.jobs)
             report.notes.append(lifecycle.throttle_note(report.figures["governed"].extra))
         if "detection" in options.parts:
             progress(
@@ -98,3 +120,12 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
         if server is not None:
             await anyio.to_thread.run_sync(server.stop)
     return report
+
+
+def _pids(server: EmbeddedServer | None, own: int) -> dict[str, int]:
+    """The server (when embedded: an external one's CPU is not ours to read) and this process,
+    where the agents (and the bare queue's workers) and the submitting client run."""
+    pids = {"agents_and_client": own}
+    if server is not None and server.process is not None:
+        pids["server"] = server.process.pid
+    return pids
