@@ -13,7 +13,8 @@ import signal
 import sys
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -356,14 +357,13 @@ async def test_a_file_write_that_would_escape_its_directory_is_rejected_before_a
     assert not (tmp_path / "outside.txt").exists()
 
 
-@pytest.fixture
-def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
-    received: list[dict[str, Any]] = []
+@contextmanager
+def webhook_server(on_post: Callable[[BaseHTTPRequestHandler, bytes], None]) -> Iterator[str]:
+    """A real HTTP endpoint on a free port that answers every POST 201 after `on_post`; its URL."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            received.append({"headers": dict(self.headers), "body": body})
+            on_post(self, self.rfile.read(int(self.headers["Content-Length"])))
             self.send_response(201)
             self.end_headers()
 
@@ -374,10 +374,21 @@ def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", received
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def webhook_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    received: list[dict[str, Any]] = []
+
+    def record(request: BaseHTTPRequestHandler, body: bytes) -> None:
+        received.append({"headers": dict(request.headers), "body": body})
+
+    with webhook_server(record) as url:
+        yield url, received
 
 
 @pytest.mark.usefixtures("permissive_policy")
@@ -444,25 +455,8 @@ class Overlap:
 @pytest.fixture
 def overlapping_receiver() -> Iterator[tuple[str, Overlap]]:
     overlap = Overlap(expected=6)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            overlap.arrive(self.headers["Idempotency-Key"])
-            self.send_response(201)
-            self.end_headers()
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/hook", overlap
-    finally:
-        server.shutdown()
-        server.server_close()
+    with webhook_server(lambda request, _body: overlap.arrive(request.headers["Idempotency-Key"])) as url:
+        yield url, overlap
 
 
 async def accepted_webhooks(nc: Any, url: str, jobs: int) -> list[uuid.UUID]:
