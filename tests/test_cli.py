@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -41,13 +42,32 @@ def unprivileged() -> Iterator[tuple[list[str], Path]]:
         pytest.skip("running as root without setpriv: cannot drop to a non-root user")
     workdir = Path(tempfile.mkdtemp(prefix="warden-nonroot-"))
     prefix: list[str] = []
+    opened: list[tuple[Path, int]] = []
     if os.geteuid() == 0:
         os.chown(workdir, NOBODY, NOBODY)
         prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+        opened = _let_others_reach(Path(__file__).resolve().parent.parent)
     try:
         yield prefix, workdir
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+        for path, mode in reversed(opened):
+            path.chmod(mode)
+
+
+def _let_others_reach(checkout: Path) -> list[tuple[Path, int]]:
+    """Let the dropped user read this checkout for the test's length: a checkout in a private
+    folder (`mktemp -d` makes it 0700) is otherwise unreadable to it, and the command it runs
+    fails to import Warden. The checkout itself gets read and search, its parents search only;
+    returns the modes to restore."""
+    changed: list[tuple[Path, int]] = []
+    for path in (checkout, *checkout.parents):
+        mode = stat.S_IMODE(path.stat().st_mode)
+        wanted = mode | stat.S_IXOTH | (stat.S_IROTH if path == checkout else 0)
+        if wanted != mode:
+            path.chmod(wanted)
+            changed.append((path, mode))
+    return changed
 
 
 def warden_env(**extra: str) -> dict[str, str]:
