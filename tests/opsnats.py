@@ -22,7 +22,7 @@ import pytest
 from nats.aio.client import Client
 
 from shared import bus, credentials
-from shared.server import EmbeddedServer, free_port
+from shared.server import EmbeddedServer, PortInUse, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 OPS_NATS = ROOT / "ops" / "nats"
@@ -127,14 +127,21 @@ def start_single(
     """A server from ops/nats/single.conf (users from `users_file`, default the committed one);
     `edit` changes the configuration first, to start a misconfigured server on purpose."""
     _prepare(directory, users_file)
-    client, monitor = free_port(), free_port()
-    text = render(SINGLE, client_port=client, monitor_port=monitor, store_dir=directory / "js")
-    if edit is not None:
-        text = edit(text)
-    server = EmbeddedServer(
-        store_dir=directory, port=client, monitor_port=monitor, config_text=text, name="single"
-    )
-    return OpsServer(server.start(), directory)
+    for attempt in range(3):
+        client, monitor = free_port(), free_port()
+        text = render(SINGLE, client_port=client, monitor_port=monitor, store_dir=directory / "js")
+        if edit is not None:
+            text = edit(text)
+        server = EmbeddedServer(
+            store_dir=directory, port=client, monitor_port=monitor, config_text=text, name="single"
+        )
+        try:
+            return OpsServer(server.start(), directory)
+        except PortInUse:
+            # Another process took a free port between choosing it and the server binding it.
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def start_cluster(base: Path, users_file: Path | None = None) -> list[OpsServer]:
