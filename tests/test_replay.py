@@ -147,3 +147,48 @@ async def test_replay_skips_rows_the_live_projector_changed_after_its_position(
     code, report = await replay(nats_server.url, live)
     assert code == 0, report["differences"]
     assert report["skipped_moved_on"] == {"warden_agents": 1}
+
+
+async def test_a_rebuild_reads_many_pages_and_stops_at_its_position_though_the_stream_goes_on(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    from services.bench.history import write_history
+    from shared import bus, topology
+    from shared.app import PERSISTENCE_MODULE, WardenApp
+    from shared.persistence.bridge import URL_ENV
+    from shared.persistence.jetstream import JetStreamApplicationRecorder
+    from shared.readmodel.replay import PAGE, rebuild
+
+    nc = await bus.connect(nats_server.url, "test-replay-pages")
+    try:
+        js = nc.jetstream()
+        await topology.ensure(js, str(nc.connected_server_version))
+        written = (await write_history(nc, 3 * PAGE, packed=False)).count
+        middle = (await js.stream_info(topology.EVENT_STREAM)).state.last_seq - PAGE // 2
+        # Not an event of Warden's: the stream's last message is one no rebuild folds.
+        await js.publish(f"{topology.EVENT_ROOT}.not-a-record", b"{}")
+        last = (await js.stream_info(topology.EVENT_STREAM)).state.last_seq
+    finally:
+        await nc.close()
+
+    def rebuilt(position: int, name: str) -> tuple[int, list[int]]:
+        app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: nats_server.url})
+        fresh = open_read_model(f"sqlite:///{tmp_path / name}", durable=False)
+        reached: list[int] = []
+        try:
+            recorder = app.recorder
+            assert isinstance(recorder, JetStreamApplicationRecorder)
+            count = rebuild(recorder, fresh, f"{topology.EVENT_ROOT}.*", position, reached.append)
+            assert fresh.position() <= position
+            return count, reached
+        finally:
+            fresh.close()
+            app.close()
+
+    whole, reached = await anyio.to_thread.run_sync(rebuilt, last, "whole.sqlite")
+    assert whole == written  # every event, though the last message was none of them
+    assert reached[-1] == last
+    part, _ = await anyio.to_thread.run_sync(rebuilt, middle, "part.sqlite")
+    # One event per message in this history: the events up to `middle`, none after.
+    first = last - 1 - written  # the sequence before the first event
+    assert part == middle - first

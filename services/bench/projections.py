@@ -23,7 +23,7 @@ async def rebuild_rate(url: str) -> Figures:
     def work() -> Figures:
         scratch = tempfile.TemporaryDirectory(prefix="warden-bench-replay-")
         app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: url})
-        fresh = open_read_model(f"sqlite:///{Path(scratch.name) / 'rebuild.sqlite'}")
+        fresh = open_read_model(f"sqlite:///{Path(scratch.name) / 'rebuild.sqlite'}", durable=False)
         try:
             recorder = app.recorder
             assert isinstance(recorder, JetStreamApplicationRecorder)

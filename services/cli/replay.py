@@ -123,7 +123,7 @@ def replay(
         fail(str(exc))
         return
     try:
-        fresh = open_read_model(target)
+        fresh = open_read_model(target, durable=False)
         try:
             if fresh.position():
                 fail(f"{target} already holds a read model: --into needs an empty store")

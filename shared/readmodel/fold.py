@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from datetime import datetime
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
@@ -73,6 +74,10 @@ _encoder = msgspec.json.Encoder()
 
 Row = dict[str, Any]
 
+# A UUID's text, cached: a rebuild formats each aggregate's id for every row it writes, and
+# UUID.__str__ is Python code (a tenth of the folding, measured).
+_text = lru_cache(maxsize=16_384)(UUID.__str__)
+
 
 def _ms_between(start: datetime | None, end: datetime) -> float | None:
     return None if start is None else round((end - start).total_seconds() * 1000, 3)
@@ -122,7 +127,7 @@ class BatchFold:
     def _rows(self, table: Table, wanted: list[UUID]) -> dict[UUID, Row | None]:
         found: dict[UUID, Row | None] = dict.fromkeys(wanted)
         for start in range(0, len(wanted), 500):
-            chunk = [str(i) for i in wanted[start : start + 500]]
+            chunk = [_text(i) for i in wanted[start : start + 500]]
             marks = ", ".join("?" * len(chunk))
             sql = (
                 f"SELECT {', '.join(table.column_names)} FROM {table.name} WHERE {table.key[0]} IN ({marks})"
@@ -133,20 +138,20 @@ class BatchFold:
 
     def job(self, job_id: UUID) -> tuple[Job | None, Row | None]:
         if job_id not in self.jobs:
-            row = self._load(JOBS, str(job_id))
+            row = self._load(JOBS, _text(job_id))
             state = _job_decoder.decode(row["state_json"]) if row else None
             self.jobs[job_id] = (state, row)
         return self.jobs[job_id]
 
     def agent(self, agent_id: UUID) -> tuple[Agent | None, Row | None]:
         if agent_id not in self.agents:
-            row = self._load(AGENTS, str(agent_id))
+            row = self._load(AGENTS, _text(agent_id))
             state = _agent_decoder.decode(row["state_json"]) if row else None
             self.agents[agent_id] = (state, row)
         return self.agents[agent_id]
 
     def proposal(self, proposal_id: UUID) -> Row | None:
-        key = str(proposal_id)
+        key = _text(proposal_id)
         if key not in self.proposals:
             self.proposals[key] = self._load(PROPOSALS, key)
         return self.proposals[key]
@@ -219,7 +224,7 @@ class BatchFold:
             TIMELINE,
             {
                 "seq": seq,
-                "aggregate_id": str(event.originator_id),
+                "aggregate_id": _text(event.originator_id),
                 "job_id": job_id,
                 "agent": agent,
                 "type": tag_of(event),
@@ -241,7 +246,7 @@ class BatchFold:
             k: (row or {}).get(k, 0) for k in ("leases", "completed", "expired", "revoked", "rejected")
         }
         new_row: Row = {
-            "agent_id": str(after.id),
+            "agent_id": _text(after.id),
             "name": after.name,
             "level": after.level,
             "standing": after.standing,
@@ -263,7 +268,7 @@ class BatchFold:
                     LEVELS,
                     {
                         "seq": seq,
-                        "agent_id": str(after.id),
+                        "agent_id": _text(after.id),
                         "agent": after.name,
                         "level": event.level,
                         "previous": event.previous,
@@ -329,7 +334,7 @@ class BatchFold:
         if before is not None and event.originator_version <= before.version:
             return  # already folded: a redelivery changes nothing
         after = evolve_job(before, event)
-        job_id = str(event.originator_id)
+        job_id = _text(event.originator_id)
         agent: str | None = getattr(event, "agent", None)
         if agent is None and after is not None and after.lease is not None:
             agent = after.lease.agent
@@ -359,7 +364,7 @@ class BatchFold:
     def _full_job_row(job: Job, meta: Row) -> Row:
         lease = job.lease
         return {
-            "job_id": str(job.id),
+            "job_id": _text(job.id),
             "kind": job.kind,
             "state": job.status,
             "attempts": job.attempts,
@@ -384,7 +389,7 @@ class BatchFold:
         lease = after.lease
         if lease is None or (before is not None and before.lease == lease):
             return
-        key = (str(after.id), lease.epoch)
+        key = (_text(after.id), lease.epoch)
         ended_at = at if lease.ended else None
         was = before.lease if before is not None else None
         if lease.ended and was is not None and was.epoch == lease.epoch and was.ended:
@@ -432,8 +437,8 @@ class BatchFold:
         if row is None:
             return None
         row = {**row, **changes, "seq": seq, "updated_at": at}
-        self.proposals[str(proposal_id)] = row
-        self.dirty_proposals.add(str(proposal_id))
+        self.proposals[_text(proposal_id)] = row
+        self.dirty_proposals.add(_text(proposal_id))
         return row
 
     def _job_event_rows(self, seq: int, event: AnyEvent, at: str, job_id: str, job: Job | None) -> None:
@@ -495,7 +500,7 @@ class BatchFold:
                     detail={"attempts": event.attempts, "by": event.by},
                 )
             case ProposalSubmitted():
-                key = str(event.proposal_id)
+                key = _text(event.proposal_id)
                 self.proposals[key] = {
                     "proposal_id": key,
                     "job_id": job_id,
@@ -524,7 +529,7 @@ class BatchFold:
                     CHECKS,
                     {
                         "seq": seq,
-                        "proposal_id": str(event.proposal_id),
+                        "proposal_id": _text(event.proposal_id),
                         "job_id": job_id,
                         "invariant": event.invariant,
                         "version": event.version,
@@ -558,7 +563,7 @@ class BatchFold:
                         agent=row["agent"],
                         epoch=row["epoch"],
                         reason="; ".join(event.violations) or event.reason,
-                        detail={"proposal_id": str(event.proposal_id), "by": event.by},
+                        detail={"proposal_id": _text(event.proposal_id), "by": event.by},
                     )
             case EffectApplied():
                 self._update_proposal(

@@ -56,6 +56,9 @@ class ReadModel(TrackingRecorder):
     """What both backends share: the batch write protocol and read transactions."""
 
     url: str
+    # False for a rebuild's scratch store: commits need not reach the disk, because a crash
+    # means rebuilding again (SQLite's synchronous=OFF; a fifth of a rebuild's time, measured).
+    durable: bool = True
 
     def reading(self) -> AbstractContextManager[Db]:
         raise NotImplementedError
@@ -159,6 +162,8 @@ class SQLiteReadModel(ReadModel, SQLiteTrackingRecorder):
     def writing(self) -> Iterator[tuple[Db, Any]]:
         with self.datastore.get_connection(commit=True) as conn:
             cursor = conn.cursor()
+            if not self.durable:
+                cursor.execute("PRAGMA synchronous=OFF")
             # IMMEDIATE takes the write lock before the position is read, so two writers of one
             # file serialise instead of both folding the same events.
             cursor.execute("BEGIN IMMEDIATE")
@@ -308,8 +313,10 @@ def store_env(url: str) -> dict[str, str]:
     raise StoreURLError(f"projections URL {url!r}: use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
 
 
-def open_read_model(url: str) -> ReadModel:
-    """Open (creating tables if needed) the read model a URL names. Blocking: call from a thread."""
+def open_read_model(url: str, *, durable: bool = True) -> ReadModel:
+    """Open (creating tables if needed) the read model a URL names. Blocking: call from a thread.
+
+    `durable=False` is for a store being rebuilt from the stream (see `ReadModel.durable`)."""
     env = Environment(PROJECTION_NAME, store_env(url))
     factory: InfrastructureFactory[Any] = InfrastructureFactory.construct(env)
     cls: type[ReadModel] = (
@@ -318,4 +325,5 @@ def open_read_model(url: str) -> ReadModel:
     store = factory.tracking_recorder(cls)
     assert isinstance(store, ReadModel)
     store.url = url
+    store.durable = durable
     return store
