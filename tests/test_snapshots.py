@@ -58,13 +58,13 @@ async def test_a_restart_folds_only_the_tail_after_the_snapshot_into_the_view_a_
 ) -> None:
     async with client(nats_server.url) as nc:
         async with running(nats_server.url, ["scheduler"]) as ctx:
-            await write_history(nc, 2_200)  # 200 completed jobs: the view forgets them
+            await write_history(nc, 2_200, packed=False)  # 200 completed jobs: the view forgets them
             await live_work(nc, "before")
             await ctx.view_current()
             taken = await ctx.write_snapshot()
             assert taken == await last_seq(nc)
             # The tail: more history and more live work after the checkpoint.
-            await write_history(nc, 110)
+            await write_history(nc, 110, packed=False)
             await live_work(nc, "after")
         tail = await last_seq(nc) - taken
 
@@ -82,11 +82,11 @@ async def test_the_revokers_record_restarts_from_the_snapshot_as_folding_the_who
     names = ["scheduler", "revoker"]
     async with client(nats_server.url) as nc:
         async with running(nats_server.url, names) as ctx:
-            await write_history(nc, 550)  # completed jobs: clean evidence for their agents
+            await write_history(nc, 550, packed=False)  # completed jobs: clean evidence for their agents
             await live_work(nc, "before")
             await ctx.view_current()
             taken = await ctx.write_snapshot()
-            await write_history(nc, 110)
+            await write_history(nc, 110, packed=False)
             await live_work(nc, "after")
         async with running(nats_server.url, names) as restarted:
             assert restarted.restored_at == taken
@@ -115,7 +115,7 @@ async def test_a_snapshot_that_cannot_be_trusted_is_ignored_and_the_whole_log_fo
 ) -> None:
     async with client(nats_server.url) as nc:
         async with running(nats_server.url, ["scheduler"]) as ctx:
-            await write_history(nc, 550)
+            await write_history(nc, 550, packed=False)
             await live_work(nc, "only")
             await ctx.view_current()
             snap = ctx.views.capture(ctx.clock())
