@@ -11,10 +11,12 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from services.bench.stats import Figures
 
@@ -117,8 +119,20 @@ class Services:
         for line in self.proc.stdout:
             lines.append(line)
             if "warden ready" in line:
+                # Keep reading: a chatty run that filled the pipe would block the services.
+                self.tail: deque[str] = deque(lines, maxlen=200)
+                threading.Thread(
+                    target=self._drain, args=(self.proc.stdout,), name="bench-services-log", daemon=True
+                ).start()
                 return
         raise RuntimeError(f"warden up failed: {''.join(lines)}")
+
+    def _drain(self, stream: IO[str]) -> None:
+        try:
+            for line in stream:
+                self.tail.append(line)
+        except ValueError:  # closed by stop()
+            return
 
     @property
     def pid(self) -> int:
