@@ -26,8 +26,10 @@ from shared.events import (
     Event,
     InvariantChecked,
     JobCompleted,
+    LeaseGranted,
     ProposalAccepted,
     ProposalRejected,
+    ProposalSubmitted,
     digest,
     tag_of,
 )
@@ -133,7 +135,7 @@ async def test_a_save_of_several_events_of_one_job_is_one_message_that_every_rea
         tg.cancel_scope.cancel()
 
 
-async def test_a_governed_job_is_stored_in_fewer_messages_than_events_and_its_ledger_verifies(
+async def test_a_governed_job_is_stored_in_four_messages_and_its_ledger_verifies(
     nats_server: EmbeddedServer, tmp_path: Path
 ) -> None:
     url = nats_server.url
@@ -146,11 +148,17 @@ async def test_a_governed_job_is_stored_in_fewer_messages_than_events_and_its_le
         await AgentClient(nc, "packer").serve(handler, max_jobs=1)
         await wait_for_event(nc, lambda e: isinstance(e, JobCompleted) and e.originator_id == job_id)
         logged = await log.job_events(nc.jetstream(), job_id)
+        subject = topology.event_subject(job_id)
+        info = await nc.jetstream().stream_info(topology.EVENT_STREAM, subjects_filter=subject)
     seq_of = {type(e.event): e.seq for e in logged}
-    # The checker's verdicts and its decision are one message; so are the effect and completion.
-    assert seq_of[InvariantChecked] == seq_of[ProposalAccepted]
+    # Decided at once, the proposal, its verdicts and its decision are one message; the effect
+    # and the completion another.
+    assert seq_of[ProposalSubmitted] == seq_of[InvariantChecked] == seq_of[ProposalAccepted]
     assert seq_of[EffectApplied] == seq_of[JobCompleted]
-    assert len({e.seq for e in logged}) < len(logged)
+    # A governed job is four stored messages: its request, its grant, its decided proposal, its
+    # effect with its completion (counted on its subject, as the stream holds them).
+    assert info.state.subjects == {subject: 4}
+    assert [type(e.event) for e in logged if e.seq == seq_of[LeaseGranted]] == [LeaseGranted]
 
     # `warden ledger verify`, and a dossier (one record per event) checked against the stream.
     def cli_run(*args: str) -> Result:

@@ -6,10 +6,16 @@ invariant and records each verdict, then decides: `proposal.accepted` when every
 the agent's authority at that moment allows the effect; otherwise `proposal.rejected` naming every
 violation, atomically with the job's requeue or tombstone (the attempt is spent).
 
+A proposal decided at once (no slow check, no approval) is one save, so one stored message:
+its `proposal.submitted`, its verdicts and its decision. Before a slow check, what is drafted so
+far (the submission first) is saved on its own, so the lease stops ticking and a crash during
+the check re-runs only that check. The sender is answered once its submission is stored.
+
 The input message is acked only after the decision, so a crash mid-check redelivers it; the
 proposal id is derived from its stream position, and checks already recorded for it are not run
-again. A contract with `approval_required` waits after its checks for an operator's
-`warden approve|deny PROPOSAL` (handled here too, recorded with who and why).
+again (a crash before the submission was stored admits the proposal afresh). A contract with
+`approval_required` waits after its checks for an operator's `warden approve|deny PROPOSAL`
+(handled here too, recorded with who and why).
 
 Every rule (admit or fence, record, decide, approve, deny) is a pure function in
 shared.decide.proposals; the handlers here decode, load, run the invariants, decide, save and
@@ -32,7 +38,7 @@ from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
 
 from shared import bus, invariants, proposals, telemetry, throttle, topology
-from shared.aggregates import Agent, Job, Lease, ProposalState
+from shared.aggregates import Agent, Job, Lease, ProposalState, project_job
 from shared.decide import Refusal, after, retry
 from shared.decide import proposals as decide
 from shared.events import Event, InvariantChecked, ProposalSubmitted, proposal_id_for
@@ -184,28 +190,26 @@ class Checker:
             arrived = await self._arrive(msg, agent, body, job, pid, at)
             if arrived is None:
                 return  # refused or fenced: recorded and answered
-            job, state, (resolved, problem) = arrived
+            record, state, (resolved, problem) = arrived
         else:
-            assert job is not None
+            record = _Record(self.ctx, msg, body.job_id, pid, [])
             resolved, problem = await self._resolve(agent, body)
-        await answer(
-            self.ctx,
-            msg,
-            Accepted(job_id=job.id, proposal_id=pid, detail=f"proposal {pid} submitted; checking"),
-        )
+            await record.answer("checking" if state.status == "submitted" else state.status)
+        job = record.ahead(job)
         if state.status != "submitted":
             return  # decided before a crash; the redelivery has nothing left to do
         early = decide.before_checks(job, state, None if resolved else problem, at)
         if early is not None:
-            await self._save_decision(state, early, self.name)
+            await self._save_decision(record, state, early, self.name)
             return
         assert resolved is not None
-        await self._check_and_decide(job, state, resolved.proposal, msg.metadata.timestamp or at)
+        await self._check_and_decide(record, job, state, resolved.proposal, msg.metadata.timestamp or at)
 
     async def _arrive(
         self, msg: Msg, agent: str, body: Propose, job: Job | None, pid: UUID, at: datetime
-    ) -> tuple[Job, ProposalState, Resolution] | None:
-        """Admit and record a proposal as received; None once it is refused or fenced."""
+    ) -> tuple[_Record, ProposalState, Resolution] | None:
+        """Admit a proposal and draft its record as received (saved with its first verdicts);
+        None once it is refused or fenced."""
         seq = input_seq(msg)
         refused = decide.admit(job, body.job_id, agent, body.epoch, input_seq=seq, at=at)
         if isinstance(refused, Refusal):
@@ -232,12 +236,10 @@ class Checker:
             payload_object=resolved.object_name if resolved else "",
             payload_hash=resolved.object_hash if resolved else "",
         )
-        await self.ctx.save(*decide.submit(job, received, at))
-        log.info("proposal %s submitted by %s for job %s", pid, agent, job.id)
-        now_job = await self._job(job.id)
-        state = now_job.proposal(pid) if now_job is not None else None
-        assert now_job is not None and state is not None
-        return now_job, state, (resolved, problem)
+        record = _Record(self.ctx, msg, job.id, pid, decide.submit(job, received, at))
+        state = record.ahead(job).proposal(pid)
+        assert state is not None
+        return record, state, (resolved, problem)
 
     async def _resolve(self, agent: str, body: Propose) -> Resolution:
         try:
@@ -246,7 +248,7 @@ class Checker:
             return None, str(exc)
 
     async def _check_and_decide(
-        self, job: Job, state: ProposalState, proposal: Propose, received_at: datetime
+        self, record: _Record, job: Job, state: ProposalState, proposal: Propose, received_at: datetime
     ) -> None:
         policy = load_policy()  # consulted at the moment of deciding: a demotion counts at once
         agent = self.ctx.views.agents.get(state.agent) or await self.ctx.agent_from_store(state.agent)
@@ -277,8 +279,8 @@ class Checker:
             if skipped is not None:
                 judged.append(skipped)
                 continue
-            if expensive and unsaved:
-                await self._save_verdicts(job.id, unsaved)
+            if expensive and (unsaved or record.unsaved):
+                await self._save_verdicts(record, job.id, unsaved)
                 unsaved = []
             with telemetry.span(f"checker invariant {name}", invariant=name, proposal_id=state.id):
                 verdict, version = await self._run(inv, name, subject)
@@ -294,23 +296,23 @@ class Checker:
                     at=self.ctx.clock(),
                 )
             if expensive:
-                await self._save_verdicts(job.id, [check])
+                await self._save_verdicts(record, job.id, [check])
             else:
                 unsaved.append(check)
             reason = verdict.evidence.get("reason") or ""
             judged.append(decide.Judgement(invariant=name, verdict=verdict.verdict, reason=str(reason)))
-        current = await self._job(job.id)
+        current = record.ahead(await self._job(job.id))
         assert current is not None
         state = current.proposal(state.id) or state
         standing = await self._standing(current, state, policy)
         decided = decide.check_and_decide(
             current, state, judged, agent=standing, policy=policy, at=self.ctx.clock(), unsaved=unsaved
         )
-        await self._save_decision(state, decided, self.name)
+        await self._save_decision(record, state, decided, self.name)
 
-    async def _save_verdicts(self, job_id: UUID, drafts: list[InvariantChecked]) -> None:
-        job = await self._job(job_id)
-        await self.ctx.save(*after(job, *drafts))
+    async def _save_verdicts(self, record: _Record, job_id: UUID, drafts: list[InvariantChecked]) -> None:
+        job = record.ahead(await self._job(job_id))
+        await record.save(after(job, *drafts), "checking")
 
     async def _run(self, inv: Invariant | None, name: str, subject: Subject) -> tuple[Verdict, str]:
         if inv is None:
@@ -335,8 +337,12 @@ class Checker:
             agent = await self.ctx.agent_from_store(state.agent)
         return agent
 
-    async def _save_decision(self, state: ProposalState, decided: decide.Decision, by: str) -> None:
-        if decided.events:
+    async def _save_decision(
+        self, record: _Record | None, state: ProposalState, decided: decide.Decision, by: str
+    ) -> None:
+        if record is not None:
+            await record.save(decided.events, decided.outcome)
+        elif decided.events:
             await self.ctx.save(*decided.events)
         if decided.outcome == "awaiting approval":
             log.info("proposal %s passed its checks; waiting for an operator's approval", state.id)
@@ -384,7 +390,7 @@ class Checker:
             return Refusal(errors=[missing("$.proposal_id", f"proposal {cmd.proposal_id}")])
         decided = await rule(job, state, cmd)
         if isinstance(decided, decide.Decision):
-            await self._save_decision(state, decided, cmd.operator)
+            await self._save_decision(None, state, decided, cmd.operator)
         return decided
 
     async def _deny(self, job: Job, state: ProposalState, cmd: OperatorCommand) -> decide.Decision | Refusal:
@@ -405,6 +411,40 @@ class Checker:
             agent=await self._standing(job, state, policy),
             policy=policy,
             at=self.ctx.clock(),
+        )
+
+
+class _Record:
+    """What this delivery of a proposal has drafted and not yet saved: its `proposal.submitted`
+    (none on a redelivery, which finds it stored). It goes with the next save of the job, the
+    decision's when no check is slow, so a proposal decided at once is one stored message; the
+    sender is answered once it is stored, never before."""
+
+    def __init__(self, ctx: Context, msg: Msg, job_id: UUID, proposal_id: UUID, events: list[Event]) -> None:
+        self.ctx, self.msg, self.job_id, self.proposal_id = ctx, msg, job_id, proposal_id
+        self.unsaved = events
+
+    def ahead(self, job: Job | None) -> Job:
+        """The job as it stands once the unsaved drafts are stored: what the checks and the
+        decision are numbered after. Drafted on an older version, they fail their save's
+        expected sequence, and the retry admits the proposal afresh."""
+        ahead = project_job(job, self.unsaved) if self.unsaved else job
+        assert ahead is not None
+        return ahead
+
+    async def save(self, events: list[Event], status: str) -> None:
+        if not events and not self.unsaved:
+            return
+        await self.ctx.save(*self.unsaved, *events)
+        first, self.unsaved = self.unsaved, []
+        if first:
+            log.info("proposal %s submitted for job %s", self.proposal_id, self.job_id)
+            await self.answer(status)
+
+    async def answer(self, status: str) -> None:
+        detail = f"proposal {self.proposal_id} submitted; {status}"
+        await answer(
+            self.ctx, self.msg, Accepted(job_id=self.job_id, proposal_id=self.proposal_id, detail=detail)
         )
 
 
