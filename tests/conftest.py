@@ -6,19 +6,34 @@ test and the server it talks to never share a loop's lifetime.
 
 from __future__ import annotations
 
-# hypothesis is imported here, at start-up: its pytest plugin otherwise imports it at session end,
-# where pytest's assertion rewriting parses it, and on Python 3.11.7 that parse can fail with
-# "SystemError: AST constructor recursion depth mismatch" once something earlier in the session
-# left the AST constructor's depth counter off (CPython gh-106905, fixed in 3.11.8 and 3.12.1;
-# what sets it off here was not found). Seen on `pytest tests/test_revoker_state.py` run alone.
-from collections.abc import Iterator
+# CPython 3.11.7 keeps the AST constructor's recursion depth in per-interpreter state (gh-106905,
+# fixed in 3.11.8 and 3.12.1), so two threads building ASTs at once (pytest's assertion rewriting
+# on an import, a worker thread's traceback whose carets come from ast.parse) can fail either with
+# "SystemError: AST constructor recursion depth mismatch". Two runs failed so (one at session end,
+# one in test_dashboard). Every Python-level parse goes through ast.parse: serialise it here.
+# hypothesis is imported at start-up, before any thread, so its plugin is not parsed at session end.
+import ast
+import sys
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import hypothesis  # noqa: F401
 import pytest
 
 from shared.server import EmbeddedServer
 from tests import opsnats
+
+if sys.version_info < (3, 11, 8):
+    _PARSE_LOCK = threading.RLock()
+    _parse: Callable[..., Any] = ast.parse
+
+    def _serialised_parse(*args: Any, **kwargs: Any) -> Any:
+        with _PARSE_LOCK:
+            return _parse(*args, **kwargs)
+
+    ast.parse = _serialised_parse
 
 
 @pytest.fixture(autouse=True)
