@@ -23,7 +23,8 @@ from nats.aio.subscription import Subscription
 
 from shared import bus, topology
 from shared.contract import Contract, Stopping
-from shared.events import LeaseGranted
+from shared.events import JobRequested, LeaseGranted
+from shared.forensics import log
 from shared.messages import (
     Accepted,
     AnyReply,
@@ -148,6 +149,27 @@ async def test_a_claim_sent_before_any_job_exists_is_granted_the_job_submitted_w
     )
     # Granted as the job arrived, not when the wait ended: well inside the claim's wait.
     assert answered - claim.sent < WAIT_S / 2
+
+
+async def test_a_job_submitted_to_a_waiting_claim_is_requested_and_granted_in_one_stored_message(
+    nats_server: EmbeddedServer,
+) -> None:
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc, scheduler_acks(nc) as acks:
+        await register(nc, "ready")
+        claim = await waiting(nc, acks, "ready")
+        job_id = await submit(nc, job_request(contract()))
+        grant = await claim.answer()
+        assert isinstance(grant, LeaseGrant) and grant.job_id == job_id
+        logged = await log.job_events(nc.jetstream(), job_id)
+        subject = topology.event_subject(job_id)
+        info = await nc.jetstream().stream_info(topology.EVENT_STREAM, subjects_filter=subject)
+    # The request's save carries the grant: one message, the request first, versions 1 and 2.
+    assert info.state.subjects == {subject: 1}
+    requested, granted = (e.event for e in logged)
+    assert isinstance(requested, JobRequested) and requested.originator_version == 1
+    assert isinstance(granted, LeaseGranted) and granted.originator_version == 2
+    assert len({e.seq for e in logged}) == 1
+    assert (granted.agent, granted.claim_seq, granted.epoch) == ("ready", claim.seq, 1)
 
 
 async def test_a_claim_with_a_one_second_wait_and_no_work_is_answered_no_work_after_about_a_second(

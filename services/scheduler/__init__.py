@@ -11,10 +11,12 @@ a handler here decodes, loads what the rule needs, decides, saves and replies.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
 from uuid import UUID
@@ -27,13 +29,13 @@ from nats.aio.msg import Msg
 
 from services.scheduler.waiting import Full, Parked, Waiting
 from shared import bus, telemetry, throttle, topology
-from shared.aggregates import Agent, Job
+from shared.aggregates import Agent, Job, project_job
 from shared.contract import partial_semantic_errors
 from shared.decide import Refusal, retry
 from shared.decide import jobs as job_rules
 from shared.decide import leases as rules
 from shared.decide.leases import RECENT_CLAIM_S
-from shared.events import job_id_for
+from shared.events import Event, job_id_for
 from shared.handling import answer, decode_or_reject, give_up, input_seq, reject_input
 from shared.messages import Claim, JobRequest, LeaseGrant, NoWork, OperatorCommand, Register, Reply
 from shared.policy import load_policy
@@ -79,6 +81,14 @@ class RecentClaims:
 
     def __len__(self) -> int:
         return len(self._at)
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A waiting claim taken from the book to be granted a new job in its request's save."""
+
+    parked: Parked[Msg]
+    granted: rules.Granted
 
 
 class Scheduler:
@@ -201,8 +211,18 @@ class Scheduler:
             if isinstance(decided, Refusal):
                 return decided
             if decided.events:
-                await self.ctx.save(*decided.events)
+                offer = self._offer_new(decided.events)
+                try:
+                    await self.ctx.save(*decided.events, *([offer.granted.event] if offer else []))
+                except BaseException:
+                    if offer is not None:
+                        self._withdraw(offer)
+                    raise
                 telemetry.instruments().jobs.add(1, {"state": "requested"})
+                if offer is not None:
+                    self._deciding.discard(offer.parked.name)
+                    grant = rules.lease_grant(offer.granted.job, offer.granted.event, [])
+                    self._answer_later(offer.parked.msg, grant)
             return decided.reply
 
         async def reload() -> None:  # the same key raced in through another replica or a redelivery
@@ -210,6 +230,39 @@ class Scheduler:
 
         outcome = await retry(step, reload, what=f"request of job {job_id}")
         await self._reply(msg, outcome, request.submitter)
+
+    def _offer_new(self, requested: list[Event]) -> Offer | None:
+        """The waiting claim a new job goes to at once, granted in the request's own save (one
+        stored message for both): the oldest waiting claim whose choice, among the queued jobs
+        and this one, is this one. None when no waiting claim would choose it first (the queue
+        is served as before). No await: the claim is taken from the book before anything else
+        decides."""
+        new = project_job(None, requested)
+        if new is None or not self._waiting:
+            return None
+        at = self.ctx.clock()
+        for parked in self._waiting.oldest_first():
+            agent = self.ctx.views.agents.get(parked.name)
+            if (
+                parked.until <= at  # its agent stops waiting: `_serve_waiting` answers it
+                or parked.name in self._deciding
+                or rules.claimant_refusal(parked.name, agent) is not None
+            ):
+                continue
+            assert agent is not None  # a claimant that may claim is a registered agent
+            candidates = itertools.chain(self._candidates(set()), [new])
+            decided = self._decide(agent, parked.claim, at, parked.seq, candidates)
+            if isinstance(decided, rules.Granted) and decided.job.id == new.id:
+                self._waiting.take(parked.name)
+                self._deciding.add(parked.name)
+                return Offer(parked=parked, granted=decided)
+        return None
+
+    def _withdraw(self, offer: Offer) -> None:
+        """The request's save failed: its claim waits on, in its old place."""
+        self._deciding.discard(offer.parked.name)
+        if self._waiting.restore(offer.parked):
+            self._wake.set()
 
     def _contract_rules(self, data: bytes, type_errors: list[FieldError]) -> list[FieldError]:
         """The contract's rules on a request that has type errors, for the parts that have types."""
@@ -362,7 +415,7 @@ class Scheduler:
             if parked.name in self._deciding or rules.claimant_refusal(parked.name, agent) is not None:
                 continue  # decided elsewhere now, or about to be refused (`_refuse_stopped`)
             assert agent is not None  # a claimant that may claim is a registered agent
-            decided = self._decide(agent, parked.claim, at, parked.seq, set())
+            decided = self._decide(agent, parked.claim, at, parked.seq, self._candidates(set()))
             if isinstance(decided, NoWork):
                 parked.detail = decided.detail
                 continue
@@ -412,7 +465,7 @@ class Scheduler:
             yield job
 
     def _decide(
-        self, agent: Agent, claim: Claim, at: datetime, seq: int, passed: set[UUID]
+        self, agent: Agent, claim: Claim, at: datetime, seq: int, candidates: Iterable[Job]
     ) -> rules.Granted | NoWork:
         """What this claim is granted now, on what this process knows (no await: a job it
         chooses can be marked as being granted before anything else decides)."""
@@ -423,7 +476,7 @@ class Scheduler:
             if other_name != name and (other := self.ctx.views.agents.get(other_name)) is not None
         ]
         return rules.grant(
-            self._candidates(passed),
+            candidates,
             agent,
             claim,
             policy=self.policy,
@@ -441,7 +494,7 @@ class Scheduler:
         passed: list[UUID] = lost if lost is not None else []
 
         async def step() -> LeaseGrant | NoWork:
-            decided = self._decide(agent, claim, at, seq, set(passed))
+            decided = self._decide(agent, claim, at, seq, self._candidates(set(passed)))
             if isinstance(decided, NoWork):
                 return decided
             return await self._grant(decided, passed)
