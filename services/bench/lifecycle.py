@@ -79,9 +79,14 @@ async def _submit_all(nc: Client, requests: list[JobRequest]) -> None:
             tg.start_soon(one, request)
 
 
-async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, run: str) -> Figures:
+async def governed(
+    nc: Client, agents: list[Client], jobs: int, payload: int, run: str, *, paced: bool = False
+) -> Figures:
     """N no-op jobs through the full path: request, lease, heartbeat, proposal, checks, decision,
-    effect, completion, every step durable. Latency is request → job.completed."""
+    effect, completion, every step durable. Latency is request → job.completed.
+
+    `paced`: one job at a time, each submitted once the one before completed, so the agents
+    wait for work when it arrives (a fleet with capacity to spare): what each job stores then."""
     contract = Contract(
         scope=Scope(paths=["**"], effects=["none"]),
         inputs={"payload": "x" * payload} if payload else {},
@@ -123,7 +128,10 @@ async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, ru
     async with anyio.create_task_group() as tg:
         for i, conn in enumerate(agents):
             tg.start_soon(agent_loop, i, conn)
-        await _submit_all(nc, requests)
+        if paced:
+            await _submit_one_by_one(nc, requests)
+        else:
+            await _submit_all(nc, requests)
         finished = await collect_events(
             nc,
             lambda e: isinstance(e, JobCompleted) and e.agent.startswith(f"bench-{run}-"),
@@ -163,6 +171,24 @@ async def governed(nc: Client, agents: list[Client], jobs: int, payload: int, ru
             **await input_load(nc, names),
         },
     )
+
+
+async def _submit_one_by_one(nc: Client, requests: list[JobRequest]) -> None:
+    """Submit each request once the job before it has completed."""
+    for request in requests:
+        reply = await bus.request(nc, topology.REQUEST_SUBJECT, request, timeout=60)
+        if not isinstance(reply, Accepted) or reply.job_id is None:
+            raise RuntimeError(f"bench job refused: {reply}")
+        job_id = reply.job_id
+        done = await collect_events(
+            nc,
+            lambda e: isinstance(e, JobCompleted),
+            1,
+            timeout=60,
+            subject=topology.event_subject(job_id),
+        )
+        if not done:
+            raise RuntimeError(f"bench job {job_id} did not complete within 60 s")
 
 
 async def stored_messages(nc: Client) -> dict[str, int]:

@@ -91,6 +91,11 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
             )
             report.figures["governed"].extra["cpu_ms_per_job"] = cpu.per_job(options.jobs)
             report.notes.append(lifecycle.throttle_note(report.figures["governed"].extra))
+            paced = max(10, min(options.jobs // 10, 50))
+            progress(f"governed lifecycle, one job at a time to waiting agents: {paced} jobs")
+            report.figures["governed_paced"] = await lifecycle.governed(
+                nc, workers, paced, options.payload, f"{run_id}p", paced=True
+            )
         if "detection" in options.parts:
             progress(
                 f"time-to-failure-detection: {options.leases} silent leases (dead and hung), ttl {options.ttl}s"

@@ -86,6 +86,15 @@ def render(report: Report, console: Console) -> None:
             parts = ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in split.items() if k != "total")
             target = " (target ≤ 4 ms)" if key == "governed" else ""
             console.print(f"CPU per {label}: {split['total']:.2f} ms{target}: {parts}")
+    for key, label in (
+        ("governed", "governed job"),
+        ("governed_paced", "governed job, agents waiting for it"),
+    ):
+        fig = f.get(key)
+        stored = fig.extra.get("stored_messages_per_job") if fig is not None else None
+        if stored:
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in stored.items() if k != "total")
+            console.print(f"stored messages per {label}: {stored['total']:.2f} (target ≤ 5): {parts}")
     fleet_memory = f.get("fleet_memory")
     if fleet_memory is not None:
         held = fleet_memory.extra.get("live_leases", 0)
