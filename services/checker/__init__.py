@@ -64,7 +64,9 @@ OperatorRule = Callable[[Job, ProposalState, OperatorCommand], Awaitable[decide.
 class Checker:
     name = "checker"
 
-    def __init__(self, registry: invariants.Registry | None = None) -> None:
+    def __init__(
+        self, registry: invariants.Registry | None = None, *, ended_kept: int = ENDED_PROPOSALS_KEPT
+    ) -> None:
         # Loaded at start so a misconfigured WARDEN_INVARIANTS fails `warden run`, not a proposal.
         self.registry = registry or invariants.load()
         # One lock per job with a proposal in hand; it goes when no handler holds or awaits it.
@@ -73,6 +75,7 @@ class Checker:
         # entries move to the bounded `_ended` when it ends.
         self._proposal_job: dict[UUID, UUID] = {}
         self._ended: OrderedDict[UUID, UUID] = OrderedDict()
+        self._ended_kept = ended_kept
         self._operator_rules: dict[str, OperatorRule] = {"approve": self._approve, "deny": self._deny}
         self.ctx: Context
 
@@ -113,7 +116,7 @@ class Checker:
             self._proposal_job.pop(state.id, None)
             self._ended[state.id] = job.id
             self._ended.move_to_end(state.id)
-        while len(self._ended) > ENDED_PROPOSALS_KEPT:
+        while len(self._ended) > self._ended_kept:
             self._ended.popitem(last=False)
 
     def _job_of(self, proposal_id: UUID) -> UUID | None:
@@ -141,8 +144,9 @@ class Checker:
         named = telemetry.names_in(msg.data)
         if msg.subject.startswith(f"{topology.INPUT_ROOT}.op."):
             verb = msg.subject.rsplit(".", 1)[-1]
-            # An approval or denial is the next step of the proposal's own span.
-            job_id = self._job_of(named.proposal_id) if named.proposal_id else None
+            # An approval or denial is the next step of the proposal's own span (a job the
+            # command names is only a span's parent here: the handler checks it holds the proposal).
+            job_id = (self._job_of(named.proposal_id) if named.proposal_id else None) or named.job_id
             job = self.ctx.views.job(job_id) if job_id else None
             state = job.proposal(named.proposal_id) if job and named.proposal_id else None
             with telemetry.span(
@@ -362,7 +366,9 @@ class Checker:
                 self.ctx, msg, [FieldError(path="$.proposal_id", message=f"{verb} needs a proposal_id")]
             )
             return
-        job_id = self._job_of(cmd.proposal_id)
+        # The job the command names (the CLI reads it from the log) is loaded from the store, so a
+        # proposal of a job ended long ago is found; without one, only the bounded index knows.
+        job_id = cmd.job_id or self._job_of(cmd.proposal_id)
         if job_id is None:
             await reject_input(
                 self.ctx, msg, [missing("$.proposal_id", f"proposal {cmd.proposal_id}")], cmd.operator
@@ -384,10 +390,11 @@ class Checker:
         self, rule: OperatorRule, cmd: OperatorCommand, job_id: UUID
     ) -> decide.Decision | Refusal:
         assert cmd.proposal_id is not None
-        job = await self._job(job_id)
-        state = job.proposal(cmd.proposal_id) if job is not None else None
-        if job is None or state is None:
-            return Refusal(errors=[missing("$.proposal_id", f"proposal {cmd.proposal_id}")])
+        job = await (self.ctx.job_from_store(job_id) if cmd.job_id else self._job(job_id))
+        state = decide.named(job, cmd.proposal_id, cmd.job_id)
+        if isinstance(state, Refusal):
+            return state
+        assert job is not None  # named() found the proposal in it
         decided = await rule(job, state, cmd)
         if isinstance(decided, decide.Decision):
             await self._save_decision(None, state, decided, cmd.operator)

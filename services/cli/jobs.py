@@ -270,12 +270,15 @@ def operator_command(verb: str, *, needs: str) -> click.Command:
         async def go() -> int:
             nc = await bus.connect(url, "warden-operator")
             try:
-                if needs in ("job", "proposal"):
-                    # A full id or a unique prefix (8+ characters), resolved from the log
-                    # (ids.BadId exits 2, ids.IdNotFound 3: the CLI group reports them).
-                    fields[f"{needs}_id"] = await ids.resolve(
-                        nc, "job" if needs == "job" else "proposal", target
-                    )
+                # A full id or a unique prefix (8+ characters), resolved from the log
+                # (ids.BadId exits 2, ids.IdNotFound 3: the CLI group reports them).
+                if needs == "job":
+                    fields["job_id"] = await ids.resolve_job(nc, target)
+                elif needs == "proposal":
+                    # Its job too: the service loads that job from the store, where a job
+                    # that ended long ago still is (its views keep only recent ones).
+                    found = await ids.resolve_proposal(nc, target)
+                    fields["proposal_id"], fields["job_id"] = found.proposal_id, found.job_id
                 reply = await bus.request(nc, topology.operator_subject(verb), OperatorCommand(**fields))
             finally:
                 await nc.close()

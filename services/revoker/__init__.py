@@ -445,7 +445,8 @@ class Revoker:
         if known is not None:
             return known.job_id
         # A proposal the record let go of (its job ended, nothing a policy rollback reaches):
-        # the view knows live and recently ended jobs; an older one's command names its job.
+        # the view knows live and recently ended jobs; an older one's command names its job
+        # (`_given` loads that one from the store).
         views = self.ctx.views
         return next(
             (j.id for j in (*views.jobs.values(), *views.ended.values()) if j.proposal(proposal_id)), None
@@ -453,7 +454,11 @@ class Revoker:
 
     async def _given(self, verb: Verb, cmd: OperatorCommand) -> Given:
         if verb.loads == "proposal":
-            job_id = self._job_of_proposal(cmd.proposal_id) or cmd.job_id
+            if cmd.job_id is not None:
+                # The job the command names, from the store (the view forgets ended jobs); the
+                # rule refuses it unless it holds the proposal.
+                return Given(job=await self.ctx.job_from_store(cmd.job_id))
+            job_id = self._job_of_proposal(cmd.proposal_id)
             return Given(job=await self._job(job_id) if job_id else None)
         if not cmd.agent:
             return Given()

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Literal
 
 from shared.aggregates import Agent, Job
-from shared.decide import NEXT, Refusal, after, agents
+from shared.decide import NEXT, Refusal, after, agents, proposals
 from shared.events import AgentReinstated, AgentSuspended, Event
 from shared.messages import OperatorCommand
 from shared.policy import Policy
@@ -28,7 +28,7 @@ class Given:
     agent: Agent | None = None
     # The jobs in which the agent holds a live lease (a revocation ends them in the same save).
     leases: list[Job] = field(default_factory=list)
-    # The job of the proposal a rollback names.
+    # The job of the proposal a rollback names (the one the command names, if it names one).
     job: Job | None = None
 
 
@@ -115,8 +115,10 @@ demote = _level_rule("demote")
 def rollback(cmd: OperatorCommand, given: Given, policy: Policy, at: datetime) -> Decided:
     if cmd.proposal_id is None:
         return Refusal.of("$.proposal_id", "rollback needs a proposal_id")
-    if given.job is None:
-        return Refusal(errors=[missing("$.proposal_id", f"proposal {cmd.proposal_id}")])
+    state = proposals.named(given.job, cmd.proposal_id, cmd.job_id)
+    if isinstance(state, Refusal):
+        return state
+    assert given.job is not None  # named() found the proposal in it
     return agents.rollback(
         given.job, cmd.proposal_id, reason=cmd.reason, by=cmd.operator, at=at, signal_at=at
     )

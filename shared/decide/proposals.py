@@ -33,6 +33,7 @@ from shared.events import (
     ProposalSubmitted,
 )
 from shared.policy import Policy
+from shared.validation import missing
 
 CHECKER = "checker"
 APPLIER = "applier"
@@ -311,6 +312,23 @@ def reject(
         why = f"proposal {state.id} rejected: {'; '.join(violations)}"
         events.append(after_lost_attempt(job, why, at, by=CHECKER))
     return Decision(outcome="rejected", events=after(job, *events), detail="; ".join(violations))
+
+
+# --- what an operator's command names ----------------------------------------------------
+
+
+def named(job: Job | None, proposal_id: UUID, job_id: UUID | None) -> ProposalState | Refusal:
+    """The proposal an operator's command names, in the job loaded for it (`job_id`, when the
+    command names one). That job_id is the client's word: a job that does not hold the
+    proposal is refused, so a mismatched command never acts on the wrong job."""
+    state = job.proposal(proposal_id) if job is not None else None
+    if state is not None:
+        return state
+    if job_id is None:
+        return Refusal(errors=[missing("$.proposal_id", f"proposal {proposal_id}")])
+    if job is None:
+        return Refusal(errors=[missing("$.job_id", f"job {job_id}")])
+    return Refusal.of("$.job_id", f"proposal {proposal_id} is not one of job {job_id}'s")
 
 
 # --- operator approval -----------------------------------------------------------------------

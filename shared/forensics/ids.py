@@ -2,18 +2,20 @@
 
 Every id-taking command (explain, dossier, ledger show, approve, deny, rollback, requeue, cancel)
 resolves its argument here, so a prefix means the same thing everywhere and an ambiguous one
-always lists what it matches. A full id is taken as given, without reading anything.
+always lists what it matches. A full job id is taken as given, without reading anything.
 
 Jobs are found from the event stream's subject list (one subject per aggregate, which the
 server lists without reading messages); proposals have no subject of their own, so a proposal
-prefix reads the `proposal.submitted` events (a full proposal id never does).
+id, full or a prefix, reads the `proposal.submitted` events: they also say whose job it is,
+which an operator's command on a proposal names (the services' views forget ended jobs, the
+log does not).
 """
 
 from __future__ import annotations
 
 import json
 import string
-from typing import Literal
+from typing import Literal, NamedTuple
 from uuid import UUID
 
 import msgspec
@@ -31,6 +33,13 @@ MIN_PREFIX = 8
 SHOWN = 10
 _HEX = frozenset(string.hexdigits.lower() + "-")
 Kind = Literal["job", "proposal"]
+
+
+class FoundProposal(NamedTuple):
+    """A proposal in the log, and the job it was made for (its `proposal.submitted` says)."""
+
+    proposal_id: UUID
+    job_id: UUID
 
 
 class IdNotFound(LookupError):
@@ -124,28 +133,25 @@ async def resolve_job(nc: Client, text: str) -> UUID:
     return choose(given, "job", jobs)
 
 
-async def resolve_proposal(nc: Client, text: str) -> UUID:
-    """The proposal id `text` is, or is the unique start of (reads the proposals' events)."""
+async def resolve_proposal(nc: Client, text: str) -> FoundProposal:
+    """The proposal `text` is, or is the unique start of, with its job (reads the proposals'
+    events). A full id is looked up too: one the log does not hold is IdNotFound, never sent on."""
     given = _prefix(text, "proposal")
-    if isinstance(given, UUID):
-        return given
+    prefix = str(given) if isinstance(given, UUID) else given
     marker = b'"proposal.submitted"'
-    found: list[UUID] = []
+    # A full id is in the message's bytes as written: only those messages are decoded.
+    wanted = prefix.encode() if isinstance(given, UUID) else b""
+    jobs: dict[UUID, UUID] = {}
 
     def keep(record: log.Stored) -> bool:
-        return marker in record.data
+        return marker in record.data and wanted in record.data
 
     for record in await log.scan(nc.jetstream(), topology.EVENT_STREAM, log.EVENT_SUBJECTS, keep=keep):
         for logged in log.as_events(record):
-            pid = getattr(logged.event, "proposal_id", None)
-            if (
-                isinstance(logged.event, ProposalSubmitted)
-                and isinstance(pid, UUID)
-                and str(pid).startswith(given)
-            ):
-                found.append(pid)
-    return choose(given, "proposal", found)
-
-
-async def resolve(nc: Client, kind: Kind, text: str) -> UUID:
-    return await (resolve_job(nc, text) if kind == "job" else resolve_proposal(nc, text))
+            event = logged.event
+            if isinstance(event, ProposalSubmitted) and str(event.proposal_id).startswith(prefix):
+                jobs[event.proposal_id] = event.originator_id
+    if isinstance(given, UUID) and given not in jobs:
+        raise IdNotFound(f"no proposal {given} in the record")
+    pid = choose(prefix, "proposal", list(jobs))
+    return FoundProposal(proposal_id=pid, job_id=jobs[pid])
