@@ -10,10 +10,9 @@ import msgspec
 from shared import topology
 from shared.contract import Contract, Stopping
 from shared.events import AnyEvent, LeaseExpired
-from shared.messages import Heartbeat, JobRequest, LeaseGrant
-from shared.sdk import AgentClient
+from shared.messages import Heartbeat, LeaseGrant
 from shared.server import EmbeddedServer
-from tests.harness import client, events_of, running, submit, wait_for_event
+from tests.harness import client, events_of, lease_job, running, wait_for_event
 
 TTL_S = 3.0
 BUSY_AGENTS = 16
@@ -31,19 +30,12 @@ async def test_a_silent_lease_expires_on_time_while_a_flood_of_heartbeats_is_que
     nats_server: EmbeddedServer,
 ) -> None:
     async with running(nats_server.url), client(nats_server.url) as nc:
-        silent = AgentClient(nc, "silent")
-        await silent.register()
-        await submit(nc, JobRequest(idempotency_key="silent-job", kind="noop", contract=contract()))
-        grant = await silent.claim()
-        assert grant is not None
+        _silent, leased = await lease_job(nc, "silent", contract())
+        grant: LeaseGrant = leased.grant
         busy: list[tuple[str, LeaseGrant]] = []
         for i in range(BUSY_AGENTS):
-            agent = AgentClient(nc, f"busy-{i}")
-            await agent.register()
-            await submit(nc, JobRequest(idempotency_key=f"busy-{i}", kind="noop", contract=contract()))
-            held = await agent.claim()
-            assert held is not None
-            busy.append((f"busy-{i}", held))
+            _agent, held = await lease_job(nc, f"busy-{i}", contract())
+            busy.append((f"busy-{i}", held.grant))
 
         flooding = anyio.Event()
 

@@ -360,6 +360,17 @@ class JetStreamIO:
             seq = page[-1].seq + 1
         return found
 
+    async def ordered(self, subject: str, start: int, cb: Callable[[Msg], Awaitable[None]]) -> Any:
+        """An ordered consumer pushing the stream's messages on `subject` from sequence `start`
+        to `cb` (flow-controlled: a `cb` that waits stalls the server, not memory); its
+        subscription, to unsubscribe."""
+        config = js_api.ConsumerConfig(
+            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
+        )
+        return await self.bridge.js.subscribe(
+            subject, stream=self.stream, cb=cb, ordered_consumer=True, config=config
+        )
+
     async def publish(self, messages: Sequence[_Out]) -> _Ack:
         """One message as a normal publish; several as one atomic batch (ADR-50)."""
         nc = self.bridge.nc
@@ -914,16 +925,7 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
     async def _start(self) -> Any:
         self._resume = asyncio.Event()
         after = self._last_notification_id or 0
-        config = js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1
-        )
-        return await self._io.bridge.js.subscribe(
-            self._recorder.events_filter,
-            stream=self._io.stream,
-            cb=self._on_msg,
-            ordered_consumer=True,
-            config=config,
-        )
+        return await self._io.ordered(self._recorder.events_filter, after + 1, self._on_msg)
 
     async def _on_msg(self, msg: Msg) -> None:
         if self._has_been_stopped:

@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 from eventsourcing.persistence import OperationalError
 from nats.aio.msg import Msg
-from nats.js import api as js_api
 
 from shared.events import AnyEvent
 from shared.persistence.jetstream import JetStreamApplicationRecorder, StoredRecord
@@ -118,16 +117,7 @@ class OrderedPages:
 
     async def _subscribe(self) -> None:
         self._room = asyncio.Semaphore(PAGES_AHEAD)
-        config = js_api.ConsumerConfig(
-            deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=self.start
-        )
-        self._consumer = await self.io.bridge.js.subscribe(
-            self.subject,
-            stream=self.io.stream,
-            cb=self._on_msg,
-            ordered_consumer=True,
-            config=config,
-        )
+        self._consumer = await self.io.ordered(self.subject, self.start, self._on_msg)
 
     async def _on_msg(self, msg: Msg) -> None:
         if self._done:
