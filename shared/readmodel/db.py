@@ -40,7 +40,9 @@ class Db:
         self.cursor.execute(self._sql(sql), tuple(params))
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        rows = [tuple(r) for r in rows]
+        # Both drivers take any sequence per row: the rows are passed as they come, not copied
+        # into tuples (a rebuild writes hundreds of thousands).
+        rows = rows if isinstance(rows, list) else list(rows)
         if rows:
             self.cursor.executemany(self._sql(sql), rows)
 

@@ -253,10 +253,19 @@ class Table:
 
     def ddl(self) -> list[str]:
         cols = ", ".join(f"{c.name} {c.sql_type}" for c in self.columns)
-        out = [f"CREATE TABLE IF NOT EXISTS {self.name} ({cols}, PRIMARY KEY ({', '.join(self.key)}))"]
-        for column in self.indexes:
-            out.append(f"CREATE INDEX IF NOT EXISTS {self.name}_{column} ON {self.name} ({column})")
-        return out
+        table = f"CREATE TABLE IF NOT EXISTS {self.name} ({cols}, PRIMARY KEY ({', '.join(self.key)}))"
+        return [table, *self.index_ddl()]
+
+    @property
+    def index_names(self) -> tuple[str, ...]:
+        """The secondary indexes (the primary key is the table's own)."""
+        return tuple(f"{self.name}_{column}" for column in self.indexes)
+
+    def index_ddl(self) -> list[str]:
+        return [
+            f"CREATE INDEX IF NOT EXISTS {name} ON {self.name} ({column})"
+            for name, column in zip(self.index_names, self.indexes, strict=True)
+        ]
 
 
 JOBS = Table(
