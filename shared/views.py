@@ -60,6 +60,9 @@ class Views:
     def __init__(self, *, forget_ended: bool = False, ended_cache: int = ENDED_CACHE) -> None:
         # Live jobs (every job, in a view that does not forget ended ones).
         self.jobs: dict[UUID, Job] = {}
+        # The live jobs whose live lease each agent holds (a claim asks about its agent's, and
+        # must not walk every live job of a fleet to find them), kept by `_set_job`.
+        self._leased: dict[str, set[UUID]] = {}
         self.forget_ended = forget_ended
         self.ended: OrderedDict[UUID, Job] = OrderedDict()
         self._ended_cache = ended_cache
@@ -109,7 +112,7 @@ class Views:
             log.warning("snapshot at %d has a state that does not load: folding the whole log", snap.position)
             return False
         for job in snap.jobs:
-            self.jobs[job.id] = job
+            self._set_job(job)
         for agent in snap.agents:
             self.agents[agent.name] = agent
             self._agents_by_id[agent.id] = agent.name
@@ -180,14 +183,36 @@ class Views:
 
     def _place(self, job: Job) -> None:
         if not (self.forget_ended and settled(job)):
-            self.jobs[job.id] = job
+            self._set_job(job)
             self.ended.pop(job.id, None)
             return
-        self.jobs.pop(job.id, None)
+        self._drop_job(job.id)
         self.ended[job.id] = job
         self.ended.move_to_end(job.id)
         while len(self.ended) > self._ended_cache:
             self.ended.popitem(last=False)
+
+    def _set_job(self, job: Job) -> None:
+        self._unlease(self.jobs.get(job.id))
+        self.jobs[job.id] = job
+        holder = _holder(job)
+        if holder is not None:
+            self._leased.setdefault(holder, set()).add(job.id)
+
+    def _drop_job(self, job_id: UUID) -> None:
+        self._unlease(self.jobs.pop(job_id, None))
+
+    def _unlease(self, job: Job | None) -> None:
+        holder = _holder(job) if job is not None else None
+        if job is None or holder is None or holder not in self._leased:
+            return
+        self._leased[holder].discard(job.id)
+        if not self._leased[holder]:
+            del self._leased[holder]
+
+    def leased_to(self, agent: str) -> list[Job]:
+        """The live jobs whose live lease `agent` holds."""
+        return [self.jobs[job_id] for job_id in self._leased.get(agent, ())]
 
     def _unknown(self, job_id: UUID) -> None:
         if self.on_unknown is not None:
@@ -231,11 +256,13 @@ class Views:
             listener(event, job, agent)
 
     def live_leases_of(self, agent: str) -> int:
-        return sum(
-            1
-            for job in self.jobs.values()
-            if not job.terminal and job.live_lease is not None and job.live_lease.agent == agent
-        )
+        return len(self._leased.get(agent, ()))
+
+
+def _holder(job: Job) -> str | None:
+    """The agent holding `job`'s live lease, if it is live."""
+    lease = job.live_lease
+    return lease.agent if lease is not None and not job.terminal else None
 
 
 def settled(job: Job) -> bool:

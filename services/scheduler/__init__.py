@@ -480,7 +480,7 @@ class Scheduler:
             agent,
             claim,
             policy=self.policy,
-            held=rules.held(self.ctx.views.jobs.values(), name),
+            held=rules.held(self.ctx.views.leased_to(name), name),
             present=present,
             at=at,
             claim_seq=seq,
@@ -515,7 +515,7 @@ class Scheduler:
         """A job whose live lease `name` holds without knowing it (`leases.unknown_to`): handed
         back, it is worked; left alone, it would expire and spend an attempt. Only a lease with
         nothing proposed under it yet, as the store has it (the view may not hold the proposal)."""
-        for job in list(self.ctx.views.jobs.values()):
+        for job in self.ctx.views.leased_to(name):
             if not rules.unknown_to(job, name, claim, seq):
                 continue
             stored = await self.ctx.job_from_store(job.id)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
+
+import pytest
 
 from shared.aggregates import Agent, Job
 from shared.contract import Contract
@@ -15,11 +18,14 @@ from shared.events import (
     JobCompleted,
     JobRequested,
     JobRequeued,
+    LeaseExpired,
+    LeaseGranted,
     MessageRejected,
     ProposalAccepted,
     ProposalSubmitted,
     RollbackRequested,
 )
+from shared.snapshot import Snapshot
 from shared.views import Views
 
 
@@ -177,3 +183,79 @@ def test_a_view_for_forensics_keeps_every_job() -> None:
     fold(views, requested(job_id))
     cancel(views, job_id)
     assert views.jobs[job_id].status == "cancelled"
+
+
+def _leases_by_walking(views: Views) -> dict[str, set[UUID]]:
+    """Who holds which live job's live lease, found the slow way: every live job looked at."""
+    out: dict[str, set[UUID]] = {}
+    for job in views.jobs.values():
+        lease = job.live_lease
+        if lease is not None and not job.terminal:
+            out.setdefault(lease.agent, set()).add(job.id)
+    return out
+
+
+def _leases_by_index(views: Views, agents: list[str]) -> dict[str, set[UUID]]:
+    return {a: {j.id for j in views.leased_to(a)} for a in agents if views.leased_to(a)}
+
+
+@pytest.mark.parametrize("forget_ended", [True, False])
+def test_the_leases_each_agent_holds_are_indexed_as_walking_every_live_job_finds_them(
+    forget_ended: bool,
+) -> None:
+    agents = ["a", "b"]
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    views = Views(forget_ended=forget_ended)
+
+    def check() -> None:
+        assert _leases_by_index(views, agents) == _leases_by_walking(views)
+        for name in agents:
+            assert views.live_leases_of(name) == len(_leases_by_walking(views).get(name, ()))
+
+    def grant(job_id: UUID, agent: str, epoch: int) -> None:
+        draft = LeaseGranted(
+            originator_id=job_id,
+            originator_version=NEXT,
+            agent=agent,
+            epoch=epoch,
+            ttl_s=30,
+            expires_at=at + timedelta(seconds=30),
+        )
+        fold(views, *after(views.job(job_id), draft))
+        check()
+
+    one, two, three = uuid4(), uuid4(), uuid4()
+    for job_id in (one, two, three):
+        fold(views, requested(job_id))
+    check()
+    grant(one, "a", 1)
+    grant(two, "a", 1)
+    grant(three, "b", 1)
+    assert {j.id for j in views.leased_to("a")} == {one, two}
+    # Expired: no longer held by a; requeued and granted to b, it is b's.
+    expired = LeaseExpired(
+        originator_id=one,
+        originator_version=NEXT,
+        agent="a",
+        epoch=1,
+        deadline=at,
+        detected_at=at,
+        detection_latency_ms=1.0,
+    )
+    fold(views, *after(views.job(one), expired))
+    check()
+    assert one not in {j.id for j in views.leased_to("a")}
+    requeued = JobRequeued(originator_id=one, originator_version=NEXT, reason="expired")
+    fold(views, *after(views.job(one), requeued))
+    grant(one, "b", 2)
+    assert {j.id for j in views.leased_to("b")} == {one, three}
+    # Cancelled with a live lease: the lease no longer counts.
+    cancel(views, two)
+    check()
+    assert two not in {j.id for j in views.leased_to("a")}
+    # Restored from a snapshot, the index is rebuilt from the jobs it holds.
+    snap = views.capture(at)
+    assert isinstance(snap, Snapshot)
+    fresh = Views(forget_ended=forget_ended)
+    assert fresh.restore(snap)
+    assert _leases_by_index(fresh, agents) == _leases_by_walking(fresh) == _leases_by_walking(views)
