@@ -18,7 +18,9 @@ import anyio
 from nats.aio.client import Client
 
 from services import registry
+from services.api import Api
 from services.checker import Checker
+from services.projector import Projector
 from services.revoker import Revoker
 from shared import bus, runtime, topology
 from shared.contract import Contract, Scope
@@ -51,13 +53,23 @@ class Ended:
     revoker: Revoker
     jobs: list[UUID]  # in the order they completed
     proposal_of: dict[UUID, UUID]
+    api: Api
 
 
 @asynccontextmanager
-async def ended_jobs(url: str) -> AsyncIterator[Ended]:
-    """JOBS completed jobs, with views and the checker's index keeping one ended job each."""
+async def ended_jobs(url: str, tmp_path: Path) -> AsyncIterator[Ended]:
+    """JOBS completed jobs, with views and the checker's index keeping one ended job each (and
+    a projector and an open API over the read model)."""
     checker = Checker(ended_kept=1)
-    services = [*registry.build(["scheduler", "reconciler", "applier", "revoker"]), checker]
+    store = f"sqlite:///{tmp_path}/old-proposals.sqlite"
+    projector = Projector(store, max_batch=200)
+    api = Api("127.0.0.1:0", store, auth="off")
+    services = [
+        *registry.build(["scheduler", "reconciler", "applier", "revoker"]),
+        checker,
+        projector,
+        api,
+    ]
     [revoker] = [s for s in services if isinstance(s, Revoker)]
     async with (
         runtime.deployment(url, name="old-proposals") as (ctx, _url),
@@ -90,7 +102,8 @@ async def ended_jobs(url: str) -> AsyncIterator[Ended]:
         proposal_of = {
             e.originator_id: e.proposal_id for e in await events_of(nc) if isinstance(e, ProposalSubmitted)
         }
-        yield Ended(ctx, nc, checker, revoker, completed, proposal_of)
+        await projector.wait_for(info.state.last_seq, timeout=15)
+        yield Ended(ctx, nc, checker, revoker, completed, proposal_of, api)
         tg.cancel_scope.cancel()
 
 
@@ -106,9 +119,9 @@ def warden(url: str, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_a_proposal_of_a_job_evicted_from_every_cache_is_approved_or_rolled_back_from_the_cli(
-    nats_server: EmbeddedServer,
+    nats_server: EmbeddedServer, tmp_path: Path
 ) -> None:
-    async with ended_jobs(nats_server.url) as ended:
+    async with ended_jobs(nats_server.url, tmp_path) as ended:
         first = ended.jobs[0]
         pid = ended.proposal_of[first]
         # Nothing in memory knows the first job's proposal any more: only the log does.
@@ -136,9 +149,9 @@ async def test_a_proposal_of_a_job_evicted_from_every_cache_is_approved_or_rolle
 
 
 async def test_a_command_naming_a_job_that_does_not_hold_the_proposal_is_refused_and_changes_nothing(
-    nats_server: EmbeddedServer,
+    nats_server: EmbeddedServer, tmp_path: Path
 ) -> None:
-    async with ended_jobs(nats_server.url) as ended:
+    async with ended_jobs(nats_server.url, tmp_path) as ended:
         # The last job's proposal is still known to the services; the command names another job.
         last, other = ended.jobs[-1], ended.jobs[0]
         pid = ended.proposal_of[last]
@@ -157,3 +170,25 @@ async def test_a_command_naming_a_job_that_does_not_hold_the_proposal_is_refused
             assert isinstance(recorded, InputRejected) and recorded.errors == [error]
         after = {j: await events_of(ended.nc, topology.event_subject(j)) for j in (last, other)}
         assert after == before
+
+
+async def test_a_proposal_of_a_job_evicted_from_every_cache_is_approved_or_rolled_back_over_http(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    import httpx
+
+    async with ended_jobs(nats_server.url, tmp_path) as ended:
+        first = ended.jobs[0]
+        pid = str(ended.proposal_of[first])
+        assert ended.ctx.views.job(first) is None  # only the log (and the read model) know it
+        async with httpx.AsyncClient(base_url=ended.api.url, timeout=15) as http:
+            approved = await http.post("/api/operator/approve", json={"reason": "ok", "proposal_id": pid})
+            # Decided by the checker on the job the read model names, not "not found".
+            assert approved.status_code == 422, approved.text
+            assert f"proposal {pid} is already applied" in approved.json()["errors"][0]["message"]
+            rolled = await http.post("/api/operator/rollback", json={"reason": "undo", "proposal_id": pid})
+            assert rolled.status_code == 200, rolled.text
+        asked = await wait_for_event(
+            ended.nc, lambda e: isinstance(e, RollbackRequested) and str(e.proposal_id) == pid
+        )
+        assert isinstance(asked, RollbackRequested) and asked.originator_id == first

@@ -259,6 +259,12 @@ def build(deps: Deps) -> Starlette:
         except InvalidInput as exc:
             details = [spec.ParamError(parameter=e.path, message=e.message) for e in exc.errors]
             return error(400, f"bad {verb} command", details)
+        if command.proposal_id is not None and command.job_id is None:
+            # Named, the proposal's job is loaded from the store: one that ended long ago has
+            # left the services' bounded memory (the service checks the job holds it).
+            job = await in_thread(queries.job_of_proposal, store, str(command.proposal_id))
+            if job is not None:
+                command = msgspec.structs.replace(command, job_id=UUID(job))
         reply = await forward(topology.operator_subject(verb), command)
         if isinstance(reply, Response):
             return reply

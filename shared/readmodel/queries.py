@@ -295,6 +295,13 @@ def job_ids_starting(store: ReadModel, prefix: str, limit: int = 50) -> list[str
     return [str(r[0]) for r in rows]
 
 
+def job_of_proposal(store: ReadModel, proposal_id: str) -> str | None:
+    """The job a proposal was submitted under, as the read model has folded it (None: not yet)."""
+    with store.reading() as db:
+        job = db.scalar(f"SELECT job_id FROM {PROPOSALS.name} WHERE proposal_id = ?", (proposal_id,))
+    return None if job is None else str(job)
+
+
 # --- the dashboard's views: job search, what a job's folded state says, the approvals queue ----
 
 
