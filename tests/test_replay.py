@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import sys
 from pathlib import Path
@@ -192,3 +193,140 @@ async def test_a_rebuild_reads_many_pages_and_stops_at_its_position_though_the_s
     # One event per message in this history: the events up to `middle`, none after.
     first = last - 1 - written  # the sequence before the first event
     assert part == middle - first
+
+
+def checkpoint_position(path: Path) -> int:
+    """The position a replay's checkpoint store has committed (0 before its first commit)."""
+    if not path.exists():
+        return 0
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+        try:
+            row = db.execute(
+                "SELECT notification_id FROM tracking WHERE application_name = 'warden'"
+            ).fetchone()
+        except sqlite3.OperationalError:  # its tables are still being made
+            return 0
+    return int(row[0]) if row else 0
+
+
+async def test_a_replay_killed_mid_rebuild_resumes_from_its_checkpoint_and_ends_as_a_full_rebuild(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    from services.bench.history import write_history
+    from shared import bus, topology
+    from shared.app import PERSISTENCE_MODULE, WardenApp
+    from shared.persistence.bridge import URL_ENV
+    from shared.persistence.jetstream import JetStreamApplicationRecorder
+    from shared.readmodel import replay as replays
+
+    nc = await bus.connect(nats_server.url, "test-replay-checkpoint")
+    try:
+        await topology.ensure(nc.jetstream(), str(nc.connected_server_version))
+        written = (await write_history(nc, 5 * replays.FOLD_BATCH)).count
+    finally:
+        await nc.close()
+    live = f"sqlite:///{tmp_path / 'live.sqlite'}"
+
+    def caught_up_projection() -> int:
+        """The live read model as a projector that has folded the whole stream holds it."""
+        app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: nats_server.url})
+        store = open_read_model(live)
+        try:
+            recorder = app.recorder
+            assert isinstance(recorder, JetStreamApplicationRecorder)
+            replays.rebuild(recorder, store, f"{topology.EVENT_ROOT}.*", recorder.max_notification_id() or 0)
+            return store.position()
+        finally:
+            store.close()
+            app.close()
+
+    position = await anyio.to_thread.run_sync(caught_up_projection)
+    checkpoint = replays.checkpoint_path(tmp_path / "replay-checkpoints", "all")
+    command = [sys.executable, "-m", "services.cli", "replay", "--nats", nats_server.url]
+    async with await anyio.open_process([*command, "--projections", live, "--json"]) as first:
+        with anyio.fail_after(60):
+            while checkpoint_position(checkpoint) == 0:
+                assert first.returncode is None, "the replay ended before its first commit was seen"
+                await anyio.sleep(0.01)
+        first.send_signal(signal.SIGKILL)
+        assert await first.wait() == -signal.SIGKILL
+    killed_at = checkpoint_position(checkpoint)
+    assert 0 < killed_at < position  # killed mid-rebuild, after a commit
+
+    code, resumed = await replay(nats_server.url, live)
+    assert code == 0, resumed["differences"]
+    assert resumed["resumed_from"] == killed_at
+    assert 0 < resumed["events"] < written  # only the events after the checkpoint were folded
+    assert resumed["rebuilt_into"] == str(checkpoint)
+
+    # The resumed store holds exactly the rows of a rebuild from the start.
+    full_store = tmp_path / "full.sqlite"
+    code, full = await replay(nats_server.url, live, "--into", str(full_store))
+    assert code == 0 and full["resumed_from"] == 0 and full["events"] == written
+    resumed_rows, full_rows = (
+        open_read_model(f"sqlite:///{checkpoint}"),
+        open_read_model(f"sqlite:///{full_store}"),
+    )
+    try:
+        for table in TABLES:
+            assert queries.dump(resumed_rows, table) == queries.dump(full_rows, table), table.name
+    finally:
+        resumed_rows.close()
+        full_rows.close()
+
+    # Nothing new in the stream: the next replay folds nothing; --fresh folds it all again.
+    code, again = await replay(nats_server.url, live)
+    assert code == 0 and again["resumed_from"] == position and again["events"] == 0
+    code, fresh = await replay(nats_server.url, live, "--fresh")
+    assert code == 0 and fresh["resumed_from"] == 0 and fresh["events"] == written
+
+
+async def test_a_checkpoint_folded_from_another_stream_is_not_resumed(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    from services.bench.history import write_history
+    from shared import bus, topology
+    from shared.app import PERSISTENCE_MODULE, WardenApp
+    from shared.persistence.bridge import URL_ENV
+    from shared.persistence.jetstream import JetStreamApplicationRecorder
+    from shared.readmodel import replay as replays
+
+    live = f"sqlite:///{tmp_path / 'live.sqlite'}"
+
+    async def new_stream() -> int:
+        """The event stream deleted and made again with another history; the live read model
+        rebuilt from it. Returns the number of events."""
+        nc = await bus.connect(nats_server.url, "test-replay-other-stream")
+        try:
+            js = nc.jetstream()
+            await topology.ensure(js, str(nc.connected_server_version))
+            await js.delete_stream(topology.EVENT_STREAM)
+            await topology.ensure(js, str(nc.connected_server_version))
+            written = (await write_history(nc, 2000)).count
+        finally:
+            await nc.close()
+
+        def projected() -> None:
+            (tmp_path / "live.sqlite").unlink(missing_ok=True)
+            app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: nats_server.url})
+            store = open_read_model(live)
+            try:
+                recorder = app.recorder
+                assert isinstance(recorder, JetStreamApplicationRecorder)
+                position = recorder.max_notification_id() or 0
+                replays.rebuild(recorder, store, f"{topology.EVENT_ROOT}.*", position)
+            finally:
+                store.close()
+                app.close()
+
+        await anyio.to_thread.run_sync(projected)
+        return written
+
+    written = await new_stream()
+    code, first = await replay(nats_server.url, live)
+    assert code == 0 and first["events"] == written
+    # Same sequences, other events: the checkpoint's last record is not at its position.
+    written = await new_stream()
+    code, second = await replay(nats_server.url, live)
+    assert code == 0, second["differences"]
+    assert second["resumed_from"] == 0 and second["events"] == written

@@ -6,13 +6,17 @@ running is compared at the same point in the stream; live rows it has changed si
 `seq` is past that position) are counted as skipped, not as differences. `--job` rebuilds and
 compares one job's rows; `--since/--until` compare only rows last changed in that window (the
 rebuild still folds everything before it, since a row's state depends on its whole history).
+
+The rebuilt store is kept beside the live read model (`replay-checkpoints/`, or in --data-dir
+when the live one is not a SQLite file) as a checkpoint: the next replay of the same scope
+folds only the events after it, and a replay killed halfway resumes from its last commit.
+`--fresh` folds the stream from the start instead; `--into` rebuilds into a store you name.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,6 +33,7 @@ from shared.persistence.bridge import URL_ENV, BridgeError
 from shared.persistence.jetstream import JetStreamApplicationRecorder
 from shared.readmodel import StoreURLError, configured_url, open_read_model
 from shared.readmodel import replay as replays
+from shared.readmodel.store import sqlite_path
 from shared.readmodel.tables import ts
 
 
@@ -52,7 +57,11 @@ def _short(value: Any, width: int = 60) -> str:
 def print_report(report: replays.Report, console: Console) -> None:
     compared = sum(report.compared.values())
     console.print(
-        f"replayed {report.events} events (stream positions up to {report.position}) into {report.store}; "
+        f"replayed {report.events} events (stream positions "
+        + (f"{report.resumed_from + 1} to" if report.resumed_from else "up to")
+        + f" {report.position}) into {report.store}"
+        + (f", resuming its checkpoint at {report.resumed_from}" if report.resumed_from else "")
+        + "; "
         f"compared {compared} rows in {len(report.compared)} tables"
         + (
             f"; skipped {sum(report.skipped.values())} rows the live projector changed since"
@@ -90,7 +99,13 @@ def print_report(report: replays.Report, console: Console) -> None:
 @click.option(
     "--into",
     default=None,
-    help="Rebuild into this store (a URL or SQLite path; it must be empty). Default: a temporary SQLite file.",
+    help="Rebuild into this store (a URL or SQLite path; it must be empty). Default: the checkpoint store.",
+)
+@click.option(
+    "--fresh",
+    "fresh_start",
+    is_flag=True,
+    help="Fold the stream from the start, not from the checkpoint the last replay left.",
 )
 @json_option
 def replay(
@@ -101,6 +116,7 @@ def replay(
     since: str | None,
     until: str | None,
     into: str | None,
+    fresh_start: bool,
     as_json: bool,
 ) -> None:
     """Rebuild the read model from the streams and compare it with the live one.
@@ -109,13 +125,17 @@ def replay(
     """
     since_ts, until_ts = parse_when(since, "--since"), parse_when(until, "--until")
     url = resolve_url(nats_url, data_dir)
+    live_store = configured_url(live_url, data_dir)
     try:
-        live = open_read_model(configured_url(live_url, data_dir))
+        live = open_read_model(live_store)
+        live_file = sqlite_path(live_store)
     except StoreURLError as exc:
         fail(str(exc))
         return
-    scratch = tempfile.TemporaryDirectory(prefix="warden-replay-")
-    target = into or f"sqlite:///{Path(scratch.name) / 'replay.sqlite'}"
+    folder = (Path(live_file).resolve().parent if live_file else data_dir) / "replay-checkpoints"
+    scope = str(job_id) if job_id else "all"
+    checkpoint = replays.checkpoint_path(folder, scope)
+    target = into or f"sqlite:///{checkpoint}"
     try:
         app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: url})
     except BridgeError as exc:
@@ -123,15 +143,35 @@ def replay(
         fail(str(exc))
         return
     try:
+        position = live.position()
+        subject = topology.event_subject(job_id) if job_id else f"{topology.EVENT_ROOT}.*"
+        recorder = app.recorder
+        assert isinstance(recorder, JetStreamApplicationRecorder)
+        if into is None:
+            folder.mkdir(parents=True, exist_ok=True)
+            for stale in replays.stale_checkpoints(folder, scope):
+                stale.unlink(missing_ok=True)
         fresh = open_read_model(target, durable=False)
         try:
-            if fresh.position():
+            if into is not None and fresh.position():
                 fail(f"{target} already holds a read model: --into needs an empty store")
-            position = live.position()
-            subject = topology.event_subject(job_id) if job_id else f"{topology.EVENT_ROOT}.*"
+            if (
+                into is None
+                and fresh.position()
+                and (
+                    fresh_start
+                    or fresh.position() > position
+                    or not replays.checkpoint_holds(recorder, fresh, subject)
+                )
+            ):
+                # Past the live read model's position (which was rebuilt, or is another one),
+                # or not folded from this stream: the checkpoint cannot be resumed.
+                fresh.close()
+                for path in folder.glob(f"{checkpoint.name}*"):
+                    path.unlink()
+                fresh = open_read_model(target, durable=False)
+            resumed_from = fresh.position()
             err = Console(stderr=True)
-            recorder = app.recorder
-            assert isinstance(recorder, JetStreamApplicationRecorder)
             with Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -148,8 +188,9 @@ def replay(
             report = replays.Report(
                 position=position,
                 events=events,
-                store=target if into else "a temporary SQLite store",
+                store=target if into else str(checkpoint),
                 scope={"job": str(job_id) if job_id else None, "since": since_ts, "until": until_ts},
+                resumed_from=resumed_from,
             )
             replays.compare(
                 live, fresh, report, job=str(job_id) if job_id else None, since=since_ts, until=until_ts
@@ -159,7 +200,6 @@ def replay(
     finally:
         live.close()
         app.close()
-        scratch.cleanup()
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2, default=str))
     else:

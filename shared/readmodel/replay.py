@@ -4,29 +4,39 @@ row, with the live one (`warden replay` is the command; `warden bench` times the
 The rebuild stops at the live read model's tracked position, so a projector that is still
 running is compared at the same point in the stream; live rows it has changed since (their
 `seq` is past that position) are counted as skipped, not as differences.
+
+Checkpoints: a rebuild commits its position with every transaction, so a store it was folding
+into is a checkpoint it resumes from (`rebuild` starts after the store's position). `warden
+replay` keeps its store between runs (`checkpoint_path`, named by the code that folds it), so a
+replay killed halfway, or the next replay a day later, folds only what the stream gained since:
+a full rebuild is needed only when the folding code changed or the stream is not the one the
+checkpoint was folded from (`checkpoint_holds`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import logging
 import queue
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any, Literal
 
 from eventsourcing.persistence import OperationalError
 from nats.aio.msg import Msg
 
-from shared.events import AnyEvent
+from shared.events import AnyEvent, tag_of
 from shared.persistence import written
 from shared.persistence.jetstream import JetStreamApplicationRecorder, StoredRecord, stored_events_of
 from shared.readmodel import queries
 from shared.readmodel.runner import decode_notification
 from shared.readmodel.store import ReadModel
-from shared.readmodel.tables import TABLES, Table
+from shared.readmodel.tables import TABLES, TIMELINE, Table
 
 log = logging.getLogger("warden.replay")
 
@@ -56,11 +66,14 @@ class Report:
     compared: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     differences: list[Difference] = field(default_factory=list)
+    # The checkpoint's position the rebuild resumed from (0: it folded the stream from the start).
+    resumed_from: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {
             "position": self.position,
             "events": self.events,
+            "resumed_from": self.resumed_from,
             "rebuilt_into": self.store,
             "scope": self.scope,
             "compared": self.compared,
@@ -207,17 +220,21 @@ def rebuild(
     position: int,
     reached: Callable[[int], None] = lambda _position: None,
 ) -> int:
-    """Folds the events on `subject` up to `position` into `fresh`; the number of events folded.
+    """Folds the events on `subject` after `fresh`'s position up to `position` into it; the
+    number of events folded.
 
     Events are folded in transactions of about `FOLD_BATCH` (never splitting a packed record,
-    whose events share one position). `reached` is told the stream position after each
-    transaction (a caller's progress bar).
+    whose events share one position), each committing its position: a rebuild that dies
+    resumes from its last commit (the caller checks it is a checkpoint of this stream:
+    `checkpoint_holds`). `reached` is told the stream position after each transaction (a
+    caller's progress bar).
     """
     count = 0
     events_of = record_events(recorder)
     batch: list[tuple[int, AnyEvent | None]] = []
+    start = fresh.position() + 1
     with collector_paused(), fresh.loading():
-        for page in OrderedPages(recorder, subject, 1, position):
+        for page in OrderedPages(recorder, subject, start, position):
             for record in page:
                 seq = record.seq
                 batch.extend((seq, event) for event in events_of(record))
@@ -231,6 +248,51 @@ def rebuild(
             count += len(batch)
     reached(position)
     return count
+
+
+@cache
+def fold_fingerprint() -> str:
+    """The code a rebuild's rows depend on besides the stream: a checkpoint folded by other code
+    (another version of Warden) is not resumed, since its rows may differ from what this code
+    folds."""
+    from shared import aggregates, contract, events
+    from shared.forensics import sentences, story
+    from shared.readmodel import fold, tables
+
+    digest = hashlib.sha256()
+    for module in (aggregates, contract, events, sentences, story, fold, tables):
+        assert module.__file__ is not None
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpoint_path(folder: Path, scope: str) -> Path:
+    """The store a replay of `scope` ("all", or a job's id) keeps between runs in `folder`."""
+    return folder / f"{scope}-{fold_fingerprint()}.sqlite"
+
+
+def stale_checkpoints(folder: Path, scope: str) -> list[Path]:
+    """Stores of `scope` folded by other code: never resumed, so removed."""
+    keep = checkpoint_path(folder, scope).name
+    return [p for p in folder.glob(f"{scope}-*.sqlite*") if not p.name.startswith(keep)]
+
+
+def checkpoint_holds(recorder: JetStreamApplicationRecorder, store: ReadModel, subject: str) -> bool:
+    """Whether `store`'s position is a checkpoint of the stream the recorder reads: the stream
+    still holds, at that sequence, the record whose events the store folded last (a stream
+    recreated, or another server's, holds something else there or nothing)."""
+    position = store.position()
+    if position == 0:
+        return True
+    with store.reading() as db:
+        folded = db.all(
+            f"SELECT aggregate_id, type FROM {TIMELINE.name} WHERE seq = ? ORDER BY ordinal", (position,)
+        )
+    record = recorder.io.run(lambda: recorder.io.next_after(subject, position - 1))
+    if record is None or record.seq != position or not folded:
+        return False
+    held = [(str(event.originator_id), tag_of(event)) for event in record_events(recorder)(record) if event]
+    return held == [(str(a), str(t)) for a, t in folded]
 
 
 def compare(
