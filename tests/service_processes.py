@@ -78,12 +78,24 @@ def start(
     label: str = "",
     release_at: float | None = None,
     env: dict[str, str] | None = None,
+    verbose: bool = False,
 ) -> ServiceProcess:
-    """`warden run SERVICE --nats URL`, its data dir and log under `workdir`."""
+    """`warden run SERVICE --nats URL`, its data dir and log under `workdir` (`verbose`: with its
+    INFO lines, `warden -v`)."""
     label = label or service
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{label}.log"
-    args = ["run", service, "--nats", url, "--data-dir", str(workdir / "data"), "--http", "127.0.0.1:0"]
+    args = [
+        *(["-v"] if verbose else []),
+        "run",
+        service,
+        "--nats",
+        url,
+        "--data-dir",
+        str(workdir / "data"),
+        "--http",
+        "127.0.0.1:0",
+    ]
     base = {k: v for k, v in os.environ.items() if not k.startswith("WARDEN_")}
     with log.open("wb") as out:  # the child has its own copy of the descriptor
         proc = subprocess.Popen(

@@ -330,3 +330,48 @@ async def test_a_checkpoint_folded_from_another_stream_is_not_resumed(
     code, second = await replay(nats_server.url, live)
     assert code == 0, second["differences"]
     assert second["resumed_from"] == 0 and second["events"] == written
+
+
+async def test_a_projector_killed_while_catching_up_resumes_from_its_last_commit_and_ends_as_a_full_rebuild(
+    nats_server: EmbeddedServer, tmp_path: Path
+) -> None:
+    from services.bench.history import write_history
+    from shared import bus, topology
+    from shared.readmodel import replay as replays
+    from tests import service_processes
+
+    nc = await bus.connect(nats_server.url, "test-projector-checkpoint")
+    try:
+        js = nc.jetstream()
+        await topology.ensure(js, str(nc.connected_server_version))
+        written = (await write_history(nc, 5 * replays.FOLD_BATCH)).count
+        last = (await js.stream_info(topology.EVENT_STREAM)).state.last_seq
+    finally:
+        await nc.close()
+    path = tmp_path / "projections.sqlite"
+    store = f"sqlite:///{path}"
+    env = {"WARDEN_PROJECTIONS_URL": store}
+    first = service_processes.start(nats_server.url, "projector", tmp_path / "first", env=env)
+    try:
+        with anyio.fail_after(90):
+            while checkpoint_position(path) == 0:
+                assert first.proc.poll() is None, first.output()[-3000:]
+                await anyio.sleep(0.01)
+    finally:
+        first.kill()  # SIGKILL, mid catch-up
+    killed_at = checkpoint_position(path)
+    assert 0 < killed_at < last, first.output()[-3000:]
+
+    second = service_processes.start(nats_server.url, "projector", tmp_path / "second", env=env, verbose=True)
+    try:
+        with anyio.fail_after(90):
+            while checkpoint_position(path) < last:
+                assert second.proc.poll() is None, second.output()[-3000:]
+                await anyio.sleep(0.05)
+    finally:
+        second.stop()
+    assert f"catching up from position {killed_at} to {last}" in second.output()
+
+    code, report = await replay(nats_server.url, store, "--fresh")
+    assert code == 0, report["differences"]
+    assert report["events"] == written == report["compared"]["warden_timeline"]

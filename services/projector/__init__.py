@@ -4,16 +4,25 @@ The projection runs in a worker thread (eventsourcing is synchronous; its JetStr
 calls back onto this loop through the bridge). It resumes from the read model's tracked
 position, so a restart neither loses nor double-counts anything; a failure (say the database is
 briefly gone) restarts it after a growing pause instead of taking the process down.
+
+Far behind the stream (a new or replaced projector, one down for long, a store rebuilt after a
+schema change), it first catches up as `warden replay` rebuilds: one ordered consumer, 10,000-
+event transactions, each committing its position, so a projector killed while catching up
+resumes from its last commit, not from the start.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 
 import anyio
 from anyio.abc import TaskStatus
 
+from shared import topology
+from shared.persistence.jetstream import JetStreamApplicationRecorder
 from shared.readmodel import ReadModel, configured_url, open_read_model
+from shared.readmodel import replay as replays
 from shared.readmodel.runner import BatchingProjectionRunner, ReadModelProjection
 from shared.readmodel.store import redacted
 from shared.runtime import Context
@@ -21,6 +30,9 @@ from shared.runtime import Context
 log = logging.getLogger("warden.projector")
 
 MAX_BACKOFF_S = 30.0
+# Events behind the stream past which the projector catches up as a rebuild does, in large
+# transactions, before following it batch by batch.
+CATCH_UP_FROM = replays.FOLD_BATCH
 
 
 class Projector:
@@ -56,6 +68,21 @@ class Projector:
                 await anyio.to_thread.run_sync(store.close)
 
     async def _project(self, ctx: Context, store: ReadModel) -> None:
+        recorder = ctx.app.recorder
+        if isinstance(recorder, JetStreamApplicationRecorder):
+            stopping = threading.Event()
+
+            async def stop_catching_up_when_cancelled() -> None:
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    stopping.set()  # the thread stops after its transaction
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(stop_catching_up_when_cancelled)
+                await anyio.to_thread.run_sync(self._catch_up, recorder, store, stopping)
+                tg.cancel_scope.cancel()
+            await anyio.lowlevel.checkpoint()
         runner = BatchingProjectionRunner(
             ctx.app, ReadModelProjection(store), max_batch=self.max_batch, on_commit=self._committed
         )
@@ -74,6 +101,18 @@ class Projector:
             tg.cancel_scope.cancel()
         # If the service is being cancelled (which is what stopped the runner), stop here.
         await anyio.lowlevel.checkpoint()
+
+    def _catch_up(
+        self, recorder: JetStreamApplicationRecorder, store: ReadModel, stopping: threading.Event
+    ) -> None:
+        last = recorder.max_notification_id() or 0
+        position = store.position()
+        if last - position < CATCH_UP_FROM:
+            return
+        log.info("catching up from position %d to %d", position, last)
+        replays.rebuild(
+            recorder, store, f"{topology.EVENT_ROOT}.*", last, self._committed, stopping=stopping.is_set
+        )
 
     def _committed(self, position: int) -> None:
         """Called in the projection thread after each commit."""

@@ -21,7 +21,7 @@ import hashlib
 import logging
 import queue
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -219,9 +219,16 @@ def rebuild(
     subject: str,
     position: int,
     reached: Callable[[int], None] = lambda _position: None,
+    *,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> int:
     """Folds the events on `subject` after `fresh`'s position up to `position` into it; the
     number of events folded.
+
+    A scratch store (not durable: a replay's, the bench's) is loaded without its secondary
+    indexes and with the collector paused; a live one (a projector catching up) keeps both,
+    since readers and the process's other services use them meanwhile. `stopping` is asked
+    after each transaction: true ends the rebuild there (resumable from that commit).
 
     Events are folded in transactions of about `FOLD_BATCH` (never splitting a packed record,
     whose events share one position), each committing its position: a rebuild that dies
@@ -233,7 +240,10 @@ def rebuild(
     events_of = record_events(recorder)
     batch: list[tuple[int, AnyEvent | None]] = []
     start = fresh.position() + 1
-    with collector_paused(), fresh.loading():
+    with ExitStack() as scratch:
+        if not fresh.durable:
+            scratch.enter_context(collector_paused())
+            scratch.enter_context(fresh.loading())
         for page in OrderedPages(recorder, subject, start, position):
             for record in page:
                 seq = record.seq
@@ -243,6 +253,8 @@ def rebuild(
                 count += len(batch)
                 reached(batch[-1][0])
                 batch = []
+                if stopping():
+                    return count
         if batch:
             fresh.project(batch)
             count += len(batch)
