@@ -87,6 +87,9 @@ class ProposalState(Struct, frozen=True, kw_only=True):
     submitted_at: datetime
     payload_object: str = ""
     payload_hash: str = ""
+    # The record kept in `proposal.submitted`, held until the proposal is applied or rejected
+    # (the applier reads it; nothing after does), so live proposals bound what it costs.
+    record: str = ""
     checks: tuple[CheckRecord, ...] = ()
     status: ProposalStatus = "submitted"
     decided_by: str = ""
@@ -242,6 +245,7 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
                 submitted_at=event.timestamp,
                 payload_object=event.payload_object,
                 payload_hash=event.payload_hash,
+                record=event.record,
                 trace=event.trace,
             )
             return replace(
@@ -268,11 +272,11 @@ def evolve_job(job: Job | None, event: Event) -> Job | None:
             )
             return replace(job, status="accepted" if not job.terminal else job.status)
         case ProposalRejected():
-            job = _with_proposal(job, event.proposal_id, status="rejected", decided_by=event.by)
+            job = _with_proposal(job, event.proposal_id, status="rejected", decided_by=event.by, record="")
             return _end_attempt_of(job, event.proposal_id, "rejected")
         case EffectApplied():
             return _with_proposal(
-                job, event.proposal_id, status="applied", receipt=event.receipt, trace=event.trace
+                job, event.proposal_id, status="applied", receipt=event.receipt, trace=event.trace, record=""
             )
         case EffectFailed():
             if event.phase == "rollback":

@@ -177,11 +177,15 @@ class ProposalSubmitted(Event, frozen=True, tag="proposal.submitted"):
     size: int
     input_seq: int
     effect: str = "none"
-    # Large payloads live in the object store under this name; small ones only in the input
-    # stream at `input_seq`, stored exactly as received.
+    # The proposal's record object, when it is not kept inline in `record` (shared/proposals.py);
+    # the message as received is in the agent input stream at `input_seq` until evicted.
     payload_object: str = ""
-    # sha256 of the object's bytes as the checker read them (the applier re-verifies it).
+    # sha256 of the object's bytes as the checker read them (the applier re-verifies it), or of
+    # `record` when the proposal is kept here.
     payload_hash: str = ""
+    # The proposal's record (JSON text) when small enough to keep in the event itself
+    # (topology.INLINE_RECORD_BYTES): then there is no record object.
+    record: str = ""
 
 
 class InvariantChecked(Event, frozen=True, tag="invariant.checked"):

@@ -20,14 +20,17 @@ Agents have no access to the bucket at all (README, "Threat model"). Limits:
 The agent input stream keeps only each subject's latest `topology.agent_input_per_subject()`
 messages, so the proposal message and its chunks may be evicted by the agent's newer ones long
 before the applier, an approval, a rollback or forensics read it back. So the checker keeps every
-proposal in the bucket: its *record object*, the proposal message as decoded and re-encoded
-(for an upload, the envelope naming the upload; the payload is the object beside it), named
-`<agent>/<job>/<epoch>/<sha256 of the record>`. `proposal.submitted` names the record object and
-its sha256 (`payload_object`, `payload_hash`); readers (`read_stored`, `read_recorded`) read it
-first, verify its hash (and the payload's against what the record names), and read the input
-message only for proposals recorded before record objects existed, verifying its sha256 against
-`content_hash`. What is applied is exactly what was checked. Cost: one object (two stored
-messages: a chunk and its metadata) per proposal, beside an upload's own payload object.
+proposal's *record*, the proposal message as decoded and re-encoded (for an upload, the envelope
+naming the upload; the payload is the object beside it). A record of at most
+`topology.INLINE_RECORD_BYTES` (a proposal without an upload, most are) is kept in
+`proposal.submitted` itself (`record`, its sha256 in `payload_hash`): no object, no round trip.
+A larger one is a *record object* in the bucket, named `<agent>/<job>/<epoch>/<sha256 of the
+record>`, which `proposal.submitted` names with its sha256 (`payload_object`, `payload_hash`).
+Readers (`read_stored`, `read_recorded`) take the record (inline, else the object) first, verify
+its hash (and the payload's against what the record names), and read the input message only for
+proposals recorded before records were kept, verifying its sha256 against `content_hash`. What
+is applied is exactly what was checked. Cost of a record object: two stored messages (a chunk
+and its metadata), beside an upload's own payload object.
 """
 
 from __future__ import annotations
@@ -123,9 +126,10 @@ async def put_object(js: JetStreamContext, name: str, data: bytes) -> None:
 @dataclass(frozen=True)
 class Resolved:
     proposal: Propose  # with the payload merged in
-    object_name: str  # the record object (see the module's docstring)
+    object_name: str  # the record object (see the module's docstring); "" when kept inline
     object_size: int  # bytes received beside the message: an upload's size, 0 for inline
-    object_hash: str  # sha256 of the record object
+    object_hash: str  # sha256 of the record (object or inline)
+    record: str = ""  # the record itself, when small enough to keep in the event
 
 
 def _too_large(size: int, chunks: int) -> str:
@@ -208,6 +212,9 @@ async def resolve(js: JetStreamContext, agent: str, body: Propose, *, limit: int
     redelivery both are already stored: read back, verified). Service credential only."""
     upload = body.payload
     if upload is None:
+        record = msgspec.json.encode(body)
+        if len(record) <= topology.INLINE_RECORD_BYTES:
+            return Resolved(body, "", 0, sha256(record), record.decode())
         name, digest = await _keep_record(js, agent, body)
         return Resolved(body, name, 0, digest)
     if has_inline_payload(body):
@@ -242,6 +249,7 @@ async def read_stored(js: JetStreamContext, state: ProposalState) -> Propose:
         content_hash=state.content_hash,
         payload_object=state.payload_object,
         payload_hash=state.payload_hash,
+        record=state.record,
     )
 
 
@@ -267,9 +275,15 @@ async def read_recorded(
     payload_object: str,
     payload_hash: str,
     message: bytes | None = None,
+    record: str = "",
 ) -> Propose:
     """The proposal a `proposal.submitted` names, verified against its hashes. `message`: its input
-    message when the caller already read it (only used without a record object)."""
+    message when the caller already read it (only used without a record object); `record`: the
+    record the event keeps inline, if it does."""
+    if record:
+        if sha256(record.encode()) != payload_hash:
+            raise PayloadProblem("the proposal's inline record no longer matches its recorded hash")
+        return decode_input(record.encode(), Propose)
     legacy_payload: bytes | None = None
     if payload_object:
         data = await get_object(js, payload_object)

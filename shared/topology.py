@@ -285,6 +285,11 @@ INPUT_MAX_MSG_BYTES = MAX_INPUT_BYTES + 64 * 1024
 # Proposals whose encoded message would pass this are uploaded in chunks first (the SDK does it):
 # headroom below MAX_INPUT_BYTES for the envelope and JSON escaping.
 INLINE_PROPOSAL_BYTES = 512 * 1024
+# A proposal whose record (its message as decoded and re-encoded) is at most this many bytes is
+# kept in its `proposal.submitted` itself, not as a record object (two stored messages and four
+# round trips fewer per proposal); the event stream keeps it as long as the job. Larger ones,
+# and every upload, keep a record object (shared/proposals.py).
+INLINE_RECORD_BYTES = 16 * 1024
 # The agent input stream keeps each subject's latest AGENT_INPUT_PER_SUBJECT messages
 # (`max_msgs_per_subject`; WARDEN_AGENT_INPUT_PER_SUBJECT overrides it). With credentials an
 # agent may publish on exactly len(AGENT_VERBS) + 1 subjects, so what one agent can hold in the

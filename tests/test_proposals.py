@@ -505,7 +505,8 @@ async def test_a_completed_jobs_proposal_is_still_read_back_after_its_agent_sent
 ) -> None:
     """The agent stream keeps each subject's latest K messages: the proposal messages and payload
     chunks of finished jobs are evicted by newer ones, yet what the applier, approvals, rollback
-    and forensics read back is the record object the checker kept (shared/proposals.py)."""
+    and forensics read back is the record the checker kept (shared/proposals.py): in the event
+    itself for a small proposal, as an object for an upload."""
     ring = 4
     monkeypatch.setenv("WARDEN_AGENT_INPUT_PER_SUBJECT", str(ring))
     blob = "y" * (2 * topology.PAYLOAD_CHUNK_BYTES)  # uploaded: past the inline threshold, 3 chunks
@@ -523,7 +524,8 @@ async def test_a_completed_jobs_proposal_is_still_read_back_after_its_agent_sent
             await wait_for_event(nc, completed)
             done[ctx.job_id] = proposal
         submitted = [e for e in await events_of(nc) if isinstance(e, ProposalSubmitted)]
-        assert len(submitted) == 2 and all(s.payload_object for s in submitted)
+        # The small one keeps its record in the event itself; the upload's is an object.
+        assert [(bool(s.record), bool(s.payload_object)) for s in submitted] == [(True, False), (False, True)]
         # K more of each: the proposals' messages and the upload's chunks are evicted.
         for _ in range(ring):
             await js.publish(topology.agent_subject("keeper", "propose"), b"{}")
@@ -539,11 +541,12 @@ async def test_a_completed_jobs_proposal_is_still_read_back_after_its_agent_sent
                 content_hash=s.content_hash,
                 payload_object=s.payload_object,
                 payload_hash=s.payload_hash,
+                record=s.record,
             )
             assert read.output == done[s.originator_id].output
             output = await outputs.job_output(js, s.originator_id)
             assert [o.problem for a in output.attempts for o in a.outputs] == [""]
-            # Explain still shows what the proposal said, from the record object.
+            # Explain still shows what the proposal said, from the record.
             evidence = story.proposal_evidence(await collect.collect(js, s.originator_id), s)
             assert "unavailable" not in evidence and "undecodable" not in evidence, evidence
 
@@ -562,3 +565,31 @@ async def test_an_upload_of_more_chunks_than_the_ring_keeps_is_refused_naming_th
         [violation] = decision.violations
         assert f"the limit is {2 * topology.PAYLOAD_CHUNK_BYTES} bytes" in violation
         assert "keeps only its latest 2 chunks" in violation and "(4 chunks of" in violation
+
+
+async def test_a_proposal_kept_inline_is_read_back_only_while_its_record_matches_its_hash(
+    nats_server: EmbeddedServer,
+) -> None:
+    async with running(nats_server.url, SERVICES), client(nats_server.url) as nc:
+        agent, ctx = await claim(nc, "inline", Contract(scope=Scope(effects=["none"])))
+        pid = await propose(agent, ctx, Proposal(output={"answer": 42}))
+        await wait_for_event(nc, decided(pid))
+        [s] = [e for e in await events_of(nc) if isinstance(e, ProposalSubmitted)]
+        # Nothing in the bucket: the record is the event's.
+        assert s.record and not s.payload_object and s.payload_hash == proposals.sha256(s.record.encode())
+        assert (await nc.jetstream().stream_info(topology.PAYLOAD_STREAM)).state.messages == 0
+
+        async def read(record: str) -> Propose:
+            return await proposals.read_recorded(
+                nc.jetstream(),
+                agent=s.agent,
+                input_seq=s.input_seq,
+                content_hash=s.content_hash,
+                payload_object=s.payload_object,
+                payload_hash=s.payload_hash,
+                record=record,
+            )
+
+        assert (await read(s.record)).output == {"answer": 42}
+        with pytest.raises(proposals.PayloadProblem, match="inline record no longer matches"):
+            await read(s.record.replace("42", "43"))

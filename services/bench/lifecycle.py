@@ -192,13 +192,17 @@ async def _submit_one_by_one(nc: Client, requests: list[JobRequest]) -> None:
 
 
 async def stored_messages(nc: Client) -> dict[str, int]:
-    """How many messages the event and input streams have stored so far (their last sequence:
-    the agent stream keeps only each subject's latest, so its count would undercount)."""
+    """How many messages the event, input and proposal-object streams have stored so far (their
+    last sequence: the agent stream keeps only each subject's latest, so its count would
+    undercount; each proposal's record object is a chunk and a meta message)."""
     js = nc.jetstream()
-    return {
-        stream: (await js.stream_info(stream)).state.last_seq
-        for stream in (topology.EVENT_STREAM, topology.INPUT_STREAM, topology.AGENT_INPUT_STREAM)
-    }
+    streams = (
+        topology.EVENT_STREAM,
+        topology.INPUT_STREAM,
+        topology.AGENT_INPUT_STREAM,
+        topology.PAYLOAD_STREAM,
+    )
+    return {stream: (await js.stream_info(stream)).state.last_seq for stream in streams}
 
 
 async def input_load(nc: Client, names: list[str]) -> dict[str, object]:

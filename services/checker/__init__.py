@@ -239,6 +239,7 @@ class Checker:
             effect=body.effect,
             payload_object=resolved.object_name if resolved else "",
             payload_hash=resolved.object_hash if resolved else "",
+            record=resolved.record if resolved else "",
         )
         record = _Record(self.ctx, msg, job.id, pid, decide.submit(job, received, at))
         state = record.ahead(job).proposal(pid)

@@ -95,6 +95,7 @@ class Received(Struct, frozen=True, kw_only=True):
     effect: str
     payload_object: str = ""
     payload_hash: str = ""
+    record: str = ""
 
 
 def submit(job: Job, received: Received, at: datetime) -> list[Event]:
@@ -114,6 +115,7 @@ def submit(job: Job, received: Received, at: datetime) -> list[Event]:
             effect=received.effect,
             payload_object=received.payload_object,
             payload_hash=received.payload_hash,
+            record=received.record,
         ),
     )
 

@@ -304,6 +304,7 @@ async def past_cases(
                     payload_object=sub.payload_object,
                     payload_hash=sub.payload_hash,
                     message=found.data if found else None,
+                    record=sub.record,
                 )
             except (InvalidInput, proposals.PayloadProblem) as exc:
                 stored[seq] = ProposalBytes(None, str(exc), found.time if found else None)

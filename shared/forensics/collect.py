@@ -215,13 +215,15 @@ async def collect(js: JetStreamContext, job_id: UUID, *, all_inputs: bool = Fals
         job_log.inputs_from[stream] = (await js.stream_info(stream)).state.first_seq or 1
     for item in events:
         sub = item.event
-        if (
-            isinstance(sub, ProposalSubmitted)
-            and sub.payload_object
-            and job_log.input_at(sub.input_seq) is None
-        ):
-            # Evicted by the agent's newer inputs, or aged out: the checker kept it as an object.
+        if not isinstance(sub, ProposalSubmitted) or job_log.input_at(sub.input_seq) is not None:
+            continue
+        # Evicted by the agent's newer inputs, or aged out: the checker kept its record, in the
+        # event itself or as an object.
+        data: bytes | None = None
+        if sub.record:
+            data = sub.record.encode()
+        elif sub.payload_object:
             data = await proposals.get_object(js, sub.payload_object)
-            if data is not None and proposals.sha256(data) == sub.payload_hash and _is_proposal(data):
-                job_log.proposal_records[sub.input_seq] = data
+        if data is not None and proposals.sha256(data) == sub.payload_hash and _is_proposal(data):
+            job_log.proposal_records[sub.input_seq] = data
     return job_log

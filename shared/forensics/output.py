@@ -66,6 +66,7 @@ async def _output(js: JetStreamContext, job_log: JobLog, submitted: ProposalSubm
             payload_object=submitted.payload_object,
             payload_hash=submitted.payload_hash,
             message=record.data if record else None,
+            record=submitted.record,
         )
     except (InvalidInput, proposals.PayloadProblem) as exc:
         return Output(proposal_id=submitted.proposal_id, problem=str(exc))
