@@ -65,6 +65,14 @@ def render(report: Report, console: Console) -> None:
         "replay_projections",
         f"{_num(replay_ratio, '×', 2)} of raw replay's speed, same stream, by time (target ≥ {TARGETS['replay_ratio']}×)",
     )
+    resumed = f.get("replay_resumed")
+    if resumed is not None:
+        row(
+            "projection rebuild resumed (events)",
+            "replay_resumed",
+            f"{resumed.count:,} events after its checkpoint at {resumed.extra.get('resumed_from', 0):,}, "
+            f"in {_num(resumed.seconds, ' s', 2)}",
+        )
     row("fleet: leases granted", "fleet_grants")
     beats = f.get("fleet_heartbeats")
     if beats is not None:
