@@ -11,6 +11,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -70,23 +71,59 @@ async def _submit_all(nc: Client, requests: list[JobRequest]) -> None:
 
     async def one(request: JobRequest) -> None:
         async with limiter:
-            reply = await bus.request(nc, topology.REQUEST_SUBJECT, request, timeout=60)
-            if not isinstance(reply, Accepted):
-                raise RuntimeError(f"bench job refused: {reply}")
+            await _submit_one(nc, request)
 
     async with anyio.create_task_group() as tg:
         for request in requests:
             tg.start_soon(one, request)
 
 
+class Watch:
+    """The run's requests and completions as they are stored, from a core subscription taken
+    before anything is submitted (so none is missed and the server serves no replaying
+    consumer: the observer should not cost the path it measures)."""
+
+    def __init__(self, run: str) -> None:
+        self.kind = f"bench-{run}"
+        self.agents = f"bench-{run}-"
+        self.requested: dict[uuid.UUID, datetime] = {}
+        self.completed: dict[uuid.UUID, JobCompleted] = {}
+        self._changed = anyio.Event()
+
+    async def on_msg(self, msg: Msg) -> None:
+        events = written.events_of(msg.subject, msg.headers, msg.data)
+        for event in () if isinstance(events, str) else events:
+            if isinstance(event, JobRequested) and event.kind == self.kind:
+                self.requested[event.originator_id] = event.timestamp
+            elif isinstance(event, JobCompleted) and event.agent.startswith(self.agents):
+                self.completed[event.originator_id] = event
+                self._changed.set()
+                self._changed = anyio.Event()
+
+    async def until(self, done: Callable[[], bool], timeout: float) -> bool:
+        with anyio.move_on_after(timeout):
+            while not done():
+                await self._changed.wait()
+        return done()
+
+
 async def governed(
-    nc: Client, agents: list[Client], jobs: int, payload: int, run: str, *, paced: bool = False
+    nc: Client,
+    agents: list[Client],
+    jobs: int,
+    payload: int,
+    run: str,
+    *,
+    paced: bool = False,
+    on_done: Callable[[int], None] | None = None,
 ) -> Figures:
     """N no-op jobs through the full path: request, lease, heartbeat, proposal, checks, decision,
     effect, completion, every step durable. Latency is request → job.completed.
 
     `paced`: one job at a time, each submitted once the one before completed, so the agents
-    wait for work when it arrives (a fleet with capacity to spare): what each job stores then."""
+    wait for work when it arrives (a fleet with capacity to spare): what each job stores then.
+    `on_done(completed)` is called as the last job completes, before the run's figures are read
+    back from the streams (so a CPU measurement taken there leaves that reading out)."""
     contract = Contract(
         scope=Scope(paths=["**"], effects=["none"]),
         inputs={"payload": "x" * payload} if payload else {},
@@ -96,7 +133,6 @@ async def governed(
         JobRequest(idempotency_key=f"bench-{run}-{i}", kind=f"bench-{run}", contract=contract)
         for i in range(jobs)
     ]
-    completed = 0
     all_done = anyio.Event()
 
     async def handler(ctx: JobContext) -> Proposal:
@@ -108,7 +144,6 @@ async def governed(
     refusals: list[str] = []
 
     async def agent_loop(index: int, conn: Client) -> None:
-        nonlocal completed
         agent = AgentClient(conn, f"bench-{run}-{index}", max_concurrent=1, kinds=[f"bench-{run}"])
         await agent.register()
         while not all_done.is_set():
@@ -123,38 +158,40 @@ async def governed(
             client_of[grant.job_id] = agent
             await agent.work(grant, handler)
 
+    watch = Watch(run)
+    sub = await nc.subscribe(
+        f"{topology.EVENT_ROOT}.*", cb=watch.on_msg, pending_msgs_limit=1_000_000, pending_bytes_limit=1 << 30
+    )
+    await nc.flush()  # the subscription is in place before the first request
     before = await stored_messages(nc)
     started = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for i, conn in enumerate(agents):
-            tg.start_soon(agent_loop, i, conn)
-        if paced:
-            await _submit_one_by_one(nc, requests)
-        else:
-            await _submit_all(nc, requests)
-        finished = await collect_events(
-            nc,
-            lambda e: isinstance(e, JobCompleted) and e.agent.startswith(f"bench-{run}-"),
-            jobs,
-            timeout=max(120.0, jobs / 5),
-        )
-        elapsed = time.perf_counter() - started
-        all_done.set()
-        tg.cancel_scope.cancel()
-    completed = len(finished)
+    try:
+        async with anyio.create_task_group() as tg:
+            for i, conn in enumerate(agents):
+                tg.start_soon(agent_loop, i, conn)
+            if paced:
+                for request in requests:
+                    job_id = await _submit_one(nc, request)
+                    if not await watch.until(partial(watch.completed.__contains__, job_id), timeout=60):
+                        raise RuntimeError(f"bench job {job_id} did not complete within 60 s")
+            else:
+                await _submit_all(nc, requests)
+            await watch.until(lambda: len(watch.completed) >= jobs, timeout=max(120.0, jobs / 5))
+            elapsed = time.perf_counter() - started
+            completed = len(watch.completed)
+            if on_done is not None:
+                on_done(completed)
+            all_done.set()
+            tg.cancel_scope.cancel()
+    finally:
+        await sub.unsubscribe()
     after = await stored_messages(nc)
     # Everything the run stored (agents' registrations and claims included), per completed job.
     per_job = {stream: round((after[stream] - before[stream]) / max(completed, 1), 2) for stream in after}
-    requested = {
-        e.originator_id: e.timestamp
-        for e in await collect_events(
-            nc, lambda e: isinstance(e, JobRequested) and e.kind == f"bench-{run}", jobs, timeout=60
-        )
-    }
     latencies = [
-        (e.timestamp - requested[e.originator_id]).total_seconds()
-        for e in finished
-        if e.originator_id in requested
+        (e.timestamp - watch.requested[job_id]).total_seconds()
+        for job_id, e in watch.completed.items()
+        if job_id in watch.requested
     ]
     names = [f"bench-{run}-{i}" for i in range(len(agents))]
     return Figures(
@@ -173,22 +210,11 @@ async def governed(
     )
 
 
-async def _submit_one_by_one(nc: Client, requests: list[JobRequest]) -> None:
-    """Submit each request once the job before it has completed."""
-    for request in requests:
-        reply = await bus.request(nc, topology.REQUEST_SUBJECT, request, timeout=60)
-        if not isinstance(reply, Accepted) or reply.job_id is None:
-            raise RuntimeError(f"bench job refused: {reply}")
-        job_id = reply.job_id
-        done = await collect_events(
-            nc,
-            lambda e: isinstance(e, JobCompleted),
-            1,
-            timeout=60,
-            subject=topology.event_subject(job_id),
-        )
-        if not done:
-            raise RuntimeError(f"bench job {job_id} did not complete within 60 s")
+async def _submit_one(nc: Client, request: JobRequest) -> uuid.UUID:
+    reply = await bus.request(nc, topology.REQUEST_SUBJECT, request, timeout=60)
+    if not isinstance(reply, Accepted) or reply.job_id is None:
+        raise RuntimeError(f"bench job refused: {reply}")
+    return reply.job_id
 
 
 async def stored_messages(nc: Client) -> dict[str, int]:

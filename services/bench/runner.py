@@ -86,10 +86,16 @@ async def run(url: str | None, options: Options, progress: Progress) -> Report:
         if "governed" in options.parts:
             progress(f"governed lifecycle: {options.jobs} jobs, {options.workers} agents")
             cpu = CpuSplit(_pids(server, os.getpid()) | {"services": services.pid})
+            split: dict[str, float] = {}
             report.figures["governed"] = await lifecycle.governed(
-                nc, workers, options.jobs, options.payload, run_id
+                nc,
+                workers,
+                options.jobs,
+                options.payload,
+                run_id,
+                on_done=lambda completed: split.update(cpu.per_job(completed)),
             )
-            report.figures["governed"].extra["cpu_ms_per_job"] = cpu.per_job(options.jobs)
+            report.figures["governed"].extra["cpu_ms_per_job"] = split
             report.notes.append(lifecycle.throttle_note(report.figures["governed"].extra))
             paced = max(10, min(options.jobs // 10, 50))
             progress(f"governed lifecycle, one job at a time to waiting agents: {paced} jobs")
