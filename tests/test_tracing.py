@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -78,10 +78,8 @@ class Spans(SimpleSpanProcessor):
 def spans() -> Iterator[Spans]:
     """Every span this process finishes while the test runs (the provider is the process's)."""
     telemetry.configure("test", exporter="none")
-    provider = trace.get_tracer_provider()
-    assert isinstance(provider, TracerProvider)
     collected = Spans()
-    provider.add_span_processor(collected)
+    telemetry.take_spans(collected)
     yield collected
     collected.exporter.shutdown()  # the processor stays registered, but keeps nothing more
 

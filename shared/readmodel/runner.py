@@ -58,7 +58,7 @@ def fold_spans(batch: Sequence[tuple[int, AnyEvent | None]]) -> Iterator[None]:
     """One "projector fold" span per live event, a child of the span that appended it, lasting
     until its batch is committed. A catch-up batch (a replay, a restart) gets none: a million
     spans would cost more than the folding."""
-    if len(batch) > LIVE_BATCH:
+    if len(batch) > LIVE_BATCH or not telemetry.taking_spans():
         yield
         return
     tracer = telemetry.tracer()
