@@ -80,7 +80,9 @@ class Hub:
         position = await anyio.to_thread.run_sync(self.store.position)
         if position <= self.position:
             return
-        while self.position < position:
+        # With no client the rows would be read for nobody (a client that connects later replays
+        # from its own position, `after` or Last-Event-ID, not from the hub's).
+        while self._clients and self.position < position:
             rows, jobs = await anyio.to_thread.run_sync(
                 queries.timeline_after, self.store, self.position, PAGE
             )
