@@ -97,7 +97,7 @@ async def test_no_per_job_state_outlives_the_jobs_that_completed_expired_or_were
         assert reconciler._due == {}
         assert reconciler._timers == []
         assert reconciler._locks == {}
-        assert scheduler._queue == [] and scheduler._queued == {}
+        assert len(scheduler._queue) == 0 and scheduler._queue.kinds == set() and scheduler._stale == []
         assert scheduler._granting == set()
         # Claims count as presence for RECENT_CLAIM_S; past it they are gone, not kept.
         assert len(scheduler._last_claim) <= 2

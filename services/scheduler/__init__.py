@@ -10,7 +10,6 @@ a handler here decodes, loads what the rule needs, decides, saves and replies.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import logging
 import math
@@ -27,6 +26,7 @@ from anyio.abc import TaskGroup, TaskStatus
 from eventsourcing.persistence import IntegrityError
 from nats.aio.msg import Msg
 
+from services.scheduler.runnable import Runnable
 from services.scheduler.waiting import Full, Parked, Waiting
 from shared import bus, telemetry, throttle, topology
 from shared.aggregates import Agent, Job, project_job
@@ -95,9 +95,10 @@ class Scheduler:
     name = "scheduler"
 
     def __init__(self) -> None:
-        self._queue: list[tuple[datetime, UUID]] = []
-        # Each queued job's place in `_queue` (its request time).
-        self._queued: dict[UUID, datetime] = {}
+        self._queue = Runnable()
+        # Jobs `_candidates` found gone from the view or no longer queued: settled after the
+        # decision that walked past them (the queue is not changed while it is walked).
+        self._stale: list[UUID] = []
         self.policy = load_policy()
         self._last_claim = RecentClaims()
         # Jobs a claim handled concurrently is granting right now: another claim passes them by
@@ -135,16 +136,22 @@ class Scheduler:
             task_status.started()
 
     def _track(self, job: Job) -> None:
-        if job.status == "queued" and job.id not in self._queued:
-            self._queued[job.id] = job.created_on
-            bisect.insort(self._queue, (job.created_on, job.id))
-        elif job.status != "queued":
+        if job.status == "queued":
+            self._queue.add(job.id, job.kind, job.created_on)
+        else:
             self._untrack(job.id)
 
     def _untrack(self, job_id: UUID) -> None:
-        created = self._queued.pop(job_id, None)
-        if created is not None:
-            self._queue.remove((created, job_id))
+        self._queue.remove(job_id)
+
+    def _settle_stale(self) -> None:
+        stale, self._stale = self._stale, []
+        for job_id in stale:
+            job = self.ctx.views.jobs.get(job_id)
+            if job is None:
+                self._untrack(job_id)
+            else:
+                self._track(job)
 
     # --- routing ---------------------------------------------------------------------------
 
@@ -250,8 +257,7 @@ class Scheduler:
             ):
                 continue
             assert agent is not None  # a claimant that may claim is a registered agent
-            candidates = itertools.chain(self._candidates(set()), [new])
-            decided = self._decide(agent, parked.claim, at, parked.seq, candidates)
+            decided = self._decide(agent, parked.claim, at, parked.seq, set(), also=[new])
             if isinstance(decided, rules.Granted) and decided.job.id == new.id:
                 self._waiting.take(parked.name)
                 self._deciding.add(parked.name)
@@ -415,7 +421,7 @@ class Scheduler:
             if parked.name in self._deciding or rules.claimant_refusal(parked.name, agent) is not None:
                 continue  # decided elsewhere now, or about to be refused (`_refuse_stopped`)
             assert agent is not None  # a claimant that may claim is a registered agent
-            decided = self._decide(agent, parked.claim, at, parked.seq, self._candidates(set()))
+            decided = self._decide(agent, parked.claim, at, parked.seq, set())
             if isinstance(decided, NoWork):
                 parked.detail = decided.detail
                 continue
@@ -450,32 +456,39 @@ class Scheduler:
                 return
             await self._answer_safely(parked.msg, verdict)
 
-    def _candidates(self, passed: set[UUID]) -> Iterator[Job]:
-        """The queued jobs, oldest first, but those being granted here now or `passed` by."""
-        for _created, job_id in list(self._queue):
+    def _candidates(self, passed: set[UUID], kinds: Iterable[str] = ()) -> Iterator[Job]:
+        """The queued jobs of `kinds` (every kind when empty), oldest first, but those being
+        granted here now or `passed` by. Walked without a copy: nothing awaits meanwhile, and
+        what it finds stale is settled afterwards (`_settle_stale`)."""
+        for job_id in self._queue.oldest_first(kinds):
             if job_id in self._granting or job_id in passed:
                 continue
             job = self.ctx.views.jobs.get(job_id)
-            if job is None:
-                self._untrack(job_id)
-                continue
-            if job.status != "queued":  # reloaded after a lost race: no longer runnable
-                self._track(job)
+            if job is None or job.status != "queued":  # reloaded after a lost race, say
+                self._stale.append(job_id)
                 continue
             yield job
 
     def _decide(
-        self, agent: Agent, claim: Claim, at: datetime, seq: int, candidates: Iterable[Job]
+        self,
+        agent: Agent,
+        claim: Claim,
+        at: datetime,
+        seq: int,
+        passed: set[UUID],
+        also: Iterable[Job] = (),
     ) -> rules.Granted | NoWork:
-        """What this claim is granted now, on what this process knows (no await: a job it
-        chooses can be marked as being granted before anything else decides)."""
+        """What this claim is granted now among the queued jobs of its kinds (not `passed`) and
+        then `also`, on what this process knows (no await: a job it chooses can be marked as
+        being granted before anything else decides)."""
         name = agent.name
+        candidates = itertools.chain(self._candidates(passed, rules.claim_kinds(agent, claim)), also)
         present = [
             other
             for other_name in self._last_claim.present(at)
             if other_name != name and (other := self.ctx.views.agents.get(other_name)) is not None
         ]
-        return rules.grant(
+        decided = rules.grant(
             candidates,
             agent,
             claim,
@@ -485,6 +498,8 @@ class Scheduler:
             at=at,
             claim_seq=seq,
         )
+        self._settle_stale()
+        return decided
 
     async def _lease_for(
         self, agent: Agent, claim: Claim, at: datetime, seq: int, lost: list[UUID] | None = None
@@ -494,7 +509,7 @@ class Scheduler:
         passed: list[UUID] = lost if lost is not None else []
 
         async def step() -> LeaseGrant | NoWork:
-            decided = self._decide(agent, claim, at, seq, self._candidates(set(passed)))
+            decided = self._decide(agent, claim, at, seq, set(passed))
             if isinstance(decided, NoWork):
                 return decided
             return await self._grant(decided, passed)

@@ -461,6 +461,11 @@ class Granted:
     event: LeaseGranted
 
 
+def claim_kinds(agent: Agent, claim: Claim) -> set[str]:
+    """The kinds this claim takes (the claim's, else its agent's; empty: any kind)."""
+    return set(claim.kinds or agent.kinds)
+
+
 def grant(
     candidates: Iterable[Job],
     agent: Agent,
@@ -480,7 +485,7 @@ def grant(
     limit = lease_limit(agent, policy)
     if held >= limit:
         return NoWork(detail=f"agent {agent.name} holds {held} of {limit} leases (level {agent.level})")
-    kinds = set(claim.kinds or agent.kinds)
+    kinds = claim_kinds(agent, claim)
     for job in candidates:
         if not grantable(job, agent, kinds, present, at):
             continue
