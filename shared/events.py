@@ -362,14 +362,30 @@ def encode(event: Event) -> bytes:
     return _encoder.encode(event)
 
 
+# The digests of events lately decoded, taken of the bytes they were decoded from: every fold
+# takes each event's digest (its aggregate's last_hash), and hashing the stored bytes costs a
+# third of encoding the event again to hash that (3 of a rebuild's 30 µs per event, profiled).
+# Keyed by identity, each entry holding its event (so an id is never reused while kept);
+# bounded by emptying it when full.
+_DIGESTS_KEPT = 16_384
+_digests: dict[int, tuple[Event, str]] = {}
+
+
 def digest(event: Event) -> str:
-    """The ledger hash of an event: sha256 of its stored bytes (msgspec encodes deterministically)."""
+    """The ledger hash of an event: sha256 of its stored bytes (msgspec encodes deterministically,
+    so an event built here hashes as it will be stored)."""
+    kept = _digests.get(id(event))
+    if kept is not None and kept[0] is event:
+        return kept[1]
     return hashlib.sha256(_encoder.encode(event)).hexdigest()
 
 
 def decode(data: bytes) -> AnyEvent:
     """One event's encoding (`encode`) decoded: an element of `unpack`, not a stored message."""
     event: AnyEvent = _decoder.decode(data)
+    if len(_digests) >= _DIGESTS_KEPT:
+        _digests.clear()
+    _digests[id(event)] = (event, hashlib.sha256(data).hexdigest())
     return event
 
 
@@ -395,7 +411,7 @@ def unpack(data: bytes) -> list[bytes]:
 
 def decode_all(data: bytes) -> list[AnyEvent]:
     """The one decoder of a stored message: every event it holds, in order."""
-    return [_decoder.decode(element) for element in unpack(data)]
+    return [decode(element) for element in unpack(data)]
 
 
 def ref(event: Event) -> str:

@@ -31,8 +31,9 @@ from msgspec import Struct, field
 from nats.js import JetStreamContext
 
 from shared import topology
-from shared.events import AnyEvent, digest
+from shared.events import AnyEvent
 from shared.events import decode as decode_event
+from shared.events import encode as encode_event
 from shared.forensics import log
 
 BreakKind = Literal["hash", "version", "originator", "undecodable", "digest", "copy", "missing"]
@@ -130,7 +131,8 @@ def verify(entries: Sequence[Entry], source: str) -> LedgerReport:
             continue
         event = decode_event(entry.data)
         chain.version, chain.hash, chain.seq = event.originator_version, actual, entry.seq
-        chain.reencoded = digest(event)
+        # Re-encoded, not as decoded (`digest` of a decoded event is its stored bytes' hash).
+        chain.reencoded = hashlib.sha256(encode_event(event)).hexdigest()
     breaks = sorted(broken.values(), key=lambda b: b.seq)
     return LedgerReport(
         ok=not breaks,
