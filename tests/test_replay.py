@@ -6,6 +6,7 @@ import json
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +376,60 @@ async def test_a_projector_killed_while_catching_up_resumes_from_its_last_commit
     code, report = await replay(nats_server.url, store, "--fresh")
     assert code == 0, report["differences"]
     assert report["events"] == written == report["compared"]["warden_timeline"]
+
+
+async def test_a_reader_slower_than_the_stream_stops_the_consumer_and_loses_nothing(
+    nats_server: EmbeddedServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rebuild reads slower than the stream pushes. Holding the consumer's callback does not
+    hold the server past a heartbeat's interval (the client answers a stalled flow control), so
+    a long rebuild buffered the stream until the subscription's limit, lost messages as a slow
+    consumer and stalled; the reader here stalls past that interval with a 1 MiB limit."""
+    import logging
+
+    from shared import bus, topology
+    from shared.app import PERSISTENCE_MODULE, WardenApp
+    from shared.persistence.bridge import URL_ENV
+    from shared.persistence.jetstream import JetStreamApplicationRecorder
+    from shared.readmodel.replay import PAGE, PAGES_AHEAD, OrderedPages
+
+    subject = f"{topology.EVENT_ROOT}.slow-reader"
+    count = (PAGES_AHEAD + 3) * PAGE
+    body = b"x" * 4096  # 44 MB in all against a 1 MiB buffer
+    nc = await bus.connect(nats_server.url, "test-slow-reader")
+    try:
+        js = nc.jetstream()
+        await topology.ensure(js, str(nc.connected_server_version))
+        limiter = anyio.Semaphore(64)
+
+        async def put(i: int) -> None:
+            async with limiter:
+                await js.publish(subject, body, headers={"n": str(i)})
+
+        async with anyio.create_task_group() as tg:
+            for i in range(count):
+                tg.start_soon(put, i)
+        last = (await js.stream_info(topology.EVENT_STREAM)).state.last_seq
+    finally:
+        await nc.close()
+
+    def read() -> tuple[list[int], int]:
+        app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: nats_server.url})
+        try:
+            recorder = app.recorder
+            assert isinstance(recorder, JetStreamApplicationRecorder)
+            pages = OrderedPages(recorder, subject, 1, last, pending_bytes_limit=1 << 20)
+            seqs: list[int] = []
+            for n, page in enumerate(pages):
+                seqs.extend(r.seq for r in page)
+                if n == 0:
+                    time.sleep(11)  # the fault: a reader stalled past two idle heartbeats (5 s)
+            return seqs, pages.pauses
+        finally:
+            app.close()
+
+    with caplog.at_level(logging.WARNING):
+        seqs, pauses = await anyio.to_thread.run_sync(read)
+    assert len(seqs) == count and seqs == sorted(set(seqs)) and seqs[-1] == last
+    assert pauses >= 1  # it stopped the consumer rather than buffer the stream
+    assert not [r for r in caplog.records if "SlowConsumer" in r.getMessage()]

@@ -67,6 +67,7 @@ from eventsourcing.persistence import (
 from eventsourcing.utils import Environment, EnvType, resolve_topic
 from nats.aio.msg import Msg
 from nats.js import api as js_api
+from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT
 from nats.js.errors import NotFoundError
 
 from shared import topology
@@ -360,15 +361,29 @@ class JetStreamIO:
             seq = page[-1].seq + 1
         return found
 
-    async def ordered(self, subject: str, start: int, cb: Callable[[Msg], Awaitable[None]]) -> Any:
+    async def ordered(
+        self,
+        subject: str,
+        start: int,
+        cb: Callable[[Msg], Awaitable[None]],
+        *,
+        pending_bytes_limit: int = DEFAULT_JS_SUB_PENDING_BYTES_LIMIT,
+    ) -> Any:
         """An ordered consumer pushing the stream's messages on `subject` from sequence `start`
-        to `cb` (flow-controlled: a `cb` that waits stalls the server, not memory); its
-        subscription, to unsubscribe."""
+        to `cb`; its subscription, to unsubscribe. Flow control stalls the server only briefly:
+        a consumer stalled for a heartbeat's interval is answered anyway, so a reader that must
+        bound what it buffers stops the consumer (see readmodel.replay.OrderedPages).
+        `pending_bytes_limit`: what the subscription may buffer (the client's default)."""
         config = js_api.ConsumerConfig(
             deliver_policy=js_api.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=start
         )
         return await self.bridge.js.subscribe(
-            subject, stream=self.stream, cb=cb, ordered_consumer=True, config=config
+            subject,
+            stream=self.stream,
+            cb=cb,
+            ordered_consumer=True,
+            config=config,
+            pending_bytes_limit=pending_bytes_limit,
         )
 
     async def publish(self, messages: Sequence[_Out]) -> _Ack:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from eventsourcing.persistence import OperationalError
 from nats.aio.msg import Msg
+from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT
 
 from shared.events import AnyEvent, tag_of
 from shared.persistence import written
@@ -84,24 +85,41 @@ class Report:
 
 
 class OrderedPages:
-    """The records on `subject` from stream sequence `start` up to `stop`, read through one
-    ordered consumer (the stream pushed, flow-controlled) and handed to the iterating thread in
-    pages: about twice the rate of paged direct gets, which wait one round trip per page.
+    """The records on `subject` from stream sequence `start` up to `stop`, read through an
+    ordered consumer (the stream pushed) and handed to the iterating thread in pages: about
+    twice the rate of paged direct gets, which wait one round trip per page.
 
-    Back-pressure: at most `PAGES_AHEAD` pages wait for the reader; past that the consumer's
-    callback waits, so its flow control stalls the server instead of buffering the stream.
+    Back-pressure: once `PAGES_AHEAD` pages wait for the reader the consumer is stopped, and a
+    new one resumes after the last record taken when half of them have been read. Holding the
+    consumer's callback instead does not bound anything: a consumer stalled on flow control
+    for a heartbeat's interval is answered by the client library regardless, so a reader slower
+    than the stream (every rebuild) buffered it until the subscription's byte limit, then lost
+    messages as a slow consumer and stalled (a rebuild of 1M events failed so).
     """
 
-    def __init__(self, recorder: JetStreamApplicationRecorder, subject: str, start: int, stop: int) -> None:
+    def __init__(
+        self,
+        recorder: JetStreamApplicationRecorder,
+        subject: str,
+        start: int,
+        stop: int,
+        *,
+        pending_bytes_limit: int = DEFAULT_JS_SUB_PENDING_BYTES_LIMIT,
+    ) -> None:
         self.io = recorder.io
         self.subject = subject
         self.start = max(1, start)
         self.stop = stop
+        self._pending_bytes_limit = pending_bytes_limit
         self._pages: queue.Queue[list[StoredRecord] | BaseException | None] = queue.Queue()
         self._page: list[StoredRecord] = []
-        self._room: asyncio.Semaphore | None = None
+        self._taken = self.start - 1  # the last record put in a page
+        self._ahead = 0  # pages handed over and not yet read (only the loop counts them)
         self._consumer: Any = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._resuming = False
         self._done = False
+        self.pauses = 0  # how often the consumer was stopped for the reader (for tests)
 
     def __iter__(self) -> Iterator[list[StoredRecord]]:
         last = self.io.run(lambda: self.io.last(self.subject, consistent=True))
@@ -123,49 +141,77 @@ class OrderedPages:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                room = self._room
-                assert room is not None
-                self.io.bridge.loop.call_soon_threadsafe(room.release)
+                self.io.bridge.loop.call_soon_threadsafe(self._read_one)
                 yield item
         finally:
             self._done = True
-            self._unsubscribe()
+            self.io.run(self._unsubscribe)
 
     async def _subscribe(self) -> None:
-        self._room = asyncio.Semaphore(PAGES_AHEAD)
-        self._consumer = await self.io.ordered(self.subject, self.start, self._on_msg)
+        kwargs = (
+            {} if self._pending_bytes_limit is None else {"pending_bytes_limit": self._pending_bytes_limit}
+        )
+        self._consumer = await self.io.ordered(self.subject, self._taken + 1, self._on_msg, **kwargs)
+
+    def _read_one(self) -> None:
+        self._ahead -= 1
+        if (
+            self._consumer is None
+            and not self._resuming
+            and not self._done
+            and self._ahead <= PAGES_AHEAD // 2
+        ):
+            self._resuming = True  # one new consumer, however many pages are read meanwhile
+            asyncio.get_running_loop().create_task(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            if self._stopping is not None:
+                await self._stopping  # the old consumer is gone before the new one starts
+                self._stopping = None
+            if not self._done:
+                await self._subscribe()
+        except Exception as exc:  # raised in the reading thread, never lost on the loop
+            self._done = True
+            self._pages.put(exc)
+        finally:
+            self._resuming = False
 
     async def _on_msg(self, msg: Msg) -> None:
         if self._done:
             return
         try:
             seq = msg.metadata.sequence.stream
+            if seq <= self._taken:
+                return  # the stopped consumer's last deliveries, or a new one's first again
             if seq <= self.stop:
                 self._page.append(StoredRecord(seq, msg.subject, msg.data, msg.headers or {}))
+                self._taken = seq
             if len(self._page) >= PAGE or seq >= self.stop:
                 page, self._page = self._page, []
-                assert self._room is not None
-                await self._room.acquire()
                 self._pages.put(page)
+                self._ahead += 1
                 if seq >= self.stop:
                     self._done = True
                     self._pages.put(None)
+                elif self._ahead >= PAGES_AHEAD and self._consumer is not None:
+                    self.pauses += 1
+                    consumer, self._consumer = self._consumer, None
+                    # Not awaited here: this callback runs in the subscription being stopped.
+                    self._stopping = asyncio.get_running_loop().create_task(consumer.unsubscribe())
         except Exception as exc:  # raised in the reading thread, never lost on the loop
             self._done = True
             self._pages.put(exc)
 
-    def _unsubscribe(self) -> None:
+    async def _unsubscribe(self) -> None:
         consumer, self._consumer = self._consumer, None
-        if consumer is None or self.io.bridge.closed:
-            return
-        if self._room is not None:  # a callback waiting for room must not outlive the read
-            room = self._room
-            for _ in range(PAGES_AHEAD):
-                self.io.bridge.loop.call_soon_threadsafe(room.release)
-        try:
-            self.io.run(consumer.unsubscribe)
-        except OperationalError as exc:  # the connection is gone: nothing left to stop
-            log.debug("stopping the replay's consumer: %r", exc)
+        if self._stopping is not None:
+            await self._stopping
+        if consumer is not None and not self.io.bridge.closed:
+            try:
+                await consumer.unsubscribe()
+            except Exception as exc:  # the connection is gone: nothing left to stop
+                log.debug("stopping the replay's consumer: %r", exc)
 
 
 @contextmanager
