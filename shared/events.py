@@ -367,7 +367,7 @@ def encode(event: Event) -> bytes:
 # third of encoding the event again to hash that (3 of a rebuild's 30 µs per event, profiled).
 # Keyed by identity, each entry holding its event (so an id is never reused while kept);
 # bounded by emptying it when full.
-_DIGESTS_KEPT = 16_384
+_DIGESTS_KEPT = 2_048
 _digests: dict[int, tuple[Event, str]] = {}
 
 
