@@ -433,3 +433,56 @@ async def test_a_reader_slower_than_the_stream_stops_the_consumer_and_loses_noth
     assert len(seqs) == count and seqs == sorted(set(seqs)) and seqs[-1] == last
     assert pauses >= 1  # it stopped the consumer rather than buffer the stream
     assert not [r for r in caplog.records if "SlowConsumer" in r.getMessage()]
+
+
+async def test_a_live_subscription_read_slower_than_the_stream_stops_its_consumer_and_loses_nothing(
+    nats_server: EmbeddedServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The recorder's subscription (what the projector follows) under the same fault: its
+    reader stalls past two idle heartbeats while the stream holds far more than its buffer."""
+    import logging
+
+    from services.bench.history import write_history
+    from shared import bus, topology
+    from shared.app import PERSISTENCE_MODULE, WardenApp
+    from shared.persistence import jetstream
+    from shared.persistence.bridge import URL_ENV
+    from shared.persistence.jetstream import JetStreamApplicationRecorder, JetStreamIO
+
+    monkeypatch.setattr(jetstream, "HIGH_WATER", 2_000)
+    monkeypatch.setattr(jetstream, "LOW_WATER", 200)
+    ordered = JetStreamIO.ordered
+
+    async def small_buffer(self: JetStreamIO, *args: Any, **kwargs: Any) -> Any:
+        return await ordered(self, *args, pending_bytes_limit=1 << 20)
+
+    monkeypatch.setattr(JetStreamIO, "ordered", small_buffer)
+    nc = await bus.connect(nats_server.url, "test-slow-subscriber")
+    try:
+        js = nc.jetstream()
+        await topology.ensure(js, str(nc.connected_server_version))
+        written = (await write_history(nc, 12_000)).count
+    finally:
+        await nc.close()
+
+    def read() -> list[int]:
+        app = WardenApp(env={"PERSISTENCE_MODULE": PERSISTENCE_MODULE, URL_ENV: nats_server.url})
+        try:
+            recorder = app.recorder
+            assert isinstance(recorder, JetStreamApplicationRecorder)
+            ids: list[int] = []
+            with recorder.subscribe(gt=0) as subscription:
+                for notification in subscription:
+                    ids.append(notification.id)
+                    if len(ids) == 1:
+                        time.sleep(11)  # the fault: a reader stalled past two idle heartbeats (5 s)
+                    if len(ids) == written:
+                        break
+            return ids
+        finally:
+            app.close()
+
+    with caplog.at_level(logging.WARNING):
+        ids = await anyio.to_thread.run_sync(read)
+    assert len(ids) == written and ids == sorted(ids)  # every event once (a packed record's share its id)
+    assert not [r for r in caplog.records if "SlowConsumer" in r.getMessage()]

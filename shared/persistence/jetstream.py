@@ -72,7 +72,7 @@ from nats.js.errors import NotFoundError
 
 from shared import topology
 from shared.events import pack, unpack
-from shared.persistence.bridge import BRIDGE_ENV, URL_ENV, NatsBridge, lookup
+from shared.persistence.bridge import BRIDGE_ENV, URL_ENV, BridgeError, NatsBridge, lookup
 
 T = TypeVar("T")
 R = TypeVar("R", bound="JetStreamRecorder")
@@ -931,22 +931,29 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         # the loop only signals when the reader is waiting (about 1.3x the replay rate here).
         self._items: deque[Notification | BaseException | None] = deque()
         self._waiting = threading.Event()
-        self._resume: asyncio.Event | None = None
+        # Back-pressure: past HIGH_WATER items waiting the consumer is stopped, and a new one
+        # resumes after the last record received once the reader is down to LOW_WATER. Holding
+        # the callback instead does not hold the server past a heartbeat's interval (the client
+        # answers a stalled flow control), so a reader slower than the stream lost messages.
+        self._received = gt or 0  # the last record's stream sequence taken from a consumer
         self._paused = False
+        self._stopping: asyncio.Task[None] | None = None
         self._consumer: Any = None
         self._consumer = self._io.run(self._start)
         self._io.subscriptions.add(self)
 
     async def _start(self) -> Any:
-        self._resume = asyncio.Event()
-        after = self._last_notification_id or 0
-        return await self._io.ordered(self._recorder.events_filter, after + 1, self._on_msg)
+        return await self._io.ordered(self._recorder.events_filter, self._received + 1, self._on_msg)
 
     async def _on_msg(self, msg: Msg) -> None:
         if self._has_been_stopped:
             return
         try:
-            record = StoredRecord(msg.metadata.sequence.stream, msg.subject, msg.data, msg.headers or {})
+            seq = msg.metadata.sequence.stream
+            if seq <= self._received:
+                return  # a stopped consumer's last deliveries, or a new one's first again
+            record = StoredRecord(seq, msg.subject, msg.data, msg.headers or {})
+            self._received = seq
             notifications = self._recorder._notifications(record)
         except Exception as exc:  # surfaces in the iterating thread, never lost on the loop
             self._hand_over(exc)
@@ -954,12 +961,27 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         for notification in notifications:
             if not self._wanted or notification.topic in self._wanted:
                 self._hand_over(notification)
-        if len(self._items) >= HIGH_WATER and self._resume is not None:
-            # Back-pressure: stop taking from the consumer (its flow control then stalls the
-            # server) until the reader has caught up.
-            self._resume.clear()
+        if len(self._items) >= HIGH_WATER and self._consumer is not None and not self._paused:
             self._paused = True
-            await self._resume.wait()
+            consumer, self._consumer = self._consumer, None
+            # Not awaited here: this callback runs in the subscription being stopped.
+            self._stopping = asyncio.get_running_loop().create_task(consumer.unsubscribe())
+
+    async def _resume(self) -> None:
+        try:
+            if self._stopping is not None:
+                await self._stopping  # the old consumer is gone before the new one starts
+                self._stopping = None
+            if not self._has_been_stopped:
+                consumer = await self._start()
+                if self._has_been_stopped:  # stopped meanwhile: nothing is left to stop this one
+                    await consumer.unsubscribe()
+                else:
+                    self._consumer = consumer
+        except Exception as exc:  # surfaces in the iterating thread, never lost on the loop
+            self._hand_over(exc)
+        finally:
+            self._paused = False
 
     def _hand_over(self, item: Notification | BaseException | None) -> None:
         self._items.append(item)
@@ -984,9 +1006,12 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         if isinstance(item, BaseException):
             self.stop()
             raise item
-        if self._paused and len(self._items) <= LOW_WATER and self._resume is not None:
-            self._paused = False
-            self._io.bridge.loop.call_soon_threadsafe(self._resume.set)
+        if self._paused and self._consumer is None and len(self._items) <= LOW_WATER:
+            self._consumer = False  # resuming: asked once, however many items are read meanwhile
+            try:
+                self._io.bridge.submit(self._resume)
+            except BridgeError as exc:  # closing: nothing more will be read
+                log.debug("not resuming subscription: %r", exc)
         self._last_notification_id = item.id
         return item
 
@@ -997,12 +1022,10 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         self._hand_over(None)  # wakes a blocked __next__
         consumer, self._consumer = self._consumer, None
         bridge = self._io.bridge
-        if consumer is None or bridge.closed:
+        if not consumer or bridge.closed:
             return
 
         async def unsubscribe() -> None:
-            if self._resume is not None:
-                self._resume.set()
             await consumer.unsubscribe()
 
         try:
