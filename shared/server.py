@@ -146,21 +146,33 @@ class EmbeddedServer:
         self._stop_orphan()
         if self.port and _port_taken(self.port):
             raise PortInUse(f"port {self.port} on 127.0.0.1 is already in use")
-        if not self.port:
-            self.port = free_port()
-        if not self.monitor_port:
-            self.monitor_port = free_port()
-        config_path = self.store_dir / "nats-server.conf"
-        config_path.write_text(self._config())
-        self._log_lines = []
-        self.process = subprocess.Popen(
-            [str(binary), "-c", str(config_path)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-        )
-        self._await_ready()
-        return self
+        # Ports chosen here are free when chosen, not necessarily when the server binds them
+        # (another process may take one in between): then it starts again on new ones.
+        chosen = self.config_text is None and not self.port and not self.monitor_port
+        for attempt in range(3 if chosen else 1):
+            if chosen:
+                self.port, self.monitor_port = free_port(), free_port()
+            elif not self.port:
+                self.port = free_port()
+            if not self.monitor_port:
+                self.monitor_port = free_port()
+            config_path = self.store_dir / "nats-server.conf"
+            config_path.write_text(self._config())
+            self._log_lines = []
+            self.process = subprocess.Popen(
+                [str(binary), "-c", str(config_path)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+            try:
+                self._await_ready()
+            except PortInUse:
+                if attempt == 2 or not chosen:
+                    raise
+                continue
+            return self
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _stop_orphan(self) -> None:
         """Stop a nats-server still running on this store after its owner was killed (kill -9

@@ -52,3 +52,30 @@ def test_a_restarted_server_keeps_its_port_and_store(tmp_path: Path) -> None:
     finally:
         server.stop()
     assert os.path.exists(server.log_path)
+
+
+def test_a_port_taken_between_choosing_it_and_binding_it_makes_the_server_start_on_new_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    from shared import server as server_module
+
+    taken = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    real = server_module.free_port
+    handed = iter([port, port])  # the race: both ports it chooses first are taken by then
+
+    def racing() -> int:
+        return next(handed, None) or real()
+
+    monkeypatch.setattr(server_module, "free_port", racing)
+    started = EmbeddedServer(store_dir=tmp_path / "nats", name="race")
+    try:
+        started.start()
+        assert started.running and started.port != port and started.monitor_port != port
+    finally:
+        started.stop()
+        taken.close()
