@@ -72,7 +72,7 @@ from nats.js.errors import NotFoundError
 
 from shared import topology
 from shared.events import pack, unpack
-from shared.persistence.bridge import BRIDGE_ENV, URL_ENV, BridgeError, NatsBridge, lookup
+from shared.persistence.bridge import BRIDGE_ENV, URL_ENV, NatsBridge, lookup
 
 T = TypeVar("T")
 R = TypeVar("R", bound="JetStreamRecorder")
@@ -915,6 +915,94 @@ class JetStreamProcessRecorder(JetStreamTrackingRecorder, JetStreamApplicationRe
         return self._write(stored_events, kwargs.get("tracking"))
 
 
+class Resumable:
+    """An ordered consumer its owner stops when its reader falls behind and resumes after the
+    last record it took: back-pressure that bounds what is buffered. Holding the consumer's
+    callback instead does not hold the server past a heartbeat's interval (the client answers a
+    stalled flow control regardless, nats-py CONSUMER_STALLED), so a reader slower than the
+    stream buffered it to the subscription's limit, lost messages as a slow consumer and stalled.
+
+    Everything but `start` and `close` is called on the loop. `on_record(msg, seq)` gets each
+    record once, in order (a stopped consumer's last deliveries and a new one's first again are
+    dropped by sequence); `on_error` what a resume raised."""
+
+    def __init__(
+        self,
+        io: JetStreamIO,
+        subject: str,
+        after: int,
+        on_record: Callable[[Msg, int], Awaitable[None]],
+        on_error: Callable[[BaseException], None],
+        *,
+        pending_bytes_limit: int = DEFAULT_JS_SUB_PENDING_BYTES_LIMIT,
+    ) -> None:
+        self.io, self.subject, self.taken = io, subject, after
+        self._on_record, self._on_error = on_record, on_error
+        self._pending_bytes_limit = pending_bytes_limit
+        self._consumer: Any = None
+        self._stopping: asyncio.Task[None] | None = None
+        self._resuming = False
+        self.closed = False
+        self.pauses = 0  # how often it was stopped for its reader
+
+    @property
+    def paused(self) -> bool:
+        return self._consumer is None and not self.closed
+
+    async def start(self) -> None:
+        consumer = await self.io.ordered(
+            self.subject, self.taken + 1, self._on_msg, pending_bytes_limit=self._pending_bytes_limit
+        )
+        if self.closed:  # closed meanwhile: nothing is left to stop this one
+            await consumer.unsubscribe()
+        else:
+            self._consumer = consumer
+
+    async def _on_msg(self, msg: Msg) -> None:
+        if self.closed:
+            return
+        seq = msg.metadata.sequence.stream
+        if seq <= self.taken:
+            return
+        self.taken = seq
+        await self._on_record(msg, seq)
+
+    def pause(self) -> None:
+        if self._consumer is None:
+            return
+        self.pauses += 1
+        consumer, self._consumer = self._consumer, None
+        # Not awaited: the caller may be the callback of the subscription being stopped.
+        self._stopping = asyncio.get_running_loop().create_task(consumer.unsubscribe())
+
+    def resume(self) -> None:
+        if self.paused and not self._resuming:
+            self._resuming = True  # one new consumer, however often it is asked meanwhile
+            asyncio.get_running_loop().create_task(self._resume())
+
+    async def _resume(self) -> None:
+        try:
+            await self._stopped()  # the old consumer is gone before the new one starts
+            if not self.closed:
+                await self.start()
+        except Exception as exc:
+            self._on_error(exc)
+        finally:
+            self._resuming = False
+
+    async def _stopped(self) -> None:
+        stopping, self._stopping = self._stopping, None
+        if stopping is not None:
+            await stopping
+
+    async def close(self) -> None:
+        self.closed = True
+        consumer, self._consumer = self._consumer, None
+        await self._stopped()
+        if consumer is not None and not self.io.bridge.closed:
+            await consumer.unsubscribe()
+
+
 class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
     """Notifications from an ordered consumer, handed from the loop to the iterating thread."""
 
@@ -931,29 +1019,19 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         # the loop only signals when the reader is waiting (about 1.3x the replay rate here).
         self._items: deque[Notification | BaseException | None] = deque()
         self._waiting = threading.Event()
-        # Back-pressure: past HIGH_WATER items waiting the consumer is stopped, and a new one
-        # resumes after the last record received once the reader is down to LOW_WATER. Holding
-        # the callback instead does not hold the server past a heartbeat's interval (the client
-        # answers a stalled flow control), so a reader slower than the stream lost messages.
-        self._received = gt or 0  # the last record's stream sequence taken from a consumer
-        self._paused = False
-        self._stopping: asyncio.Task[None] | None = None
-        self._consumer: Any = None
-        self._consumer = self._io.run(self._start)
+        # Back-pressure: past HIGH_WATER items waiting the consumer is stopped, and resumed
+        # after the last record taken once the reader is down to LOW_WATER (see Resumable).
+        self._consumer = Resumable(
+            self._io, recorder.events_filter, gt or 0, self._on_record, self._hand_over
+        )
+        self._io.run(self._consumer.start)
         self._io.subscriptions.add(self)
 
-    async def _start(self) -> Any:
-        return await self._io.ordered(self._recorder.events_filter, self._received + 1, self._on_msg)
-
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_record(self, msg: Msg, seq: int) -> None:
         if self._has_been_stopped:
             return
         try:
-            seq = msg.metadata.sequence.stream
-            if seq <= self._received:
-                return  # a stopped consumer's last deliveries, or a new one's first again
             record = StoredRecord(seq, msg.subject, msg.data, msg.headers or {})
-            self._received = seq
             notifications = self._recorder._notifications(record)
         except Exception as exc:  # surfaces in the iterating thread, never lost on the loop
             self._hand_over(exc)
@@ -961,27 +1039,8 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         for notification in notifications:
             if not self._wanted or notification.topic in self._wanted:
                 self._hand_over(notification)
-        if len(self._items) >= HIGH_WATER and self._consumer is not None and not self._paused:
-            self._paused = True
-            consumer, self._consumer = self._consumer, None
-            # Not awaited here: this callback runs in the subscription being stopped.
-            self._stopping = asyncio.get_running_loop().create_task(consumer.unsubscribe())
-
-    async def _resume(self) -> None:
-        try:
-            if self._stopping is not None:
-                await self._stopping  # the old consumer is gone before the new one starts
-                self._stopping = None
-            if not self._has_been_stopped:
-                consumer = await self._start()
-                if self._has_been_stopped:  # stopped meanwhile: nothing is left to stop this one
-                    await consumer.unsubscribe()
-                else:
-                    self._consumer = consumer
-        except Exception as exc:  # surfaces in the iterating thread, never lost on the loop
-            self._hand_over(exc)
-        finally:
-            self._paused = False
+        if len(self._items) >= HIGH_WATER:
+            self._consumer.pause()
 
     def _hand_over(self, item: Notification | BaseException | None) -> None:
         self._items.append(item)
@@ -1006,11 +1065,10 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
         if isinstance(item, BaseException):
             self.stop()
             raise item
-        if self._paused and self._consumer is None and len(self._items) <= LOW_WATER:
-            self._consumer = False  # resuming: asked once, however many items are read meanwhile
+        if self._consumer.paused and len(self._items) <= LOW_WATER:
             try:
-                self._io.bridge.submit(self._resume)
-            except BridgeError as exc:  # closing: nothing more will be read
+                self._io.bridge.loop.call_soon_threadsafe(self._consumer.resume)
+            except RuntimeError as exc:  # the loop is closed: nothing more will be read
                 log.debug("not resuming subscription: %r", exc)
         self._last_notification_id = item.id
         return item
@@ -1020,16 +1078,11 @@ class JetStreamSubscription(Subscription[JetStreamApplicationRecorder]):
             return
         super().stop()
         self._hand_over(None)  # wakes a blocked __next__
-        consumer, self._consumer = self._consumer, None
         bridge = self._io.bridge
-        if not consumer or bridge.closed:
+        if bridge.closed:
             return
-
-        async def unsubscribe() -> None:
-            await consumer.unsubscribe()
-
         try:
-            done = bridge.submit(unsubscribe)
+            done = bridge.submit(self._consumer.close)
             if not bridge.in_loop_thread():
                 done.result(self._io.timeout)
         except Exception as exc:  # the connection is gone: nothing left to stop

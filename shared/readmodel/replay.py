@@ -15,7 +15,6 @@ checkpoint was folded from (`checkpoint_holds`).
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import hashlib
 import logging
@@ -33,7 +32,12 @@ from nats.js.client import DEFAULT_JS_SUB_PENDING_BYTES_LIMIT
 
 from shared.events import AnyEvent, tag_of
 from shared.persistence import written
-from shared.persistence.jetstream import JetStreamApplicationRecorder, StoredRecord, stored_events_of
+from shared.persistence.jetstream import (
+    JetStreamApplicationRecorder,
+    Resumable,
+    StoredRecord,
+    stored_events_of,
+)
 from shared.readmodel import queries
 from shared.readmodel.runner import decode_notification
 from shared.readmodel.store import ReadModel
@@ -89,12 +93,9 @@ class OrderedPages:
     ordered consumer (the stream pushed) and handed to the iterating thread in pages: about
     twice the rate of paged direct gets, which wait one round trip per page.
 
-    Back-pressure: once `PAGES_AHEAD` pages wait for the reader the consumer is stopped, and a
-    new one resumes after the last record taken when half of them have been read. Holding the
-    consumer's callback instead does not bound anything: a consumer stalled on flow control
-    for a heartbeat's interval is answered by the client library regardless, so a reader slower
-    than the stream (every rebuild) buffered it until the subscription's byte limit, then lost
-    messages as a slow consumer and stalled (a rebuild of 1M events failed so).
+    Back-pressure: once `PAGES_AHEAD` pages wait for the reader the consumer is stopped, and
+    resumed after the last record taken when half of them have been read (`Resumable`: a reader
+    slower than the stream, every rebuild, once lost messages at 1M events and stalled).
     """
 
     def __init__(
@@ -110,16 +111,23 @@ class OrderedPages:
         self.subject = subject
         self.start = max(1, start)
         self.stop = stop
-        self._pending_bytes_limit = pending_bytes_limit
         self._pages: queue.Queue[list[StoredRecord] | BaseException | None] = queue.Queue()
         self._page: list[StoredRecord] = []
-        self._taken = self.start - 1  # the last record put in a page
         self._ahead = 0  # pages handed over and not yet read (only the loop counts them)
-        self._consumer: Any = None
-        self._stopping: asyncio.Task[None] | None = None
-        self._resuming = False
         self._done = False
-        self.pauses = 0  # how often the consumer was stopped for the reader (for tests)
+        self._consumer = Resumable(
+            self.io,
+            subject,
+            self.start - 1,
+            self._on_record,
+            self._failed,
+            pending_bytes_limit=pending_bytes_limit,
+        )
+
+    @property
+    def pauses(self) -> int:
+        """How often the consumer was stopped for the reader."""
+        return self._consumer.pauses
 
     def __iter__(self) -> Iterator[list[StoredRecord]]:
         last = self.io.run(lambda: self.io.last(self.subject, consistent=True))
@@ -128,7 +136,7 @@ class OrderedPages:
         self.stop = min(self.stop, last.seq if last is not None else 0)
         if self.stop < self.start:
             return
-        self.io.run(self._subscribe)
+        self.io.run(self._consumer.start)
         try:
             while True:
                 try:
@@ -145,48 +153,26 @@ class OrderedPages:
                 yield item
         finally:
             self._done = True
-            self.io.run(self._unsubscribe)
-
-    async def _subscribe(self) -> None:
-        kwargs = (
-            {} if self._pending_bytes_limit is None else {"pending_bytes_limit": self._pending_bytes_limit}
-        )
-        self._consumer = await self.io.ordered(self.subject, self._taken + 1, self._on_msg, **kwargs)
+            try:
+                self.io.run(self._consumer.close)
+            except OperationalError as exc:  # the connection is gone: nothing left to stop
+                log.debug("stopping the replay's consumer: %r", exc)
 
     def _read_one(self) -> None:
         self._ahead -= 1
-        if (
-            self._consumer is None
-            and not self._resuming
-            and not self._done
-            and self._ahead <= PAGES_AHEAD // 2
-        ):
-            self._resuming = True  # one new consumer, however many pages are read meanwhile
-            asyncio.get_running_loop().create_task(self._resume())
+        if not self._done and self._ahead <= PAGES_AHEAD // 2:
+            self._consumer.resume()
 
-    async def _resume(self) -> None:
-        try:
-            if self._stopping is not None:
-                await self._stopping  # the old consumer is gone before the new one starts
-                self._stopping = None
-            if not self._done:
-                await self._subscribe()
-        except Exception as exc:  # raised in the reading thread, never lost on the loop
-            self._done = True
-            self._pages.put(exc)
-        finally:
-            self._resuming = False
+    def _failed(self, exc: BaseException) -> None:  # raised in the reading thread, never lost
+        self._done = True
+        self._pages.put(exc)
 
-    async def _on_msg(self, msg: Msg) -> None:
+    async def _on_record(self, msg: Msg, seq: int) -> None:
         if self._done:
             return
         try:
-            seq = msg.metadata.sequence.stream
-            if seq <= self._taken:
-                return  # the stopped consumer's last deliveries, or a new one's first again
             if seq <= self.stop:
                 self._page.append(StoredRecord(seq, msg.subject, msg.data, msg.headers or {}))
-                self._taken = seq
             if len(self._page) >= PAGE or seq >= self.stop:
                 page, self._page = self._page, []
                 self._pages.put(page)
@@ -194,24 +180,10 @@ class OrderedPages:
                 if seq >= self.stop:
                     self._done = True
                     self._pages.put(None)
-                elif self._ahead >= PAGES_AHEAD and self._consumer is not None:
-                    self.pauses += 1
-                    consumer, self._consumer = self._consumer, None
-                    # Not awaited here: this callback runs in the subscription being stopped.
-                    self._stopping = asyncio.get_running_loop().create_task(consumer.unsubscribe())
-        except Exception as exc:  # raised in the reading thread, never lost on the loop
-            self._done = True
-            self._pages.put(exc)
-
-    async def _unsubscribe(self) -> None:
-        consumer, self._consumer = self._consumer, None
-        if self._stopping is not None:
-            await self._stopping
-        if consumer is not None and not self.io.bridge.closed:
-            try:
-                await consumer.unsubscribe()
-            except Exception as exc:  # the connection is gone: nothing left to stop
-                log.debug("stopping the replay's consumer: %r", exc)
+                elif self._ahead >= PAGES_AHEAD:
+                    self._consumer.pause()
+        except Exception as exc:
+            self._failed(exc)
 
 
 @contextmanager
